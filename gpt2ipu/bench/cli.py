@@ -1,0 +1,34 @@
+"""`gpt2ipu bench <stage> --json`: dispatch to `gpt2ipu.bench.<stage>`.
+
+Each benchmark module provides `add_arguments(parser)` and `run(args) -> dict` (the dict built by
+`gpt2ipu.bench.common.report`). This prints it as one JSON object on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+STAGES = {
+    "tokenize": "gpt2ipu.bench.tokenize",
+    "shards": "gpt2ipu.bench.shards",
+    "extract": "gpt2ipu.bench.extract",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    chosen = next((a for a in sys.argv[2:] if a in STAGES), None)
+    for name, module_name in STAGES.items():
+        sub = stages.add_parser(name)
+        sub.add_argument("--json", action="store_true", help="print only the JSON object on stdout")
+        if name == chosen:
+            importlib.import_module(module_name).add_arguments(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = importlib.import_module(STAGES[args.stage]).run(args)
+    print(json.dumps(result, indent=None if args.json else 2, sort_keys=True))
+    return 0

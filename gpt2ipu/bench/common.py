@@ -1,0 +1,34 @@
+"""Shared benchmark plumbing: timing by medians, and the one JSON shape every benchmark prints.
+
+Output keys: `ours` (our throughput), `unit`, `baselines` ({name: throughput}), `speedup`
+({name: ours / baseline}), plus whatever else a benchmark adds (`peak_mem_mb`, `repeats`, notes).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(ours: float, unit: str, baselines: Mapping[str, float], **extra: Any) -> dict[str, Any]:
+    """Throughput figures (higher is better) -> the benchmark JSON object."""
+    return {
+        "ours": ours,
+        "unit": unit,
+        "baselines": dict(baselines),
+        "speedup": {name: (ours / value if value else float("inf")) for name, value in baselines.items()},
+        **extra,
+    }

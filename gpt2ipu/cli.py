@@ -1,0 +1,55 @@
+"""The `gpt2ipu` command: one subcommand per pipeline stage, the same code the Snakemake rules run.
+
+Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args)`.
+Modules are imported only when their subcommand is chosen, so `gpt2ipu dump ...` does not pay
+for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gpt2ipu import __version__
+from gpt2ipu.errors import UserError
+
+COMMANDS = {
+    "dump": ("gpt2ipu.data.dump", "make one MediaWiki dump part: the embedded sample, or an enwiki download"),
+    "extract": ("gpt2ipu.data.extract", "dump part -> JSON-lines articles (wikiextractor)"),
+    "train-bpe": ("gpt2ipu.data.bpe", "train a fresh byte-level BPE on extracted articles"),
+    "tokenize": ("gpt2ipu.data.tokenize", "articles -> GPT-2 token ids with document boundaries"),
+    "shards": ("gpt2ipu.data.shards", "token parts -> train/valid TFRecord shards and Megatron mmap files"),
+    "bench": ("gpt2ipu.bench.cli", "benchmark a stage against its baselines; prints one JSON object"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2ipu", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gpt2ipu {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"gpt2ipu {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

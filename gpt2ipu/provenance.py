@@ -1,0 +1,58 @@
+"""Provenance: every output folder carries `provenance.json`, saying what made it.
+
+Fields: stage, parameters, inputs (sha256 for files up to `HASH_LIMIT_BYTES`, else size and
+mtime, since hashing a 20 GB dump on every run would cost more than the stage), the package
+version, the time it was written, and the stage's own figures (items, bytes, seconds...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from gpt2ipu import __version__
+from gpt2ipu.fsutil import sha256_file, write_text_atomic
+
+HASH_LIMIT_BYTES = 256 << 20
+PROVENANCE_NAME = "provenance.json"
+
+
+def describe_input(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return {"path": str(p), "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    stat = p.stat()
+    entry: dict[str, Any] = {"path": str(p), "bytes": stat.st_size}
+    if stat.st_size <= HASH_LIMIT_BYTES:
+        entry["sha256"] = sha256_file(p)
+    else:
+        entry["mtime"] = stat.st_mtime
+    return entry
+
+
+def write_provenance(
+    folder: str | os.PathLike,
+    stage: str,
+    params: Mapping[str, Any],
+    inputs: Iterable[str | os.PathLike],
+    figures: Mapping[str, Any],
+    name: str = PROVENANCE_NAME,
+) -> Path:
+    """Write `<folder>/<name>` atomically and return its path."""
+    record = {
+        "stage": stage,
+        "params": dict(params),
+        "inputs": [describe_input(p) for p in inputs],
+        "figures": dict(figures),
+        "gpt2ipu_version": __version__,
+        "python": platform.python_version(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(folder) / name
+    write_text_atomic(out, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return out
