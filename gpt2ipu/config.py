@@ -1,0 +1,62 @@
+"""The run configuration (config/config.yaml): validation with messages that name the key.
+
+Snakemake's own `validate` reports the whole schema path; users need the dotted key, the bad
+value and what is allowed, so the workflow calls `validate_config` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jsonschema
+import yaml
+
+from gpt2ipu.errors import UserError
+
+
+def load_schema(schema_path: str | os.PathLike) -> dict:
+    with open(schema_path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def validate_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -> None:
+    """Raise UserError for the first problem (sorted by key), naming the key and what is allowed."""
+    validator = jsonschema.Draft7Validator(load_schema(schema_path))
+    errors = sorted(validator.iter_errors(dict(config)), key=lambda e: [str(p) for p in e.absolute_path])
+    if not errors:
+        return
+    err = errors[0]
+    key = _dotted(err.absolute_path)
+    if err.validator == "additionalProperties":
+        message = f"config: {err.message} (under key '{key}'); check the spelling against config/config.yaml"
+    elif err.validator == "enum":
+        message = f"config key '{key}': {err.instance!r} is not one of {err.validator_value}"
+    elif err.validator == "type":
+        message = f"config key '{key}': {err.instance!r} is not of type {err.validator_value}"
+    else:
+        message = f"config key '{key}': {err.message}"
+    more = f" ({len(errors) - 1} more problem(s) after this one)" if len(errors) > 1 else ""
+    raise UserError(f"{message}{more}. Fix it in config/config.yaml or in --config.")
+
+
+def active_recipe_name(config: Mapping[str, Any]) -> str:
+    name = config["train"]["recipe"]
+    if name == "auto":
+        name = "sample" if config["dataset"] == "sample" else "enwiki"
+    if name not in config["train"]["recipes"]:
+        raise UserError(
+            f"config key 'train.recipe': {name!r} is not one of the recipes {sorted(config['train']['recipes'])}"
+        )
+    return name
+
+
+def shard_max_len(config: Mapping[str, Any]) -> int:
+    """Tokens per sample: `shards.max_len`, else the active training recipe's `max_len`."""
+    if config["shards"]["max_len"] is not None:
+        return int(config["shards"]["max_len"])
+    return int(config["train"]["recipes"][active_recipe_name(config)]["max_len"])

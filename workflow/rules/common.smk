@@ -1,0 +1,57 @@
+# Shared helpers for the workflow files: config validation, the active dataset, and the part list.
+
+import json
+
+from snakemake.exceptions import WorkflowError
+
+from gpt2ipu.config import shard_max_len, validate_config
+from gpt2ipu.errors import UserError
+
+try:
+    validate_config(config, workflow.source_path("../../config/schema.yaml"))
+    SHARD_MAX_LEN = shard_max_len(config)
+except UserError as err:
+    raise WorkflowError(str(err)) from None
+
+DATASET = config["dataset"]
+DATA = "results/data/{dataset}"
+
+
+def manifest_parts(dataset):
+    """Part entries of the dump manifest (a checkpoint: known only once it has run)."""
+    manifest = checkpoints.dump_manifest.get(dataset=dataset).output[0]
+    with open(manifest, encoding="utf-8") as f:
+        return json.load(f)["parts"]
+
+
+def part_entry(dataset, part):
+    for entry in manifest_parts(dataset):
+        if entry["name"] == part:
+            return entry
+    raise WorkflowError(f"part {part!r} is not in the {dataset} dump manifest")
+
+
+def part_names(dataset):
+    return [entry["name"] for entry in manifest_parts(dataset)]
+
+
+def dump_file(wc):
+    entry = part_entry(wc.dataset, wc.part)
+    if wc.dataset == "local":
+        return entry["path"]
+    return f"results/data/{wc.dataset}/dump/{wc.part}"
+
+
+def all_extract_dirs(wc):
+    return expand(f"{DATA}/extract/{{part}}", dataset=wc.dataset, part=part_names(wc.dataset))
+
+
+def tokenize_inputs(wc):
+    inputs = {"articles": f"results/data/{wc.dataset}/extract/{wc.part}"}
+    if config["tokenize"]["tokenizer"] == "bpe":
+        inputs["bpe"] = f"results/data/{wc.dataset}/bpe"
+    return inputs
+
+
+def all_token_dirs(wc):
+    return expand(f"{DATA}/tokens/{{part}}", dataset=wc.dataset, part=part_names(wc.dataset))

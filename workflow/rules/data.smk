@@ -1,0 +1,112 @@
+# Data stages: dump -> extract -> tokenize -> shards, one job per dump part until shards gathers.
+
+
+checkpoint dump_manifest:
+    """The list of dump parts: generated (sample), the mirror's checksum list (enwiki), or local.paths."""
+    output:
+        f"{DATA}/dump/manifest.json",
+    params:
+        kwargs=lambda wc: dict(
+            dataset=wc.dataset,
+            sample_parts=config["sample"]["parts"],
+            local_paths=config["local"]["paths"],
+            enwiki_mirror=config["enwiki"]["mirror"],
+            enwiki_date=config["enwiki"]["date"],
+            enwiki_max_parts=config["enwiki"]["max_parts"],
+        ),
+    log:
+        "logs/{dataset}/dump_manifest.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/dump_manifest.py"
+
+
+rule dump_part:
+    """One dump part: generated offline (sample) or downloaded with resume and sha1 check (enwiki)."""
+    input:
+        manifest=f"{DATA}/dump/manifest.json",
+    output:
+        directory(f"{DATA}/dump/{{part}}"),
+    params:
+        sample=lambda wc: config["sample"] if wc.dataset == "sample" else None,
+        enwiki_retries=config["enwiki"]["retries"],
+    log:
+        "logs/{dataset}/dump/{part}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/dump_part.py"
+
+
+rule extract:
+    """wikiextractor over one dump part -> clean JSON-lines articles."""
+    input:
+        dump_file,
+    output:
+        directory(f"{DATA}/extract/{{part}}"),
+    params:
+        expand_templates=config["extract"]["expand_templates"],
+        min_chars=config["extract"]["min_chars"],
+    threads: config["extract"]["threads"]
+    log:
+        "logs/{dataset}/extract/{part}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/extract.py"
+
+
+rule train_bpe:
+    """A fresh byte-level BPE trained on the whole corpus (tokenize.tokenizer: bpe)."""
+    input:
+        all_extract_dirs,
+    output:
+        directory(f"{DATA}/bpe"),
+    params:
+        vocab_size=config["tokenize"]["bpe_vocab_size"],
+        min_frequency=config["tokenize"]["bpe_min_frequency"],
+    log:
+        "logs/{dataset}/train_bpe.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/train_bpe.py"
+
+
+rule tokenize:
+    """Articles -> token ids (Megatron .bin/.idx, one EOS after each article)."""
+    input:
+        unpack(tokenize_inputs),
+    output:
+        directory(f"{DATA}/tokens/{{part}}"),
+    params:
+        tokenizer=config["tokenize"]["tokenizer"],
+        vocab_dir=config["tokenize"]["vocab_dir"],
+        include_title=config["tokenize"]["include_title"],
+    threads: config["tokenize"]["threads"]
+    log:
+        "logs/{dataset}/tokenize/{part}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/tokenize.py"
+
+
+rule shards:
+    """Train/valid split by document -> TFRecord shards + index, Megatron mmap, stats.json."""
+    input:
+        all_token_dirs,
+    output:
+        directory(f"{DATA}/shards"),
+    params:
+        max_len=SHARD_MAX_LEN,
+        valid_fraction=config["shards"]["valid_fraction"],
+        seed=config["shards"]["seed"],
+        samples_per_shard=config["shards"]["samples_per_shard"],
+    log:
+        "logs/{dataset}/shards.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/shards.py"
