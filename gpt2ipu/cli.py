@@ -20,6 +20,7 @@ COMMANDS = {
     "train-bpe": ("gpt2ipu.data.bpe", "train a fresh byte-level BPE on extracted articles"),
     "tokenize": ("gpt2ipu.data.tokenize", "articles -> GPT-2 token ids with document boundaries"),
     "shards": ("gpt2ipu.data.shards", "token parts -> train/valid TFRecord shards and Megatron mmap files"),
+    "train": ("gpt2ipu.train", "pretrain GPT-2 (one process, or many under torchrun)"),
     "bench": ("gpt2ipu.bench.cli", "benchmark a stage against its baselines; prints one JSON object"),
 }
 
