@@ -1,0 +1,116 @@
+"""Stage `dump`: the MediaWiki XML dump parts the pipeline starts from.
+
+Three sources (config key `dataset`):
+  sample  the embedded generated dump (gpt2ipu.data.sample_dump), split into parts
+  enwiki  the real English Wikipedia dump, one part per numbered pages-articles file
+  local   MediaWiki XML dumps (.xml or .xml.bz2) already on disk, used in place
+
+The manifest (`results/data/{dataset}/dump/manifest.json`) lists the parts; the workflow reads
+it as a checkpoint and makes one `{part}/pages.xml.bz2` per part (sample, enwiki).
+
+    gpt2ipu dump manifest --dataset sample --sample-parts 2 --out manifest.json
+    gpt2ipu dump sample --out-dir dump/part1 --part 1 --parts 2 --pages 3000 --seed 1234
+    gpt2ipu dump download --url URL --sha1 HEX --out-dir dump/pages-articles1.xml-p1p41242
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from gpt2ipu.errors import UserError
+from gpt2ipu.fsutil import write_text_atomic
+
+DATASETS = ("sample", "enwiki", "local")
+DEFAULT_MIRROR = "https://dumps.wikimedia.org"
+LOCAL_SUFFIXES = (".xml.bz2", ".xml")
+
+
+def local_parts(paths: list[str]) -> list[dict[str, str]]:
+    """Manifest entries for dumps on disk: name from the file name, absolute path."""
+    if not paths:
+        raise UserError("config key local.paths is empty: list one or more MediaWiki XML dumps (.xml or .xml.bz2)")
+    parts, names = [], set()
+    for raw in paths:
+        path = Path(raw).expanduser()
+        suffix = next((s for s in LOCAL_SUFFIXES if path.name.endswith(s)), None)
+        if suffix is None:
+            raise UserError(f"{raw} (config key local.paths) is not a MediaWiki XML dump: "
+                            "the file name must end in .xml or .xml.bz2")
+        if not path.is_file():
+            raise UserError(f"{raw} (config key local.paths) does not exist; fix the path or remove it")
+        # Part names become folder names and wildcard values: keep them plain and unique.
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", path.name[: -len(suffix)]).lstrip(".") or "part"
+        unique, n = name, 1
+        while unique in names:
+            n += 1
+            unique = f"{name}-{n}"
+        names.add(unique)
+        parts.append({"name": unique, "path": str(path.resolve())})
+    return parts
+
+
+def write_manifest(out_path: str | Path, *, dataset: str, sample_parts: int, local_paths: list[str],
+                   enwiki_mirror: str, enwiki_date: str, enwiki_max_parts: int | None) -> list[dict[str, Any]]:
+    """Write `{"dataset": ..., "parts": [{"name": ...}, ...]}` to `out_path`; return the parts."""
+    if dataset == "sample":
+        from gpt2ipu.data.sample_dump import sample_part_names
+        parts: list[dict[str, Any]] = [{"name": name} for name in sample_part_names(sample_parts)]
+    elif dataset == "enwiki":
+        from gpt2ipu.data.download import enwiki_manifest
+        parts = enwiki_manifest(enwiki_mirror, enwiki_date, enwiki_max_parts)
+    elif dataset == "local":
+        parts = local_parts(local_paths)
+    else:
+        raise UserError(f"config key dataset is {dataset!r}; it must be one of: {', '.join(DATASETS)}")
+    write_text_atomic(out_path, json.dumps({"dataset": dataset, "parts": parts}, indent=2, ensure_ascii=False) + "\n")
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="dump_action", metavar="ACTION", required=True)
+
+    manifest = actions.add_parser("manifest", help="list the dump parts of a dataset as JSON")
+    manifest.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}")
+    manifest.add_argument("--out", required=True, help="manifest JSON file to write")
+    manifest.add_argument("--sample-parts", type=int, default=1, help="sample: number of parts")
+    manifest.add_argument("--local-path", action="append", default=[],
+                          help="local: a .xml or .xml.bz2 dump (repeatable)")
+    manifest.add_argument("--mirror", default=DEFAULT_MIRROR, help="enwiki: dump mirror base URL")
+    manifest.add_argument("--date", default="latest", help="enwiki: dump date, e.g. 20240601, or latest")
+    manifest.add_argument("--max-parts", type=int, default=None, help="enwiki: use only the first N parts")
+
+    sample = actions.add_parser("sample", help="write one part of the embedded generated dump")
+    sample.add_argument("--out-dir", required=True)
+    sample.add_argument("--part", type=int, default=1, help="1-based part number")
+    sample.add_argument("--parts", type=int, default=1)
+    sample.add_argument("--pages", type=int, default=3000, help="pages in all parts together")
+    sample.add_argument("--seed", type=int, default=1234)
+
+    download = actions.add_parser("download", help="download one enwiki part, resumable, sha1-checked")
+    download.add_argument("--url", required=True)
+    download.add_argument("--sha1", required=True)
+    download.add_argument("--out-dir", required=True)
+    download.add_argument("--retries", type=int, default=5)
+    download.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dump_action == "manifest":
+        result: Any = write_manifest(args.out, dataset=args.dataset, sample_parts=args.sample_parts,
+                                     local_paths=args.local_path, enwiki_mirror=args.mirror,
+                                     enwiki_date=args.date, enwiki_max_parts=args.max_parts)
+    elif args.dump_action == "sample":
+        from gpt2ipu.data.sample_dump import write_sample_part
+        result = write_sample_part(args.out_dir, part=args.part, parts=args.parts, pages=args.pages, seed=args.seed)
+    else:
+        from gpt2ipu.data.download import download_part
+        result = download_part(args.url, args.out_dir, sha1=args.sha1, retries=args.retries, timeout=args.timeout)
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
