@@ -14,11 +14,13 @@ configfile: "config/config.yaml"
 
 wildcard_constraints:
     dataset="sample|enwiki|local",
+    model="gpt2|gpt2-medium|gpt2-large|gpt2-xl|gpt2-test",
     part="[A-Za-z0-9._-]+",
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
 
 
 rule data:
@@ -26,3 +28,24 @@ rule data:
     input:
         f"results/data/{DATASET}/shards",
     default_target: True
+
+
+rule pretrain_small:
+    """GPT-2 small (12 layers, 768) trained with the active recipe; the README's main job."""
+    input:
+        f"results/models/{DATASET}-gpt2/final",
+
+
+rule pretrain_medium:
+    input:
+        f"results/models/{DATASET}-gpt2-medium/final",
+
+
+rule pretrain_large:
+    input:
+        f"results/models/{DATASET}-gpt2-large/final",
+
+
+rule pretrain_xl:
+    input:
+        f"results/models/{DATASET}-gpt2-xl/final",

@@ -55,3 +55,12 @@ def tokenize_inputs(wc):
 
 def all_token_dirs(wc):
     return expand(f"{DATA}/tokens/{{part}}", dataset=wc.dataset, part=part_names(wc.dataset))
+
+
+def train_recipe(wc):
+    """The active recipe with the target's model size: what the training job is run with."""
+    from gpt2ipu.config import active_recipe_name
+
+    recipe = dict(config["train"]["recipes"][active_recipe_name(config)])
+    recipe["model"] = wc.model
+    return recipe

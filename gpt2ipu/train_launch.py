@@ -1,0 +1,58 @@
+"""How the Snakemake training rule runs `gpt2ipu train`: in process, or under torchrun.
+
+The training state folder is `<state_root>/<run>-<key>`, where the key hashes the recipe and the
+shards' stats: the same job rerun after a crash finds its checkpoints and resumes, while a
+changed hyperparameter or changed data starts a fresh run instead of resuming a different one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpt2ipu.errors import UserError
+from gpt2ipu.fsutil import atomic_file
+
+
+def state_key(recipe: dict[str, Any], shards_dir: str) -> str:
+    stats = Path(shards_dir) / "stats.json"
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    if stats.is_file():
+        digest.update(stats.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def run_pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_name: str, model_dir: str,
+                 metrics_path: str, plot_path: str, threads: int, nproc_per_node: int, nnodes: int,
+                 rdzv_endpoint: str) -> dict[str, Any]:
+    state_dir = Path(state_root) / f"{run_name}-{state_key(recipe, shards_dir)}"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    world = nproc_per_node * nnodes
+    config = {**recipe, "shards_dir": shards_dir, "state_dir": str(state_dir), "save_model_path": model_dir,
+              "replication_factor": world, "resume_training_from_checkpoint": "auto"}
+    config_path = state_dir / "train_config.json"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"training state (checkpoints, metrics): {state_dir}", file=sys.stderr, flush=True)
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // nproc_per_node))}
+    command = [sys.executable, "-m", "gpt2ipu", "train", "--config", str(config_path)]
+    if world > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
+                   f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}",
+                   "-m", "gpt2ipu", "train", "--config", str(config_path)]
+    # A child process (not an in-process call) so torchrun and the single-process path are the same
+    # program, and the thread count is fixed before torch starts.
+    result = subprocess.run(command, env=env, stderr=sys.stderr, stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise UserError(f"training exited with status {result.returncode}; its messages are above. "
+                        f"Rerun the same command to resume from the last checkpoint in {state_dir}")
+    for source, target in ((state_dir / "metrics.jsonl", metrics_path), (state_dir / "loss.png", plot_path)):
+        with atomic_file(target) as tmp:
+            shutil.copyfile(source, tmp)
+    return json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}

@@ -1,0 +1,26 @@
+# Training: shards -> a Hugging Face GPT-2 directory, metrics and a loss curve.
+
+
+rule pretrain:
+    """Pretrain one GPT-2 size; rerunning after a crash resumes from the last checkpoint."""
+    input:
+        shards=f"{DATA}/shards",
+    output:
+        model=directory("results/models/{dataset}-{model}/final"),
+        metrics="results/models/{dataset}-{model}/metrics.jsonl",
+        plot="results/models/{dataset}-{model}/loss.png",
+    params:
+        recipe=train_recipe,
+        nproc_per_node=config["train"]["nproc_per_node"],
+        nnodes=config["train"]["nnodes"],
+        rdzv_endpoint=config["train"]["rdzv_endpoint"],
+        # Checkpoints live outside the declared outputs (which Snakemake deletes before a rerun),
+        # in a folder keyed on the recipe and the data, so a rerun of the same job resumes.
+        state_root="results/train_state",
+    threads: config["train"]["threads"]
+    log:
+        "logs/{dataset}/pretrain-{model}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/pretrain.py"
