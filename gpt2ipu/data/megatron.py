@@ -115,10 +115,10 @@ class MMapIndexedDataset:
         bin_path = self.prefix.with_name(self.prefix.name + ".bin")
         for path in (idx_path, bin_path):
             if not path.is_file():
-                raise UserError(f"{path}: Megatron dataset file is missing; rebuild it with the shards stage")
+                raise UserError(f"{path}: Megatron dataset file is missing; rerun the stage that writes it")
         header = idx_path.read_bytes()[:HEADER_BYTES]
         if len(header) < HEADER_BYTES or header[: len(MAGIC)] != MAGIC:
-            raise UserError(f"{idx_path}: not a Megatron MMIDIDX index (bad magic); rebuild it")
+            raise UserError(f"{idx_path}: not a Megatron MMIDIDX index (bad magic); rerun the stage that writes it")
         version, code, n_seq, n_doc = struct.unpack("<QBQQ", header[len(MAGIC):])
         if version != VERSION or code not in DTYPE_CODES:
             raise UserError(f"{idx_path}: unsupported index version {version} or dtype code {code}")
@@ -130,10 +130,13 @@ class MMapIndexedDataset:
         self.pointers = np.frombuffer(index, dtype=np.int64, count=n_seq, offset=offset)
         offset += 8 * n_seq
         self.document_index = np.frombuffer(index, dtype=np.int64, count=n_doc, offset=offset)
-        self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype)
+        # np.memmap cannot map an empty file; an empty dataset is still a valid one.
+        self.tokens = (np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_path.stat().st_size
+                       else np.zeros(0, dtype=self.dtype))
         expected = int(self.sizes.astype(np.int64).sum())
         if self.tokens.size != expected:
-            raise UserError(f"{bin_path}: holds {self.tokens.size} tokens but its index says {expected}; rebuild it")
+            raise UserError(f"{bin_path}: holds {self.tokens.size} tokens but its index says {expected}; "
+                            "rerun the stage that writes it")
 
     def __len__(self) -> int:
         return len(self.sizes)
