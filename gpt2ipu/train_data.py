@@ -1,0 +1,561 @@
+"""Training samples and the order in which each rank reads them.
+
+A *sample source* is map-style: `len(ds)` samples, `ds[i]` -> a 1-D int64 numpy array of
+`max_len + 1` tokens (the trainer takes inputs `s[:-1]` and labels `s[1:]`). Three of them:
+
+- `GeneratedSamples`: random tokens (the original's mock data), sample i a pure function of (seed, i).
+- `TFRecordSamples`: the packed samples of the shards stage's TFRecord shards, fetched by global
+  index through the `.index` byte offsets.
+- `MMapSamples`: Megatron's GPT dataset over `{split}_text_document.bin/.idx`: documents in a seeded
+  shuffled order per epoch, cut into samples of `max_len + 1` tokens at any length (the original's
+  "dynamic" path), then shuffled.
+
+Because every source is random access and every order below is a pure function of (seed, epoch),
+sharding across ranks and DataLoader workers needs no coordination, and resuming at (epoch, step)
+is exact: `ResumableBatches` rebuilds the same order and starts at the step.
+
+Global batch of one optimizer step = micro_batch * grad_accum * world_size consecutive samples of
+the epoch's order; rank r takes the r-th contiguous 1/world_size of it, and its j-th micro-batch is
+the j-th contiguous micro_batch of that. So one process with a global batch of B and two ranks
+with micro-batches of B/2 update the model from exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import crc32c
+import numpy as np
+import torch
+
+from gpt2ipu.data.megatron import MMapIndexedDataset
+from gpt2ipu.errors import UserError
+
+FEATURE = "input_ids"
+_INT32_MAX = np.iinfo(np.int32).max
+
+# Distinct seed streams, so that e.g. the document order of epoch 0 never equals the sample order.
+_STREAM_GENERATED = 0
+_STREAM_EPOCH_ORDER = 1
+_STREAM_DOC_ORDER = 2
+_STREAM_SAMPLE_SHUFFLE = 3
+
+
+def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), stream, *map(int, keys)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated samples
+
+
+class GeneratedSamples:
+    """`num_samples` samples of uniform random tokens in [0, vocab_size), sample i from (seed, i) only."""
+
+    def __init__(self, num_samples: int, max_len: int, vocab_size: int, seed: int = 0):
+        if num_samples < 1 or max_len < 1 or vocab_size < 1:
+            raise UserError(f"generated data needs positive num_samples, max_len and vocab_size, "
+                            f"got {num_samples}, {max_len}, {vocab_size}")
+        self.num_samples, self.max_len, self.vocab_size, self.seed = num_samples, max_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = _check_index(i, self.num_samples)
+        return _rng(self.seed, _STREAM_GENERATED, i).integers(0, self.vocab_size, self.max_len + 1, dtype=np.int64)
+
+
+def _check_index(i, n: int) -> int:
+    i = int(i)
+    if not 0 <= i < n:
+        raise IndexError(f"sample {i} out of range [0, {n})")
+    return i
+
+
+# ---------------------------------------------------------------------------------------------
+# TFRecord shards
+
+_SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
+
+
+def _masked_crc32c(data) -> int:
+    crc = crc32c.crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _read_index(index_path: Path) -> np.ndarray:
+    """`.index` text ("offset length" per record) -> [records, 2] int64.
+
+    Parsed with one split instead of np.loadtxt, which is about 50 times slower on millions of lines.
+    """
+    try:
+        numbers = np.array(index_path.read_text(encoding="ascii").split(), dtype=np.int64)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{index_path}: unreadable TFRecord index ({err}); rerun the shards stage") from None
+    if numbers.size % 2:
+        raise UserError(f"{index_path}: not an 'offset length' per line TFRecord index; rerun the shards stage")
+    return numbers.reshape(-1, 2)
+
+
+class TFRecordSamples:
+    """The records of `{shards_dir}/{split}-XXXXX-of-NNNNN.tfrecord`, in shard then file order.
+
+    Sample i is read by its byte offset from the shard's `.index` (one pread, CRC check, protobuf
+    decode), so any sample is fetched in O(1) without reading the ones before it. The tfrecord
+    package's readers only stream a file (from a random record when given an index), which cannot
+    serve a fixed global order; we still use its protobuf classes to decode.
+    """
+
+    def __init__(self, shards_dir: str | os.PathLike, split: str, max_len: int):
+        self.shards_dir, self.split, self.max_len = Path(shards_dir), split, int(max_len)
+        self.paths = self._find_shards()
+        counts = []
+        self._offsets, self._lengths = [], []
+        for path in self.paths:
+            index = _read_index(path.with_suffix(".index"))
+            self._offsets.append(np.ascontiguousarray(index[:, 0]))
+            self._lengths.append(np.ascontiguousarray(index[:, 1]))
+            counts.append(len(index))
+        # first global sample index of each shard, and the total at the end
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if self._starts[-1] == 0:
+            raise UserError(f"{self.shards_dir}: the {split} shards hold no records; rerun the shards stage")
+        self._files: dict[int, int] = {}
+        self._pid = None
+        self._check_max_len()
+
+    def _find_shards(self) -> list[Path]:
+        found = {}
+        totals = set()
+        for path in self.shards_dir.glob(f"{self.split}-*-of-*.tfrecord"):
+            match = _SHARD_NAME.match(path.name)
+            if match and match["split"] == self.split:
+                found[int(match["i"])] = path
+                totals.add(int(match["n"]))
+        if not found:
+            raise UserError(f"{self.shards_dir}: no {self.split} TFRecord shards "
+                            f"({self.split}-00000-of-NNNNN.tfrecord); run the shards stage first")
+        if len(totals) != 1 or sorted(found) != list(range(totals.pop())):
+            names = ", ".join(sorted(p.name for p in found.values()))
+            raise UserError(f"{self.shards_dir}: the {self.split} shards are an incomplete or mixed set "
+                            f"({names}); rerun the shards stage")
+        paths = [found[i] for i in sorted(found)]
+        for path in paths:
+            if not path.with_suffix(".index").is_file():
+                raise UserError(f"{path.with_suffix('.index')}: index of {path.name} is missing; rerun the shards stage")
+        return paths
+
+    def _check_max_len(self) -> None:
+        # One record per shard: a shard written with another max_len fails here, before training.
+        for shard, offsets in enumerate(self._offsets):
+            if len(offsets):
+                self._read(shard, 0)
+        self._close()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = _check_index(i, len(self))
+        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._read(shard, i - int(self._starts[shard]))
+
+    def _fd(self, shard: int) -> int:
+        # DataLoader workers fork: a descriptor inherited from the parent shares nothing harmful
+        # with pread, but we reopen per process so that each one owns and closes its own.
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self._files[shard]
+
+    def _close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._files.values():
+                os.close(fd)
+        self._files, self._pid = {}, None
+
+    def __del__(self):
+        try:
+            self._close()
+        except Exception:
+            pass
+
+    def __getstate__(self):
+        # A spawned worker gets a copy without descriptors and opens its own.
+        state = self.__dict__.copy()
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+    def _read(self, shard: int, record: int) -> np.ndarray:
+        from tfrecord import example_pb2
+
+        path = self.paths[shard]
+        offset, length = int(self._offsets[shard][record]), int(self._lengths[shard][record])
+        raw = os.pread(self._fd(shard), length, offset)
+        where = f"{path}: record {record} at byte {offset}"
+        if len(raw) != length or length < 16:
+            raise UserError(f"{where}: file ends early or index is wrong; rerun the shards stage")
+        (size,) = struct.unpack_from("<Q", raw, 0)
+        (length_crc,) = struct.unpack_from("<I", raw, 8)
+        (data_crc,) = struct.unpack_from("<I", raw, length - 4)
+        payload = memoryview(raw)[12 : length - 4]
+        if size != len(payload) or length_crc != _masked_crc32c(raw[:8]) or data_crc != _masked_crc32c(payload):
+            raise UserError(f"{where}: length or CRC mismatch (corrupt file or stale index); rerun the shards stage")
+        example = example_pb2.Example()
+        example.ParseFromString(payload)
+        if FEATURE not in example.features.feature:
+            raise UserError(f"{where}: no int64 feature '{FEATURE}'; rerun the shards stage")
+        tokens = np.array(example.features.feature[FEATURE].int64_list.value, dtype=np.int64)
+        if len(tokens) != self.max_len + 1:
+            raise UserError(
+                f"{path}: records hold {len(tokens)} tokens (max_len {len(tokens) - 1}) but training uses "
+                f"max_len {self.max_len} ({self.max_len + 1} tokens per sample); rerun the shards stage with "
+                f"the training recipe's max_len ({self.max_len})")
+        return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron mmap documents
+
+
+def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
+                     tokens_per_epoch: int) -> np.ndarray:
+    """Where each sample starts in the document stream: Megatron's `helpers.cpp build_sample_idx`.
+
+    The stream is the documents `doc_idx[0], doc_idx[1], ...` end to end (`sizes[d]` tokens each).
+    Returns `sample_idx`, shape [num_samples + 1, 2], with
+
+        num_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
+        sample_idx[k] = (p, o): stream position k * seq_length is token o of document doc_idx[p]
+
+    Sample k is the seq_length + 1 tokens from sample_idx[k] to sample_idx[k + 1] inclusive, so
+    consecutive samples share one token (the last label of one is the first input of the next)
+    and the final partial sample is dropped. Row 0 is always (0, 0). Where a position falls
+    between documents it belongs to the next non-empty one (empty documents are skipped).
+
+    dtype: int32 when len(doc_idx) <= 2**31 - 1 (offsets always fit, sizes being int32), else
+    int64; the compiled version must return the same values and dtype.
+
+    Vectorized (cumsum + searchsorted) instead of Megatron's token-walking loop, which takes
+    minutes in Python at 1e8 tokens; `build_sample_idx_loop` is that loop, and the tests prove
+    the two equal.
+    """
+    num_samples, doc_sizes = _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
+    ends = np.cumsum(doc_sizes)
+    positions = np.arange(1, num_samples + 1, dtype=np.int64) * seq_length
+    doc_positions = np.searchsorted(ends, positions, side="right")
+    sample_idx = np.zeros((num_samples + 1, 2), dtype=_sample_idx_dtype(doc_idx))
+    sample_idx[1:, 0] = doc_positions
+    sample_idx[1:, 1] = positions - (ends[doc_positions] - doc_sizes[doc_positions])
+    return sample_idx
+
+
+def build_sample_idx_loop(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
+                          tokens_per_epoch: int) -> np.ndarray:
+    """Megatron's helpers.cpp `build_sample_idx`, line for line, one token run at a time (tests only)."""
+    num_samples, _ = _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
+    sample_idx = np.zeros((num_samples + 1, 2), dtype=_sample_idx_dtype(doc_idx))
+    doc_idx_index, doc_offset = 0, 0
+    for sample_index in range(1, num_samples + 1):
+        remaining_seq_length = seq_length + 1
+        while remaining_seq_length != 0:
+            doc_length = int(sizes[doc_idx[doc_idx_index]]) - doc_offset
+            remaining_seq_length -= doc_length
+            if remaining_seq_length <= 0:
+                # -1: the sample's last token is also the next sample's first
+                doc_offset += remaining_seq_length + doc_length - 1
+                remaining_seq_length = 0
+            else:
+                doc_idx_index += 1
+                doc_offset = 0
+        sample_idx[sample_index] = (doc_idx_index, doc_offset)
+    return sample_idx
+
+
+def _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch):
+    if seq_length < 1 or num_epochs < 1 or tokens_per_epoch < 1:
+        raise ValueError(f"need seq_length, num_epochs, tokens_per_epoch >= 1, got "
+                         f"{seq_length}, {num_epochs}, {tokens_per_epoch}")
+    num_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
+    doc_sizes = np.asarray(sizes)[np.asarray(doc_idx)].astype(np.int64)
+    if num_samples * seq_length + 1 > int(doc_sizes.sum()):
+        raise ValueError(f"doc_idx holds {int(doc_sizes.sum())} tokens, fewer than num_epochs * "
+                         f"tokens_per_epoch = {num_epochs * tokens_per_epoch}")
+    return num_samples, doc_sizes
+
+
+def _sample_idx_dtype(doc_idx) -> np.dtype:
+    return np.dtype(np.int32 if len(doc_idx) <= _INT32_MAX else np.int64)
+
+
+def build_doc_idx(num_docs: int, num_epochs: int, seed: int) -> np.ndarray:
+    """Concatenation over epochs of a seeded permutation of the documents (int32 when it fits).
+
+    Megatron shuffles all epochs' copies together; a permutation per epoch instead keeps every
+    epoch a full pass over every document, which is what `num_epochs` promises.
+    """
+    dtype = np.int32 if num_docs <= _INT32_MAX else np.int64
+    return np.concatenate([_rng(seed, _STREAM_DOC_ORDER, epoch).permutation(num_docs).astype(dtype)
+                           for epoch in range(num_epochs)])
+
+
+class MMapSamples:
+    """Megatron's GPT dataset over `{prefix}.bin/.idx`: `num_epochs` shuffled passes over the documents.
+
+    doc_idx = `build_doc_idx` (a permutation of the documents per epoch), sample_idx =
+    `build_sample_idx` (samples of max_len + 1 tokens, overlapping by one), and sample i is
+    sample `shuffle_idx[i]`, shuffle_idx a seeded permutation. Samples span document boundaries
+    (EOS tokens between articles stay in), like the packed TFRecord samples.
+
+    The index arrays are built in memory at construction (well under a second for 1e8 tokens), not
+    cached as .npy files as Megatron does; only the token file is memory-mapped, per process.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, max_len: int, num_epochs: int = 1, seed: int = 0):
+        self.prefix, self.max_len, self.num_epochs, self.seed = Path(prefix), int(max_len), int(num_epochs), seed
+        if self.max_len < 1 or self.num_epochs < 1:
+            raise UserError(f"mmap data needs max_len >= 1 and num_epochs >= 1, got {max_len}, {num_epochs}")
+        documents = MMapIndexedDataset(self.prefix)
+        sizes = np.array(documents.sizes, dtype=np.int32)
+        self.tokens_per_epoch = int(sizes.astype(np.int64).sum())
+        if self.tokens_per_epoch * self.num_epochs < self.max_len + 1:
+            raise UserError(f"{self.prefix}.bin: {self.tokens_per_epoch} tokens x {self.num_epochs} epochs "
+                            f"is less than one sample of max_len + 1 = {self.max_len + 1} tokens; "
+                            f"use more data, more epochs or a smaller max_len")
+        self.doc_idx = build_doc_idx(len(sizes), self.num_epochs, seed)
+        self.sample_idx = build_sample_idx(sizes, self.doc_idx, self.max_len, self.num_epochs,
+                                           self.tokens_per_epoch)
+        self.shuffle_idx = _rng(seed, _STREAM_SAMPLE_SHUFFLE).permutation(len(self.sample_idx) - 1)
+        self._documents, self._pid = documents, os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.shuffle_idx)
+
+    def _docs(self) -> MMapIndexedDataset:
+        # Mapped per process: a worker spawned rather than forked must not receive the token array.
+        if self._pid != os.getpid():
+            self._documents, self._pid = MMapIndexedDataset(self.prefix), os.getpid()
+        return self._documents
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_documents"], state["_pid"] = None, None
+        return state
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.unshuffled(int(self.shuffle_idx[_check_index(i, len(self))]))
+
+    def unshuffled(self, k: int) -> np.ndarray:
+        """Sample k in stream order (Megatron's GPTDataset.__getitem__ after the shuffle)."""
+        docs = self._docs()
+        (first_pos, first_offset), (last_pos, last_offset) = self.sample_idx[k].tolist(), self.sample_idx[k + 1].tolist()
+        if first_pos == last_pos:
+            pieces = [docs.get(int(self.doc_idx[first_pos]), first_offset, last_offset - first_offset + 1)]
+        else:
+            pieces = [docs.get(int(self.doc_idx[first_pos]), first_offset)]
+            pieces += [docs[int(self.doc_idx[p])] for p in range(first_pos + 1, last_pos)]
+            pieces.append(docs.get(int(self.doc_idx[last_pos]), 0, last_offset + 1))
+        return np.concatenate(pieces).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Factory
+
+
+def make_train_dataset(kind: str, *, shards_dir: str | os.PathLike | None = None, split: str = "train",
+                       max_len: int, vocab_size: int = 50257, seed: int = 0, num_epochs: int = 1,
+                       generated_samples: int = 1024):
+    """The sample source of `--dataset kind`: "generated", "tfrecord" or "mmap".
+
+    tfrecord/mmap read `shards_dir` (the shards stage's output); `num_epochs` is used by mmap only
+    (passes over the documents built into the dataset), `vocab_size` and `generated_samples` by
+    generated only; `seed` seeds generated tokens and mmap's document and sample shuffles.
+    """
+    if kind == "generated":
+        return GeneratedSamples(generated_samples, max_len, vocab_size, seed)
+    if kind not in ("tfrecord", "mmap"):
+        raise UserError(f"dataset kind {kind!r} unknown; use generated, tfrecord or mmap")
+    if shards_dir is None:
+        raise UserError(f"dataset {kind} needs the shards folder (shards_dir)")
+    if kind == "tfrecord":
+        return TFRecordSamples(shards_dir, split, max_len)
+    return MMapSamples(Path(shards_dir) / f"{split}_text_document", max_len, num_epochs, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Order, rank slices and resumable batches
+
+
+def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """The order of all sample indices in `epoch`: a permutation seeded by (seed, epoch), int64."""
+    if not shuffle:
+        return np.arange(num_samples, dtype=np.int64)
+    return _rng(seed, _STREAM_EPOCH_ORDER, epoch).permutation(num_samples).astype(np.int64)
+
+
+def rank_slice(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s contiguous 1/world_size of each global batch along the last axis.
+
+    `order` is one global batch [B] or several [steps, B]; B must divide by world_size.
+    """
+    order = np.asarray(order)
+    width = order.shape[-1]
+    if not 0 <= rank < world_size or width % world_size:
+        raise ValueError(f"cannot give rank {rank} of {world_size} an equal part of a batch of {width}")
+    part = width // world_size
+    return order[..., rank * part : (rank + 1) * part]
+
+
+class TrainStep(NamedTuple):
+    epoch: int
+    step: int  # within the epoch
+    micro_batches: list  # grad_accum tensors, int64 [micro_batch, max_len + 1]
+
+
+def _collate(samples: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(samples).astype(np.int64, copy=False))
+
+
+class BatchPlan:
+    """Which samples each rank reads at each step: pure arithmetic on (seed, epoch, step)."""
+
+    def __init__(self, num_samples: int, *, micro_batch: int, grad_accum: int, world_size: int, rank: int,
+                 seed: int, shuffle: bool):
+        self.num_samples, self.micro_batch, self.grad_accum = num_samples, micro_batch, grad_accum
+        self.world_size, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
+        self.global_batch = micro_batch * grad_accum * world_size
+        self.steps_per_epoch = num_samples // self.global_batch
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def global_batch_indices(self, epoch: int, step: int) -> np.ndarray:
+        """Sample indices of optimizer step `step` of `epoch`, all ranks: [global_batch]."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, epoch_order(self.num_samples, epoch, self.seed, self.shuffle))
+        return self._order_cache[1][step * self.global_batch : (step + 1) * self.global_batch]
+
+    def micro_batch_indices(self, epoch: int, step: int) -> np.ndarray:
+        """This rank's sample indices of that step: [grad_accum, micro_batch]."""
+        mine = rank_slice(self.global_batch_indices(epoch, step), self.rank, self.world_size)
+        return mine.reshape(self.grad_accum, self.micro_batch)
+
+
+class _RankBatchSampler:
+    """DataLoader batch_sampler: this rank's micro-batches of one epoch from a start step.
+
+    Mutable so that one DataLoader (and its persistent workers) serves every epoch; the DataLoader
+    iterates it in the main process each time it is iterated.
+    """
+
+    def __init__(self, plan: BatchPlan):
+        self.plan, self.epoch, self.start_step = plan, 0, 0
+
+    def __iter__(self):
+        for step in range(self.start_step, self.plan.steps_per_epoch):
+            yield from self.plan.micro_batch_indices(self.epoch, step).tolist()
+
+    def __len__(self) -> int:
+        return (self.plan.steps_per_epoch - self.start_step) * self.plan.grad_accum
+
+
+class ResumableBatches:
+    """This rank's micro-batches, step by step, from a resumable (epoch, step) position.
+
+    Iterating yields `TrainStep(epoch, step, micro_batches)` for every remaining optimizer step
+    of epochs `epoch .. num_epochs - 1`; `micro_batches` are `grad_accum` int64 tensors
+    [micro_batch, max_len + 1] loaded by a torch DataLoader (`num_workers` processes). Each epoch
+    holds len(dataset) // global_batch steps (the incomplete last global batch is dropped).
+
+    Position: `state_dict()` -> {"epoch", "step", "seed", "global_batch", "num_samples"} (plain
+    ints, JSON-able) is the next step not yet yielded; it advances as each TrainStep is handed
+    out, so a checkpoint saved after training on a step resumes at the one after it.
+    `load_state_dict(state)` (or the `epoch`/`step` arguments) moves there; the following
+    iteration yields exactly what an uninterrupted run would have. world_size, micro_batch and
+    grad_accum may change across a resume as long as the global batch stays the same.
+    """
+
+    def __init__(self, dataset, *, micro_batch: int, grad_accum: int = 1, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, num_epochs: int = 1, shuffle: bool = True, num_workers: int = 0,
+                 persistent_workers: bool = False, pin_memory: bool = False, prefetch_factor: int | None = None,
+                 epoch: int = 0, step: int = 0):
+        if micro_batch < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"bad batch layout: micro_batch {micro_batch}, grad_accum {grad_accum}, "
+                            f"rank {rank} of world_size {world_size}")
+        self.dataset, self.micro_batch, self.grad_accum = dataset, micro_batch, grad_accum
+        self.world_size, self.rank, self.seed, self.num_epochs = world_size, rank, seed, num_epochs
+        self.plan = BatchPlan(len(dataset), micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
+                              rank=rank, seed=seed, shuffle=shuffle)
+        self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the dataset has {len(dataset)} samples, fewer than one global batch of "
+                            f"{self.global_batch} (batch size {micro_batch} x gradient accumulation {grad_accum} "
+                            f"x replicas {world_size}); use more data or a smaller batch")
+        self._loader_options = dict(num_workers=num_workers, pin_memory=pin_memory,
+                                    persistent_workers=persistent_workers and num_workers > 0,
+                                    prefetch_factor=prefetch_factor if num_workers > 0 else None)
+        self._loader = None
+        self.epoch, self.step = 0, 0
+        self._seek(epoch, step)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.num_epochs
+
+    def _seek(self, epoch: int, step: int) -> None:
+        if not (0 <= step <= self.steps_per_epoch and epoch >= 0):
+            raise UserError(f"data position epoch {epoch} step {step} is outside an epoch of "
+                            f"{self.steps_per_epoch} steps")
+        self.epoch, self.step = (epoch + 1, 0) if step == self.steps_per_epoch else (epoch, step)
+
+    def micro_batch_indices(self, epoch: int, step: int) -> np.ndarray:
+        """This rank's sample indices of that step: [grad_accum, micro_batch]."""
+        return self.plan.micro_batch_indices(epoch, step)
+
+    def _data_loader(self) -> torch.utils.data.DataLoader:
+        if self._loader is None:
+            self._sampler = _RankBatchSampler(self.plan)
+            self._loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self._sampler,
+                                                       collate_fn=_collate, **self._loader_options)
+        return self._loader
+
+    def __iter__(self) -> Iterator[TrainStep]:
+        while self.epoch < self.num_epochs:
+            epoch, first_step = self.epoch, self.step
+            loader = self._data_loader()
+            self._sampler.epoch, self._sampler.start_step = epoch, first_step
+            micro_batches = iter(loader)
+            for step in range(first_step, self.steps_per_epoch):
+                batches = [next(micro_batches) for _ in range(self.grad_accum)]
+                self._seek(epoch, step + 1)
+                yield TrainStep(epoch, step, batches)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes now (also done after the last epoch, and on exit).
+
+        Persistent workers otherwise live as long as this object; a later iteration starts new ones.
+        """
+        self._loader = None  # its iterator's finalizer shuts the workers down
+
+    def __enter__(self) -> "ResumableBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
+                "global_batch": self.global_batch, "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("seed", self.seed), ("global_batch", self.global_batch),
+                          ("num_samples", len(self.dataset))):
+            if key in state and int(state[key]) != mine:
+                raise UserError(f"cannot resume the data position: the checkpoint has {key} {state[key]}, "
+                                f"this run {mine}; resume with the checkpoint's data, seed and global batch")
+        self._seek(int(state["epoch"]), int(state["step"]))
