@@ -175,8 +175,10 @@ def peak_flops(device, precision: str) -> tuple[float, str]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cpu":
         dtype = torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # A private generator: the probe must not move the training RNG (exact resume depends on it).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     for _ in range(2):
         a @ b
     if device.type == "cuda":
@@ -196,10 +198,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import torch
 
     from gpt2ipu import parallel
-    from gpt2ipu.checkpoint import load_hf_dir, save_hf_dir
+    from gpt2ipu.checkpoint import load_hf_dir, save_hf_dir, write_hf_files
     from gpt2ipu.metrics import MetricsLog, plot_loss_curve
     from gpt2ipu.model import GPT, config_for
-    from gpt2ipu.optim import make_optimizer
+    from gpt2ipu.optim import make_optimizer, parameter_groups
     from gpt2ipu.train_checkpoint import (latest_checkpoint, load_training_state, restore_rng_states,
                                           rng_states, save_training_checkpoint)
     from gpt2ipu.train_data import ResumableBatches, make_train_dataset
@@ -220,12 +222,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     valid_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="valid", max_len=cfg.max_len,
                                     vocab_size=cfg.vocab_size, seed=cfg.seed + 1, num_epochs=1,
                                     generated_samples=max(cfg.eval_batches * cfg.batch_size * info.world_size, 1))
-    steps_per_epoch = len(train_data) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"the train split has {len(train_data)} samples, fewer than one global batch "
-                        f"({cfg.global_batch} = batch-size x gradient-accumulation x replication-factor); "
-                        "lower those or make more data")
-    total_steps = steps_per_epoch * cfg.epochs
+    # Megatron-style mmap data already holds `epochs` shuffled passes over the documents.
+    data_epochs = 1 if cfg.dataset == "mmap" else cfg.epochs
+    batches = ResumableBatches(train_data, micro_batch=cfg.batch_size, grad_accum=cfg.gradient_accumulation,
+                               world_size=info.world_size, rank=info.rank, seed=cfg.seed, num_epochs=data_epochs,
+                               num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    steps_per_epoch = batches.steps_per_epoch
+    total_steps = batches.total_steps
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
@@ -234,14 +237,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model = load_hf_dir(cfg.checkpoint_input_dir)
         say(f"starting from the weights in {cfg.checkpoint_input_dir}")
     else:
-        model = GPT(config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, dropout=cfg.dropout,
+        model = GPT(config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, embd_pdrop=cfg.dropout,
+                               attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout,
                                recompute=cfg.recompute_checkpoint_every_layer))
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     mcfg = model.config
     optimizer = make_optimizer(model, kind=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, device=device,
-                               shard_over=info if cfg.replicated_tensor_sharding and info.world_size > 1 else None)
+                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if cfg.replicated_tensor_sharding and info.world_size > 1:
+        optimizer = parallel.shard_optimizer(parameter_groups(model, cfg.weight_decay), type(optimizer), info,
+                                             **{k: v for k, v in optimizer.defaults.items() if k != "weight_decay"})
+    elif cfg.replicated_tensor_sharding:
+        say("--replicated-tensor-sharding with one process: nothing to shard over; the plain optimizer is used.")
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
@@ -269,9 +277,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model = torch.compile(model)
     model = parallel.apply_data_parallel(model, info)
 
-    batches = ResumableBatches(train_data, micro_batch=cfg.batch_size, grad_accum=cfg.gradient_accumulation,
-                               rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                               num_workers=cfg.num_workers)
     if data_state is not None:
         batches.load_state_dict(data_state)
 
@@ -288,19 +293,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         inputs, labels = batch[:, :-1], batch[:, 1:]
         token_chunks = max(1, math.ceil(inputs.numel() / cfg.serialized_seq_len)) if cfg.enable_sequence_serialized else 1
         with autocast():
-            return model(inputs, labels=labels, vocab_chunks=vocab_chunks, token_chunks=token_chunks)
+            loss, extra = model(inputs, labels=labels, vocab_chunks=vocab_chunks, token_chunks=token_chunks)
+        return loss, extra["accuracy"]
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
-        valid_batches = ResumableBatches(valid_data, micro_batch=cfg.batch_size, grad_accum=1, rank=info.rank,
-                                         world_size=info.world_size, seed=cfg.seed, shuffle=False)
+        batch_size = min(cfg.batch_size, len(valid_data) // info.world_size)
         total = torch.zeros(2, device=device)
-        for i, batch in enumerate(valid_batches.epoch_batches(0)):
-            if i >= cfg.eval_batches:
-                break
-            loss, _ = loss_of(batch)
-            total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+        if batch_size > 0:
+            with ResumableBatches(valid_data, micro_batch=batch_size, grad_accum=1, rank=info.rank,
+                                  world_size=info.world_size, seed=cfg.seed, shuffle=False) as valid_batches:
+                for i, valid_step in enumerate(valid_batches):
+                    if i >= cfg.eval_batches:
+                        break
+                    loss, _ = loss_of(valid_step.micro_batches[0])
+                    total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
         model.train()
         total = parallel.all_reduce_mean(total, info)
         mean = (total[0] / total[1].clamp(min=1)).item()
@@ -320,7 +328,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if info.is_main:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "data": batches.state_dict(), "rng": all_rng}
-            save_training_checkpoint(cfg.state_dir, step, lambda d: save_hf_dir(raw_model, d), state,
+            save_training_checkpoint(cfg.state_dir, step, lambda d: write_hf_files(raw_model, d), state,
                                      dataclasses.asdict(cfg), keep=cfg.keep_checkpoints)
         parallel.barrier(info)
 
@@ -328,12 +336,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.train()
     step, last = start_step, {}
     tokens_per_step = cfg.global_batch * cfg.max_len
+    steps = iter(batches)
     while step < total_steps:
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         acc_sum = torch.zeros((), device=device)
-        for micro in range(cfg.gradient_accumulation):
-            batch = batches.next_micro_batch()
+        for micro, batch in enumerate(next(steps).micro_batches):
             sync = micro == cfg.gradient_accumulation - 1 or info.world_size == 1
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 loss, accuracy = loss_of(batch)
@@ -376,6 +384,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             save_checkpoint(step)
     progress.close()
     metrics.close()
+    batches.close()
 
     if info.is_main and cfg.save_model_path:
         save_hf_dir(raw_model, cfg.save_model_path)

@@ -519,8 +519,13 @@ class ResumableBatches:
     def _data_loader(self) -> torch.utils.data.DataLoader:
         if self._loader is None:
             self._sampler = _RankBatchSampler(self.plan)
+            # The loader's own generator: a DataLoader iterator otherwise draws its base seed from
+            # torch's global RNG, which would make the model's RNG stream depend on when the
+            # iterator was created (and so break exact resume).
             self._loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self._sampler,
-                                                       collate_fn=_collate, **self._loader_options)
+                                                       collate_fn=_collate,
+                                                       generator=torch.Generator().manual_seed(self.seed),
+                                                       **self._loader_options)
         return self._loader
 
     def __iter__(self) -> Iterator[TrainStep]:
