@@ -24,8 +24,45 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path) or "(top level)"
 
 
+_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+
+
+def coerce_command_line_strings(config: dict, schema: Mapping[str, Any]) -> None:
+    """Turn strings into the numbers/booleans/nulls the schema asks for, in place.
+
+    Snakemake parses nested `--config key={a: 1}` values with YAML's BaseLoader, which leaves every
+    scalar a string ('1', 'false'); a top-level `--config key=1` is typed. This makes both mean
+    the same, without accepting anything the schema would not.
+    """
+    properties = schema.get("properties", {})
+    extra = schema.get("additionalProperties")
+    for key, value in list(config.items()):
+        sub = properties.get(key, extra if isinstance(extra, Mapping) else None)
+        if sub is None:
+            continue
+        if isinstance(value, dict):
+            coerce_command_line_strings(value, sub)
+            continue
+        wanted = sub.get("type")
+        wanted = [wanted] if isinstance(wanted, str) else (wanted or [])
+        if not isinstance(value, str) or "string" in wanted:
+            continue
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            continue
+        if any(isinstance(parsed, _TYPES[t]) and not (t != "boolean" and isinstance(parsed, bool))
+               for t in wanted if t in _TYPES):
+            config[key] = parsed
+
+
 def validate_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -> None:
-    """Raise UserError for the first problem (sorted by key), naming the key and what is allowed."""
+    """Raise UserError for the first problem (sorted by key), naming the key and what is allowed.
+
+    Strings from the command line that stand for numbers or booleans are converted first (in place).
+    """
+    if isinstance(config, dict):
+        coerce_command_line_strings(config, load_schema(schema_path))
     validator = jsonschema.Draft7Validator(load_schema(schema_path))
     errors = sorted(validator.iter_errors(dict(config)), key=lambda e: [str(p) for p in e.absolute_path])
     if not errors:

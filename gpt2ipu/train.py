@@ -101,11 +101,33 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise UserError(f"{source}: unknown training key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+            raise UserError(f"{source}: unknown training key(s) {unknown}; known keys: {sorted(fields)}")
+        return cls(**{key: _typed(key, value, fields[key].type, source) for key, value in values.items()})
+
+
+def _typed(key: str, value: Any, annotation: str, source: str) -> Any:
+    """Check (and, for strings from a command line or `--config`, convert) one training value."""
+    base = annotation.split(" ")[0]
+    kind = {"int": int, "float": float, "bool": bool}.get(base)
+    if kind is None or value is None:
+        return value
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if value is None and "None" in annotation:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise UserError(f"{source}: training key '{key}' must be {annotation}, got {value!r}")
+    return value
 
 
 def check_config(cfg: TrainConfig) -> None:
