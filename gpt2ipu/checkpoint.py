@@ -1,0 +1,203 @@
+"""Model checkpoints in the Hugging Face GPT-2 layout: `config.json` + `model.safetensors`.
+
+`transformers.GPT2LMHeadModel.from_pretrained(dir)` loads what `save_hf_dir` writes, and
+`load_hf_dir` loads any Hugging Face GPT-2 folder (ours, one written by `save_pretrained`, or a hub
+download), so a model trained here can be used, evaluated or fine-tuned anywhere. Safetensors
+only: no pickle. A folder with only `pytorch_model.bin` is read with `torch.load(weights_only=True)`,
+which refuses anything but tensors.
+
+Layouts: Hugging Face's GPT-2 uses Conv1D, whose weight is [in, out]; our nn.Linear is [out, in],
+so the four projection matrices of each block are transposed on the way out and in. The LM head
+is tied to `transformer.wte.weight` and is not written (transformers re-ties it on load, and
+safetensors refuses shared storage anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt2ipu.errors import UserError
+from gpt2ipu.fsutil import atomic_dir
+from gpt2ipu.model import GPT, GPTConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+EOS_TOKEN_ID = 50256
+# Block parameters stored as Conv1D ([in, out]) by Hugging Face.
+CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# Buffers that older transformers versions saved with each block; they hold no learned values.
+BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def hf_config(config: GPTConfig, eos_token_id: int | None = None) -> dict:
+    """The config.json of a transformers GPT2Config for `config` (written by hand so saving a
+    checkpoint does not import transformers). eos_token_id defaults to GPT-2's 50256 when the
+    vocabulary has it; a fresh BPE vocabulary passes its own."""
+    if eos_token_id is None and config.vocab_size > EOS_TOKEN_ID:
+        eos_token_id = EOS_TOKEN_ID
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_positions,
+        "n_ctx": config.n_positions,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": config.initializer_range,
+        "embd_pdrop": config.embd_pdrop,
+        "attn_pdrop": config.attn_pdrop,
+        "resid_pdrop": config.resid_pdrop,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "use_cache": True,
+    }
+
+
+def unwrap(model: torch.nn.Module) -> GPT:
+    """The GPT inside a DDP/FSDP wrapper (`.module`) or a torch.compile wrapper (`._orig_mod`)."""
+    while not isinstance(model, GPT):
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"not a gpt2ipu GPT model: {type(model).__name__}")
+        model = inner
+    return model
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our parameters under Hugging Face GPT2LMHeadModel names and layouts (contiguous, unshared)."""
+    model = unwrap(model)
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        hf_name = name if name == "lm_head.weight" else f"transformer.{name}"
+        tensor = tensor.detach()
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        out[hf_name] = tensor.contiguous().cpu().clone()
+    return out
+
+
+def write_hf_files(model: GPT, folder: str | os.PathLike, eos_token_id: int | None = None) -> None:
+    """Write config.json and model.safetensors into an existing folder (the caller makes it atomic)."""
+    folder = Path(folder)
+    config = hf_config(unwrap(model).config, eos_token_id)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(hf_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_hf_dir(model: GPT, out_dir: str | os.PathLike, *, eos_token_id: int | None = None, extra=None) -> Path:
+    """Write the model to `out_dir` atomically; `extra(tmp_dir)` may add files (provenance, state)."""
+    with atomic_dir(out_dir) as tmp:
+        write_hf_files(model, tmp, eos_token_id)
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)
+
+
+def config_from_hf(config_path: Path, **overrides) -> GPTConfig:
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{config_path}: not a readable JSON config ({err}); point to a Hugging Face GPT-2 folder") from err
+    if hf.get("model_type") != "gpt2":
+        raise UserError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2' (only GPT-2 checkpoints load here)")
+    n_embd = hf.get("n_embd", 768)
+    unsupported = {
+        "activation_function": hf.get("activation_function", "gelu_new") not in SUPPORTED_ACTIVATIONS,
+        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
+        "scale_attn_by_inverse_layer_idx": bool(hf.get("scale_attn_by_inverse_layer_idx")),
+        "scale_attn_weights": not hf.get("scale_attn_weights", True),
+        "add_cross_attention": bool(hf.get("add_cross_attention")),
+    }
+    bad = [key for key, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise UserError(f"{config_path}: this GPT-2 variant is not supported here ({', '.join(f'{k}={hf.get(k)!r}' for k in bad)})")
+    return GPTConfig(
+        vocab_size=hf.get("vocab_size", 50257),
+        n_positions=hf.get("n_positions", 1024),
+        n_embd=n_embd,
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        embd_pdrop=hf.get("embd_pdrop", 0.1),
+        attn_pdrop=hf.get("attn_pdrop", 0.1),
+        resid_pdrop=hf.get("resid_pdrop", 0.1),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        initializer_range=hf.get("initializer_range", 0.02),
+        **overrides,
+    )
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder: model.safetensors, its sharded index, or pytorch_model.bin."""
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return load_file(str(single))
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(str(folder / shard)))
+        return tensors
+    legacy = folder / "pytorch_model.bin"
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as err:  # an unpickling refusal or a corrupt file: both are the user's to fix
+            raise UserError(f"{legacy}: cannot be read as plain tensors ({err}); convert it to model.safetensors") from err
+    raise UserError(f"{folder}: no {WEIGHTS_NAME} (or its index, or pytorch_model.bin); is it a Hugging Face model folder?")
+
+
+def load_hf_dir(folder: str | os.PathLike, **config_overrides) -> GPT:
+    """A GPT with the weights of a Hugging Face GPT-2 folder. `config_overrides` set GPTConfig
+    fields that are ours, not the checkpoint's (e.g. recompute=True, dropout for fine-tuning)."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise UserError(f"{folder}: no {CONFIG_NAME}; point to a folder saved by gpt2ipu or transformers' save_pretrained")
+    config = config_from_hf(config_path, **config_overrides)
+    tensors = read_hf_weights(folder)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(_to_our_names(tensors, set(model.state_dict()), config, folder), assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.wte.weight  # assign=True made two Parameters; re-tie them
+    return model
+
+
+def _to_our_names(tensors: dict[str, torch.Tensor], expected: set[str], config: GPTConfig, folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in tensors.items():
+        # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (e.g. the hub's gpt2) saves "h.0...".
+        name = name.removeprefix("transformer.")
+        if name.endswith(BUFFER_SUFFIXES):
+            continue
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        state[name] = tensor.contiguous()
+    if config.tie_word_embeddings and "wte.weight" in state:
+        state["lm_head.weight"] = state["wte.weight"]
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise UserError(
+            f"{folder}: weights do not match its config.json (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    return state

@@ -1,0 +1,188 @@
+"""The language-model loss without the [tokens, vocab] logits tensor.
+
+`chunked_lm_loss(hidden, weight, labels)` is `F.cross_entropy(F.linear(hidden, weight), labels,
+ignore_index=-100)` (the mean over non-ignored tokens) plus the argmax accuracy, computed in chunks.
+For GPT-2 the logits of 1024 tokens are 1024 x 50257 fp32 = 206 MB, and autograd keeps them, their
+log-softmax and their gradient: the biggest tensors of a training step. The original's IPU flags
+become the two ways of chunking:
+
+  * vocab_chunks=F (`--embedding-serialization-factor F`): the vocabulary in F slices, with an
+    online log-sum-exp across slices; backward recomputes each slice's logits.
+  * token_chunks=F (`--embedding-serialization-factor F --enable-sequence-serialized`): the tokens
+    in F slices, each against the whole vocabulary. Each slice's gradient is computed right away
+    in forward (the loss is the last node of the graph, so its gradient is known up to the scalar
+    that backward multiplies in), so nothing is recomputed: as fast as the plain loss, and leaner.
+
+Both are hand-written autograd Functions because autograd alone would keep every slice's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def chunks_from_flags(embedding_serialization_factor: int, sequence_serialized: bool) -> dict[str, int]:
+    """The original's two IPU flags -> keyword arguments of `chunked_lm_loss` / `GPT.forward`."""
+    factor = max(1, int(embedding_serialization_factor))
+    return {"vocab_chunks": 1, "token_chunks": factor} if sequence_serialized else {"vocab_chunks": factor, "token_chunks": 1}
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_chunks: int = 1,
+    token_chunks: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over labels != -100, argmax accuracy over them) of `hidden @ weight.T`.
+
+    hidden [N, d], weight [V, d], labels [N] (int64, -100 = ignored). With both chunk counts at 1
+    this is the plain loss through full logits. Chunking is along one axis at a time. Under
+    autocast the matmuls run in the autocast dtype; the softmax and all sums stay in fp32.
+    """
+    if vocab_chunks > 1 and token_chunks > 1:
+        raise ValueError("chunk the loss along the vocabulary or along the tokens, not both")
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        if vocab_chunks > 1:
+            return _VocabChunkedLoss.apply(hidden, weight, labels, vocab_chunks, dtype)
+        if token_chunks > 1:
+            return _TokenChunkedLoss.apply(hidden, weight, labels, token_chunks, dtype, want_grads)
+        return _plain_loss(hidden.to(dtype), weight.to(dtype), labels)
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and sums run in fp32 at least (bf16/fp16 logits are too coarse for them)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _plain_loss(hidden, weight, labels):
+    logits = F.linear(hidden, weight).to(_softmax_dtype(hidden.dtype))
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    valid = labels != IGNORE_INDEX
+    correct = (logits.detach().argmax(-1) == labels) & valid
+    return loss, correct.sum() / valid.sum()
+
+
+def _row_scale(labels, dtype):
+    """Per-token weight of the mean: 1/n_valid for real labels, 0 for ignored ones; and n_valid."""
+    valid = labels != IGNORE_INDEX
+    n_valid = valid.sum()
+    return valid.to(dtype) / n_valid.clamp(min=1), valid, n_valid
+
+
+class _TokenChunkedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, n_chunks, dtype, want_grads):
+        acc = _softmax_dtype(dtype)
+        scale, valid, n_valid = _row_scale(labels, acc)
+        targets = labels.clamp(min=0)
+        h_all, w = hidden.to(dtype), weight.to(dtype)
+        # Gradients in the matmul dtype; autograd casts them to the inputs' dtypes. Under bf16
+        # autocast grad_weight is thus summed in bf16 over the few chunks (a plain bf16 matmul
+        # rounds it once): an fp32 accumulator would cost a [V, d] cast and add per chunk.
+        grad_hidden = torch.empty_like(h_all) if want_grads else None
+        grad_weight = torch.zeros_like(w) if want_grads else None
+        loss_sum = hidden.new_zeros((), dtype=acc)
+        correct = hidden.new_zeros((), dtype=torch.long)
+        for lo, hi in _slices(hidden.shape[0], n_chunks):
+            h, y, ok = h_all[lo:hi], targets[lo:hi], valid[lo:hi]
+            logits = (h @ w.t()).to(acc)
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)
+            row_max, prediction = logits.max(-1)
+            correct += ((prediction == y) & ok).sum()
+            # exp(logits - max) once, in place: it gives the log-sum-exp and the softmax.
+            probs = logits.sub_(row_max[:, None]).exp_()
+            sum_exp = probs.sum(-1)
+            loss_sum += ((row_max + sum_exp.log() - target_logit) * ok).sum()
+            if want_grads:
+                # d loss / d logits = (softmax - onehot) * scale, written over the logits in place.
+                grad_logits = probs.mul_((scale[lo:hi] / sum_exp)[:, None])
+                grad_logits[torch.arange(hi - lo, device=h.device), y] -= scale[lo:hi]
+                grad_logits = grad_logits.to(dtype)
+                torch.mm(grad_logits, w, out=grad_hidden[lo:hi])
+                grad_weight.addmm_(grad_logits.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss_sum / n_valid, correct / n_valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_accuracy):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # In place: a second [V, d] buffer here would land on the step's memory peak.
+        # once_differentiable, and the graph frees these after one backward.
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None
+
+
+class _VocabChunkedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, n_chunks, dtype):
+        acc = _softmax_dtype(dtype)
+        scale, valid, n_valid = _row_scale(labels, acc)
+        targets = labels.clamp(min=0)
+        h = hidden.to(dtype)
+        n_tokens = hidden.shape[0]
+        running_max = hidden.new_full((n_tokens,), float("-inf"), dtype=acc)
+        running_sum = hidden.new_zeros((n_tokens,), dtype=acc)
+        target_logit = hidden.new_zeros((n_tokens,), dtype=acc)
+        best_logit = hidden.new_full((n_tokens,), float("-inf"), dtype=acc)
+        best_index = targets.new_zeros((n_tokens,))
+        for lo, hi in _slices(weight.shape[0], n_chunks):
+            logits = (h @ weight[lo:hi].to(dtype).t()).to(acc)
+            chunk_max, chunk_argmax = logits.max(-1)
+            in_chunk = (targets >= lo) & (targets < hi)
+            local = (targets - lo).clamp(0, hi - lo - 1)
+            target_logit = torch.where(in_chunk, logits.gather(1, local[:, None]).squeeze(1), target_logit)
+            better = chunk_max > best_logit  # strict, so ties keep the first index, like argmax
+            best_index = torch.where(better, chunk_argmax + lo, best_index)
+            best_logit = torch.where(better, chunk_max, best_logit)
+            # Online log-sum-exp: rescale the running sum to the new running max.
+            new_max = torch.maximum(running_max, chunk_max)
+            running_sum = running_sum * (running_max - new_max).exp() + logits.sub_(new_max[:, None]).exp_().sum(-1)
+            running_max = new_max
+        lse = running_max + running_sum.log()
+        loss_sum = ((lse - target_logit) * valid).sum()
+        correct = ((best_index == targets) & valid).sum()
+        ctx.save_for_backward(hidden, weight, targets, lse, scale)
+        ctx.n_chunks, ctx.dtype = n_chunks, dtype
+        return loss_sum / n_valid, correct / n_valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_accuracy):
+        hidden, weight, targets, lse, scale = ctx.saved_tensors
+        h = hidden.to(ctx.dtype)
+        row_weight = (scale * grad_loss)[:, None]
+        grad_hidden = torch.zeros_like(hidden, dtype=_softmax_dtype(hidden.dtype))
+        grad_weight = torch.empty_like(weight)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        for lo, hi in _slices(weight.shape[0], ctx.n_chunks):
+            w = weight[lo:hi].to(ctx.dtype)
+            grad_logits = (h @ w.t()).to(lse.dtype).sub_(lse[:, None]).exp_()
+            in_chunk = (targets >= lo) & (targets < hi)
+            grad_logits[rows[in_chunk], targets[in_chunk] - lo] -= 1
+            grad_logits = grad_logits.mul_(row_weight).to(ctx.dtype)
+            _add_matmul(grad_hidden, grad_logits, w)
+            grad_weight[lo:hi] = grad_logits.t() @ h
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None
+
+
+def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in place when the dtypes allow (fp32), else through an upcast product."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += (a @ b).to(out.dtype)
+
+
+def _slices(length: int, n_chunks: int) -> list[tuple[int, int]]:
+    """`n_chunks` contiguous [lo, hi) slices covering range(length), sizes differing by at most one."""
+    n_chunks = max(1, min(n_chunks, length))
+    bounds = [length * i // n_chunks for i in range(n_chunks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))

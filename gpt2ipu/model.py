@@ -1,0 +1,292 @@
+"""GPT-2, nanoGPT style: the whole model reads top to bottom.
+
+The architecture is exactly GPT-2's (pre-LayerNorm blocks, GELU with the tanh approximation that
+Hugging Face calls "gelu_new", learned positions, LM head tied to the token embedding), so our
+checkpoints load in `transformers.GPT2LMHeadModel` and the reverse (see gpt2ipu/checkpoint.py).
+Linear layers keep PyTorch's [out, in] layout; the checkpoint code transposes to and from
+Hugging Face's Conv1D [in, out] layout.
+
+Training-specific pieces (the original's IPU flags, translated):
+  * `GPTConfig.recompute` -> activation checkpointing per block (`--recompute-checkpoint-every-layer`).
+  * `forward(..., labels, vocab_chunks=, token_chunks=)` -> the loss is computed in chunks, so the
+    [tokens, vocab] logits tensor never exists (`--embedding-serialization-factor`,
+    `--enable-sequence-serialized`); see gpt2ipu/loss.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gpt2ipu.errors import UserError
+from gpt2ipu.loss import IGNORE_INDEX, chunked_lm_loss
+
+KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    recompute: bool = False  # activation checkpointing per block (--recompute-checkpoint-every-layer)
+    # Recompute GELU in backward instead of keeping its output. None: only when the activations
+    # are fp32 (measured on CPU: saves ~100 MB for 3% of the step in fp32; under bf16 autocast
+    # it saves half that and costs ~9%, GELU being a larger share of a faster step).
+    recompute_gelu: bool | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# (n_layer, n_embd, n_head): the original's --model choices.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "gpt2-test": (2, 64, 2),
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
+
+
+def config_for(preset: str, max_len: int, vocab_size: int = 50257, **overrides) -> GPTConfig:
+    """The GPTConfig of a named preset, with room for `max_len` positions."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown model preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    n_layer, n_embd, n_head = PRESETS[preset]
+    return GPTConfig(
+        vocab_size=vocab_size, n_positions=max_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head, **overrides
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop) if config.resid_pdrop else nn.Identity()
+
+    def forward(self, x, mask=None, past=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+            # Without an explicit mask the only case is plain causal attention over this window.
+            is_causal=mask is None and past is None and T > 1,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop) if config.resid_pdrop else nn.Identity()
+        self.recompute_gelu = config.recompute_gelu
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        recompute = self.recompute_gelu
+        if recompute is None:
+            recompute = not torch.is_autocast_enabled(x.device.type)
+        y = gelu_then_linear(h, self.c_proj) if recompute else self.c_proj(gelu_new(h))
+        return self.dropout(y)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, past=None):
+        attn_out, present = self.attn(self.ln_1(x), mask, past)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU: the tanh approximation (Hugging Face's "gelu_new")."""
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_then_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """`linear(gelu_new(x))`, keeping only `x` for backward and recomputing the GELU there.
+
+    Autograd would keep both x (for GELU's backward) and gelu(x) (for the matmul's weight
+    gradient): two [tokens, 4*n_embd] tensors per block, the biggest activations of the model.
+    Recomputing GELU costs one elementwise pass and halves that memory.
+    """
+    if not torch.is_grad_enabled():
+        return linear(gelu_new(x))
+    return _GeluLinear.apply(x, linear.weight, linear.bias)
+
+
+class _GeluLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(gelu_new(x), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        # Under autocast grad_out comes in the autocast dtype while weight stays fp32.
+        dtype = grad_out.dtype
+        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = grad_out_2d.t() @ gelu_new(x).reshape(-1, x.shape[-1]).to(dtype)
+        grad_bias = grad_out_2d.sum(0) if ctx.has_bias else None
+        grad_x = torch.ops.aten.gelu_backward((grad_out @ weight.to(dtype)).to(x.dtype), x, approximate="tanh")
+        return grad_x, grad_weight, grad_bias
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_embd % config.n_head:
+            raise UserError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop) if config.embd_pdrop else nn.Identity()
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: the two residual projections per block add up over depth.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_positions: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if exclude_positions else n
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        past_key_values: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """Final-LayerNorm outputs [B, T, n_embd] and, with use_cache, the key/value cache.
+
+        attention_mask ([B, past + T], 1 = real token, 0 = padding) supports left-padded batches;
+        positions then count real tokens only, as in Hugging Face's generate().
+        """
+        B, T = input_ids.shape
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if position_ids is None:
+            position_ids = _positions(attention_mask, past_len, T, input_ids.device)
+        if past_len + T > self.config.n_positions and position_ids.max() >= self.config.n_positions:
+            raise UserError(
+                f"sequence of {past_len + T} tokens is longer than the model's n_positions "
+                f"({self.config.n_positions})"
+            )
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        mask = _attention_mask(attention_mask, past_len, T, input_ids.device)
+        presents = []
+        for i, block in enumerate(self.h):
+            past = None if past_key_values is None else past_key_values[i]
+            if self.config.recompute and self.training and torch.is_grad_enabled():
+                x, present = checkpoint(block, x, mask, past, use_reentrant=False)
+            else:
+                x, present = block(x, mask, past)
+            presents.append(present)
+        return self.ln_f(x), (tuple(presents) if use_cache else None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        vocab_chunks: int = 1,
+        token_chunks: int = 1,
+        past_key_values: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ):
+        """With labels: (mean loss over labels != -100, {"accuracy", "tokens"}), logits never built whole.
+
+        Without labels: logits [B, T, vocab], or (logits, cache) when use_cache is set.
+        Labels have the shape of input_ids and are already shifted (labels[t] follows input_ids[t]).
+        """
+        hidden, presents = self.hidden_states(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+        )
+        if labels is not None:
+            loss, accuracy = chunked_lm_loss(
+                hidden.reshape(-1, hidden.shape[-1]),
+                self.lm_head.weight,
+                labels.reshape(-1),
+                vocab_chunks=vocab_chunks,
+                token_chunks=token_chunks,
+            )
+            return loss, {"accuracy": accuracy, "tokens": (labels != IGNORE_INDEX).sum()}
+        logits = self.lm_head(hidden)
+        return (logits, presents) if use_cache else logits
+
+
+def _positions(attention_mask, past_len: int, T: int, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + T, device=device).unsqueeze(0)
+    # Left padding: a sample's first real token is position 0; padding gets a harmless 0.
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_(min=0)[:, -T:]
+
+
+def _attention_mask(attention_mask, past_len: int, T: int, device) -> torch.Tensor | None:
+    """Boolean [B or 1, 1, T, past + T] mask for SDPA, or None when plain causal attention will do."""
+    if attention_mask is None and (past_len == 0 or T == 1):
+        return None
+    total = past_len + T
+    query_pos = torch.arange(past_len, total, device=device).unsqueeze(1)
+    allowed = torch.arange(total, device=device).unsqueeze(0) <= query_pos
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        # A padding query would see no key at all, and SDPA turns an empty row into NaN, which
+        # would then leak through 0 * NaN; let every query see itself.
+        allowed = allowed | (torch.arange(total, device=device).unsqueeze(0) == query_pos)[None, None]
+    return allowed

@@ -1,0 +1,134 @@
+"""Optimizers and the training step that `gpt2ipu bench train` measures and training runs.
+
+`make_optimizer` gives the original's --optimizer choices (AdamW, Adam, LAMB) with weight decay on
+matrices only (embeddings and projections; not biases or LayerNorm gains, as in the original and
+in GPT-2 practice). AdamW/Adam use PyTorch's fused kernels where the device has them: one pass
+over each parameter instead of a dozen elementwise ops, and no full-size temporaries.
+
+`train_step` is one optimizer step over a list of micro-batches (gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Sequence
+
+import torch
+
+from gpt2ipu.errors import UserError
+
+OPTIMIZERS = ("adamw", "adam", "lamb")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (dim >= 2), never vectors (biases, LayerNorm); tied weights counted once."""
+    decay, no_decay = [], []
+    for param in model.parameters():  # parameters() yields a tied tensor only once
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    kind: str = "adamw",
+) -> torch.optim.Optimizer:
+    kind = kind.lower()
+    groups = parameter_groups(model, weight_decay)
+    if kind in ("adamw", "adam"):
+        cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+        return cls(groups, lr=lr, betas=betas, eps=eps, **_fastest_kernel(model))
+    if kind == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=eps)
+    raise UserError(f"unknown optimizer {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _fastest_kernel(model: torch.nn.Module) -> dict:
+    """fused=True where PyTorch has the fused Adam kernel for these tensors (CPU and CUDA floats)."""
+    params = list(model.parameters())
+    fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return {"fused": True} if fusable else {"foreach": True}
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2019, "Large Batch Optimization for Deep Learning"), with bias correction.
+
+    Written here because PyTorch has no LAMB and the packages that do (apex: CUDA only;
+    torch-optimizer: unmaintained) are not worth a dependency for thirty lines. Each tensor's Adam
+    update (weight decay included) is scaled by the trust ratio ||w|| / ||update||, taken as 1
+    when either norm is zero.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(p.grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = exp_avg / (1 - beta1 ** state["step"])
+                v_hat = exp_avg_sq / (1 - beta2 ** state["step"])
+                update = m_hat.div_(v_hat.sqrt_().add_(group["eps"]))
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                weight_norm, update_norm = p.norm(), update.norm()
+                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
+                p.sub_(update * (trust * group["lr"]))
+        return loss
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    loss_chunks: dict | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
+) -> dict[str, float]:
+    """Forward and backward over each (input_ids, labels) micro-batch, then one optimizer step.
+
+    The loss of each micro-batch is divided by their number (the mean over micro-batches, as the
+    original's gradient accumulation). Under DDP, gradients are all-reduced on the last micro-batch
+    only. zero_grad(set_to_none=True): the next backward writes fresh gradients instead of adding to
+    zeroed buffers, and the memory is free in between. Returns the mean loss and accuracy.
+    """
+    micro_batches = list(micro_batches)
+    loss_chunks = loss_chunks or {}
+    device_type = next(model.parameters()).device.type
+    losses, accuracies = [], []
+    for i, (input_ids, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss, metrics = model(input_ids, labels, **loss_chunks)
+            (loss / len(micro_batches)).backward()
+        losses.append(loss.detach())
+        accuracies.append(metrics["accuracy"].detach())
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss, accuracy = torch.stack(losses).mean(), torch.stack(accuracies).float().mean()
+    return {"loss": float(loss), "accuracy": float(accuracy)}

@@ -1,0 +1,287 @@
+"""GPT-2 model, chunked loss, Hugging Face checkpoints, optimizers: checked against transformers and
+against plain PyTorch."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from gpt2ipu.checkpoint import load_hf_dir, save_hf_dir
+from gpt2ipu.errors import UserError
+from gpt2ipu.loss import chunked_lm_loss, chunks_from_flags
+from gpt2ipu.model import GPT, PRESETS, config_for
+from gpt2ipu.optim import make_optimizer, parameter_groups, train_step
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 1000
+
+
+def tiny_model(seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(config_for("gpt2-test", 32, vocab_size=VOCAB, **overrides))
+
+
+def tokens(*shape, seed=1):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+# ---- architecture and checkpoints ----------------------------------------------------------
+
+
+def test_presets_have_gpt2_sizes():
+    assert PRESETS["gpt2"] == (12, 768, 12) and PRESETS["gpt2-xl"] == (48, 1600, 25)
+    config = config_for("gpt2", 256)
+    assert (config.n_positions, config.vocab_size) == (256, 50257)
+    with torch.device("meta"):
+        assert GPT(config).num_parameters(exclude_positions=False) == 124439808 - 1024 * 768 + 256 * 768
+    with pytest.raises(UserError, match="gpt2-huge"):
+        config_for("gpt2-huge", 256)
+
+
+def test_our_checkpoint_loads_in_transformers_with_same_logits(tmp_path):
+    model = tiny_model().eval()
+    save_hf_dir(model, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
+    stored = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert "lm_head.weight" not in stored  # tied: transformers re-ties it
+    assert stored["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D [in, out]
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt").eval()
+    ids = tokens(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+
+
+def test_transformers_checkpoint_loads_here_with_same_logits(tmp_path):
+    hf = hf_tiny_model()
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf_dir(tmp_path / "hf").eval()
+    assert model.lm_head.weight is model.wte.weight
+    ids = tokens(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_legacy_bin_with_buffers_and_no_prefix_loads(tmp_path):
+    """Old hub checkpoints: GPT2Model names (no "transformer."), attn.bias/masked_bias buffers,
+    an explicit lm_head.weight, pickled tensors only in pytorch_model.bin."""
+    hf = hf_tiny_model()
+    state = {k: v.clone() for k, v in hf.transformer.state_dict().items()}
+    state["lm_head.weight"] = hf.lm_head.weight.detach().clone()
+    for i in range(2):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    hf.config.to_json_file(folder / "config.json")
+    model = load_hf_dir(folder).eval()
+    ids = tokens(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_checkpoint_folders_give_user_errors(tmp_path):
+    with pytest.raises(UserError, match="config.json"):
+        load_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UserError, match="model_type"):
+        load_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 2, "n_layer": 2}))
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_hf_dir(tmp_path)
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    out = tmp_path / "ckpt"
+    save_hf_dir(tiny_model(seed=0), out)
+    with pytest.raises(RuntimeError):
+        save_hf_dir(tiny_model(seed=1), out, extra=lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp left, old one kept
+    torch.testing.assert_close(load_hf_dir(out).wte.weight, tiny_model(seed=0).wte.weight)
+
+
+# ---- chunked loss ---------------------------------------------------------------------------
+
+
+def plain_loss(hidden, weight, labels):
+    return F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunks", [{}, {"vocab_chunks": 3}, {"vocab_chunks": 101}, {"token_chunks": 4},
+                                    {"token_chunks": 1000}])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunks, batch):
+    torch.manual_seed(batch)
+    T, d, V = 7, 16, 101  # V is not a multiple of 3
+    hidden = torch.randn(batch, T, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (batch, T))
+    labels[0, ::3] = -100
+    with torch.no_grad():  # make some predictions right, so accuracy is not trivially 0
+        logits = hidden[0, 1:3] @ weight.t()
+        labels[0, 1:3] = logits.argmax(-1)
+    h, y = hidden.reshape(-1, d), labels.reshape(-1)
+    ref = plain_loss(h, weight, y)
+    ref_grads = torch.autograd.grad(3 * ref, (hidden, weight))
+    loss, accuracy = chunked_lm_loss(h, weight, y, **chunks)
+    grads = torch.autograd.grad(3 * loss, (hidden, weight))
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    valid = y != -100
+    want_accuracy = ((h @ weight.t()).argmax(-1) == y)[valid].double().mean()
+    torch.testing.assert_close(accuracy.double(), want_accuracy)
+    assert accuracy > 0
+
+
+@pytest.mark.parametrize("chunks", [{"vocab_chunks": 4}, {"token_chunks": 4}])
+def test_chunked_loss_single_token_and_no_grad(chunks):
+    hidden, weight = torch.randn(1, 8), torch.randn(50, 8)
+    labels = torch.tensor([7])
+    with torch.no_grad():
+        loss, _ = chunked_lm_loss(hidden, weight, labels, **chunks)
+    torch.testing.assert_close(loss, plain_loss(hidden, weight, labels))
+
+
+def test_chunks_from_original_flags():
+    assert chunks_from_flags(4, False) == {"vocab_chunks": 4, "token_chunks": 1}
+    assert chunks_from_flags(4, True) == {"vocab_chunks": 1, "token_chunks": 4}
+    with pytest.raises(ValueError):
+        chunked_lm_loss(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), vocab_chunks=2, token_chunks=2)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_model_loss_is_mean_over_all_tokens_for_any_batch_size(batch):
+    model = tiny_model()
+    ids, labels = tokens(batch, 16), tokens(batch, 16, seed=2)
+    labels[-1, :5] = -100
+    with torch.no_grad():
+        want = F.cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+        for chunks in ({}, {"vocab_chunks": 3}, {"token_chunks": 3}):
+            loss, metrics = model(ids, labels, **chunks)
+            torch.testing.assert_close(loss, want)
+            assert int(metrics["tokens"]) == batch * 16 - 5
+
+
+@pytest.mark.parametrize("recompute_gelu", [None, True])
+def test_bf16_autocast_loss_is_close_and_grads_stay_fp32(recompute_gelu):
+    model = tiny_model(recompute_gelu=recompute_gelu)
+    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
+    with torch.no_grad():
+        want, _ = model(ids, labels)
+    reference = gradients(model, ids, labels)
+    for chunks in ({}, {"vocab_chunks": 3}, {"token_chunks": 3}):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model(ids, labels, **chunks)
+        loss.backward()
+        assert abs(loss.detach().item() - want.item()) < 0.05
+        for name, param in model.named_parameters():
+            assert param.grad.dtype == torch.float32, name
+            cosine = F.cosine_similarity(param.grad.flatten(), reference[name].flatten(), dim=0)
+            assert cosine > 0.98, (name, chunks, float(cosine))
+
+
+# ---- generation paths ------------------------------------------------------------------------
+
+
+def test_kv_cache_incremental_logits_equal_full_forward():
+    model = tiny_model().eval()
+    ids = tokens(2, 20)
+    with torch.no_grad():
+        full = model(ids)
+        logits, cache = model(ids[:, :12], use_cache=True)
+        pieces = [logits]
+        logits, cache = model(ids[:, 12:15], past_key_values=cache, use_cache=True)  # several new tokens
+        pieces.append(logits)
+        for t in range(15, 20):
+            logits, cache = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_equals_each_sample_alone():
+    model = tiny_model().eval()
+    long, short = tokens(1, 20), tokens(1, 13, seed=3)
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    batch[0], batch[1, 7:] = long, short
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask)
+        torch.testing.assert_close(padded[0], model(long)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(padded[1, 7:], model(short)[0], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(padded).all()
+        # and incrementally, as generate() runs it
+        logits, cache = model(batch[:, :15], attention_mask=mask[:, :15], use_cache=True)
+        steps = [logits]
+        for t in range(15, 20):
+            logits, cache = model(batch[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1)[1, 7:], model(short)[0], atol=1e-5, rtol=1e-5)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+def gradients(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    loss, _ = model(ids, labels, token_chunks=2)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_recompute_gives_the_same_gradients():
+    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
+    plain = gradients(tiny_model().train(), ids, labels)
+    recomputed = gradients(tiny_model(recompute=True).train(), ids, labels)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], msg=name)
+
+
+def test_gelu_recompute_gives_the_same_gradients():
+    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
+    recomputed = gradients(tiny_model().train(), ids, labels)
+    saved = gradients(tiny_model(recompute_gelu=False).train(), ids, labels)
+    for name in saved:
+        torch.testing.assert_close(recomputed[name], saved[name], msg=name)
+
+
+def test_optimizer_decays_matrices_only_and_every_kind_steps():
+    model = tiny_model()
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
+    for kind in ("adamw", "adam", "lamb"):
+        model = tiny_model()
+        optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.01, kind=kind)
+        first = train_step(model, optimizer, [(ids, labels)])["loss"]
+        for _ in range(3):
+            last = train_step(model, optimizer, [(ids, labels)])["loss"]
+        assert last < first, kind
+    with pytest.raises(UserError, match="sgd"):
+        make_optimizer(model, lr=1e-3, kind="sgd")
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    ids, labels = tokens(4, 16), tokens(4, 16, seed=2)
+    one, two = tiny_model(), tiny_model()
+    train_step(one, torch.optim.SGD(one.parameters(), lr=0.1), [(ids, labels)])
+    train_step(two, torch.optim.SGD(two.parameters(), lr=0.1), [(ids[:2], labels[:2]), (ids[2:], labels[2:])],
+               loss_chunks={"token_chunks": 3})
+    for p, q in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(p, q)
