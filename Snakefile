@@ -21,6 +21,7 @@ wildcard_constraints:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/eval.smk"
 
 
 rule data:
@@ -49,3 +50,21 @@ rule pretrain_large:
 rule pretrain_xl:
     input:
         f"results/models/{DATASET}-gpt2-xl/final",
+
+
+rule evaluate_lambada:
+    """LAMBADA accuracy and target perplexity (last_word and last_token) of GPT-2 small."""
+    input:
+        f"results/eval/{DATASET}-gpt2/lambada.json",
+
+
+rule evaluate_wiki:
+    """WikiText token-, word- and adjusted perplexity of GPT-2 small."""
+    input:
+        f"results/eval/{DATASET}-gpt2/wikitext.json",
+
+
+rule generate:
+    """Continuations of the configured prompts file by GPT-2 small."""
+    input:
+        f"results/generate/{DATASET}-gpt2/continuations.jsonl",

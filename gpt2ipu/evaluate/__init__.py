@@ -1,0 +1,13 @@
+"""Evaluation of a GPT-2 checkpoint (any Hugging Face GPT-2 folder) with the published conventions.
+
+- `data`: the evaluation sets, downloaded by URL and checked by sha256, or generated offline in
+  the real files' exact formats (the embedded default);
+- `wiki`: WikiText perplexity (detokenized text, sliding windows; token, word and Megatron's
+  adjusted perplexity);
+- `lambada`: LAMBADA accuracy and target perplexity, `last_word` (strict) and `last_token`;
+- `scoring`: the batched teacher-forced scorer both use;
+- `loading`: a model folder -> model on a device in a precision, and its tokenizer;
+- `cli`: `gpt2ipu evaluate {wiki,lambada,data}`.
+
+See docs/evaluation.md for the definitions.
+"""

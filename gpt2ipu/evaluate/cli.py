@@ -1,0 +1,81 @@
+"""`gpt2ipu evaluate {wiki,lambada,data}`: the evaluation commands the Snakemake rules also run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from gpt2ipu.evaluate.data import DEFAULT_SOURCES, EVAL_SETS, SAMPLE_SEED
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-dir", required=True,
+                        help="Hugging Face GPT-2 folder (config.json + model.safetensors): ours or any other")
+    parser.add_argument("--data", required=True, help="the eval file, or the folder `gpt2ipu evaluate data` made")
+    parser.add_argument("--out", required=True, help="results JSON, written when the evaluation is complete")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype")
+    parser.add_argument("--vocab-dir", default=None,
+                        help="GPT-2 vocab folder, for a model folder without its own vocab.json + merges.txt")
+    parser.add_argument("--bpe-tokenizer", default=None,
+                        help="tokenizer.json from `gpt2ipu train-bpe`, for a model trained with it")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    wiki = tasks.add_parser("wiki", help="WikiText perplexity (token, word, adjusted)",
+                            description="WikiText perplexity with sliding windows; see docs/evaluation.md")
+    _model_arguments(wiki)
+    wiki.add_argument("--stride", type=int, default=None,
+                      help="new tokens scored per window (default: half the window)")
+    wiki.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
+
+    lambada = tasks.add_parser("lambada", help="LAMBADA accuracy and target perplexity",
+                               description="LAMBADA, last_word (strict) and last_token conventions")
+    _model_arguments(lambada)
+    lambada.add_argument("--conventions", default="last_word,last_token",
+                         help="comma-separated: last_word, last_token")
+    lambada.add_argument("--limit", type=int, default=None, help="only the first N passages")
+
+    data = tasks.add_parser("data", help="download (sha256-checked) or generate an evaluation set",
+                            description="Write <out-dir>/<file> + provenance.json for one evaluation set")
+    data.add_argument("--set", dest="eval_set", required=True, choices=sorted(EVAL_SETS))
+    data.add_argument("--source", default="download", choices=["download", "sample"],
+                      help="download the real set, or generate a small one in its format (offline)")
+    data.add_argument("--out-dir", required=True)
+    data.add_argument("--url", default=None,
+                      help="where to download from (http(s):// or file://); default: the set's known source "
+                           "with its pinned sha256: " + ", ".join(f"{k}: {v['url']}" for k, v in DEFAULT_SOURCES.items()))
+    data.add_argument("--sha256", default=None, help="expected sha256 of the data file (with --url)")
+    data.add_argument("--member", default=None, help="path of the data file inside a zip archive (with --url)")
+    data.add_argument("--retries", type=int, default=5)
+    data.add_argument("--lambada-records", type=int, default=200, help="sample size (with --source sample)")
+    data.add_argument("--wikitext-articles", type=int, default=12, help="sample size (with --source sample)")
+    data.add_argument("--seed", type=int, default=SAMPLE_SEED, help="sample seed (with --source sample)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task == "data":
+        from gpt2ipu.evaluate.data import prepare_eval_set
+
+        result = prepare_eval_set(args.eval_set, args.out_dir, source=args.source, url=args.url,
+                                  sha256=args.sha256, member=args.member, retries=args.retries,
+                                  lambada_records=args.lambada_records,
+                                  wikitext_articles=args.wikitext_articles, seed=args.seed)
+    elif args.task == "wiki":
+        from gpt2ipu.evaluate.wiki import run_wiki
+
+        result = run_wiki(args.model_dir, args.data, args.out, stride=args.stride, window=args.window,
+                          batch_size=args.batch_size, device=args.device, precision=args.precision,
+                          vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
+    else:
+        from gpt2ipu.evaluate.lambada import run_lambada
+
+        result = run_lambada(args.model_dir, args.data, args.out, batch_size=args.batch_size,
+                             device=args.device, precision=args.precision,
+                             conventions=[c.strip() for c in args.conventions.split(",") if c.strip()],
+                             limit=args.limit, vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0

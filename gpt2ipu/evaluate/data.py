@@ -1,0 +1,339 @@
+"""Evaluation sets: LAMBADA and the WikiText word-level test sets, downloaded or generated.
+
+Real sets are fetched by URL (config `evaluate.lambada` / `evaluate.wikitext`; a `file://` URL
+takes a copy you already have), resumably, into `<out_dir>.partial`, and the data file is checked
+against its sha256 before `<out_dir>/<file>` appears. For the WikiText zips the hash is the one
+of the member we use (`wiki.test.tokens`), so a re-zipped archive with the same test file still
+passes. A null sha256 means "not pinned": the file is used and its sha256 recorded in
+provenance.json and printed, so it can be pinned.
+
+The embedded default (`sample`) writes small sets in exactly the real files' formats, generated
+offline from the same seeded grammar as the sample Wikipedia dump (gpt2ipu/data/sample_dump.py),
+so a model trained on the sample has something meaningful to be scored on:
+
+- LAMBADA: JSON lines `{"text": passage}`, each passage's last word a name or noun that occurs
+  earlier in it, with no final punctuation (as in LAMBADA).
+- WikiText: `wiki.test.tokens` layout: every line starts with a space and ends with " \\n";
+  ` = Title = ` / ` = = Section = = ` headings, one paragraph per line, blank lines around
+  headings; word-level tokens (punctuation split off, ` @-@ `, ` @,@ `, ` @.@ ` inside words and
+  numbers, ` 's`), and rare words replaced by `<unk>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from gpt2ipu.errors import UserError
+from gpt2ipu.fsutil import atomic_dir, sha256_file
+from gpt2ipu.provenance import write_provenance
+
+LAMBADA_NAME = "lambada_test.jsonl"
+WIKITEXT_NAME = "wiki.test.tokens"
+# Eval set name -> the file its folder holds.
+EVAL_SETS = {"lambada": LAMBADA_NAME, "wikitext-103": WIKITEXT_NAME, "wikitext-2": WIKITEXT_NAME}
+LAMBADA_SHA256 = "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"
+WIKITEXT2_TEST_SHA256 = "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"
+# Where the real sets live (the defaults of config `evaluate`); the WikiText-103 test file's hash
+# is not pinned because it could not be verified here (the WikiText-2 one is the file's own).
+DEFAULT_SOURCES: dict[str, dict[str, Any]] = {
+    "lambada": {"url": "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+                "member": None, "sha256": LAMBADA_SHA256},
+    "wikitext-103": {"url": "https://wikitext.smerity.com/wikitext-103-v1.zip",
+                     "member": "wikitext-103/wiki.test.tokens", "sha256": None},
+    "wikitext-2": {"url": "https://wikitext.smerity.com/wikitext-2-v1.zip",
+                   "member": "wikitext-2/wiki.test.tokens", "sha256": WIKITEXT2_TEST_SHA256},
+}
+SAMPLE_SEED = 4242
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading (with the checks that make a bad file a clear error)
+
+def data_file(path: str | os.PathLike, name: str) -> Path:
+    """`path` itself, or `path/<name>` when `path` is an eval-set folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise UserError(f"{path}: evaluation file not found; make it with `gpt2ipu evaluate data` "
+                        f"or the Snakemake targets, or pass the path of a {name}")
+    return path
+
+
+def read_lambada(path: str | os.PathLike) -> list[str]:
+    """The passages of a LAMBADA JSON-lines file (blank lines skipped)."""
+    path = data_file(path, LAMBADA_NAME)
+    texts = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise UserError(f"{path}:{number}: not a JSON line ({err}); LAMBADA files hold one "
+                                '{"text": ...} object per line') from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f'{path}:{number}: a LAMBADA record needs a string "text" field')
+            if len(text.split()) < 2:
+                raise UserError(f"{path}:{number}: the passage has fewer than two words, so it has no "
+                                "context before its last word")
+            texts.append(text)
+    if not texts:
+        raise UserError(f"{path}: no LAMBADA records (the file is empty); fetch it again with "
+                        "`gpt2ipu evaluate data --set lambada`")
+    return texts
+
+
+def read_wikitext(path: str | os.PathLike) -> str:
+    """The whole word-level text of a WikiText `wiki.test.tokens` file."""
+    path = data_file(path, WIKITEXT_NAME)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err}); is it a WikiText .tokens file?") from None
+    if not text.strip():
+        raise UserError(f"{path}: the WikiText file is empty; fetch it again with `gpt2ipu evaluate data`")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Generated sets (the embedded default)
+
+_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>")
+_LINK = re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]")
+
+
+def _plain(wikitext_sentence: str) -> str:
+    """A sample-dump sentence without its markup: refs dropped, links replaced by their label."""
+    return _LINK.sub(r"\1", _REF.sub("", wikitext_sentence)).replace("'''", "").replace("''", "")
+
+
+def _sample_world(seed: int, pages: int):
+    from gpt2ipu.data import sample_dump
+
+    world = sample_dump.World(pages, seed)
+    return sample_dump, world
+
+
+def sample_lambada_texts(records: int, seed: int = SAMPLE_SEED) -> list[str]:
+    """LAMBADA-like passages: a few sentences about one subject, ending with a word seen before."""
+    sample_dump, world = _sample_world(seed, max(40, records))
+    texts = []
+    for index in range(records):
+        rng = random.Random(f"gpt2ipu-eval:{seed}:lambada:{index}")
+        plan = rng.choice(world.articles)
+        writer = sample_dump.Writer(world, plan, rng)
+        context = [_plain(writer.sentence()) for _ in range(rng.randint(3, 5))]
+        target = plan.name
+        noun = rng.choice(plan.topic.nouns)
+        context.insert(rng.randrange(len(context)), f"Everyone called the {noun} {target}.")
+        closing = rng.choice((f"Years later, the {noun} was still known as",
+                              f"When asked about the {noun}, the old guide simply answered",
+                              f"On the map, the {noun} was marked"))
+        texts.append(" ".join(context) + f" {closing} {target}")
+    return texts
+
+
+def write_lambada_jsonl(path: Path, texts: list[str]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+
+
+def wikitext_tokenize(text: str) -> str:
+    """Plain English -> WikiText's word-level form (the inverse of the detokenizer, roughly)."""
+    # Separators inside numbers and words become placeholders first, so splitting off punctuation
+    # below leaves them whole; then they are written the WikiText way.
+    text = re.sub(r"(?<=\d),(?=\d)", "\x00", text)
+    text = re.sub(r"(?<=\d)\.(?=\d)", "\x01", text)
+    text = re.sub(r"(?<=\w)-(?=\w)", "\x02", text)
+    text = re.sub(r"(?<=\w)'s\b", " 's", text)
+    text = re.sub(r'([.,;:!?()"\u2014])', r" \1 ", text)
+    text = text.replace("\x00", " @,@ ").replace("\x01", " @.@ ").replace("\x02", " @-@ ")
+    return " ".join(text.split())
+
+
+def _unk_rare(words: str, rng: random.Random, rate: float = 0.08) -> str:
+    # WikiText keeps a fixed vocabulary and writes every other word as <unk>; names are the
+    # rare words here.
+    return " ".join("<unk>" if w[:1].isupper() and len(w) > 3 and rng.random() < rate else w
+                    for w in words.split())
+
+
+def _sample_paragraph(sample_dump, writer, rng: random.Random) -> str:
+    sentences = [_plain(writer.sentence()) for _ in range(rng.randint(2, 6))]
+    if rng.random() < 0.5:
+        noun = rng.choice(writer.topic.nouns)
+        sentences.append(f"The well-known {noun} is {rng.randint(1000, 99999):,} metres long and "
+                         f"{rng.randint(1, 9)}.{rng.randint(0, 9)} km wide.")
+    return _unk_rare(wikitext_tokenize(" ".join(sentences)), rng)
+
+
+def sample_wikitext(articles: int, seed: int = SAMPLE_SEED) -> str:
+    """A `wiki.test.tokens`-format text of `articles` generated articles."""
+    sample_dump, world = _sample_world(seed, max(40, articles * 2))
+    lines = [""]
+    for index in range(articles):
+        rng = random.Random(f"gpt2ipu-eval:{seed}:wikitext:{index}")
+        plan = world.articles[index % len(world.articles)]
+        writer = sample_dump.Writer(world, plan, rng)
+        if index:
+            lines += [""]
+        lines += [f"= {wikitext_tokenize(plan.title)} =", ""]
+        lines += [_sample_paragraph(sample_dump, writer, rng) for _ in range(rng.randint(1, 2))]
+        for heading in rng.sample(plan.topic.sections, rng.randint(2, 4)):
+            lines += ["", f"= = {heading} = =", ""]
+            lines += [_sample_paragraph(sample_dump, writer, rng) for _ in range(rng.randint(1, 3))]
+        lines += [""]
+    return "".join(f" {line} \n" if line else " \n" for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Download
+
+CONFIG_HINT = "check the config keys evaluate.lambada / evaluate.wikitext (url, sha256)"
+
+
+def _fetch(url: str, partial: Path, retries: int, timeout: float, backoff_s: float) -> None:
+    """`url` into `partial`, resuming what is there (the dump downloader's resumable fetch)."""
+    from gpt2ipu.data import download
+
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            download._fetch_rest(url, partial, timeout)
+            return
+        except download._Retryable as err:
+            kept = partial.stat().st_size if partial.exists() else 0
+            if attempts > retries:
+                raise UserError(f"download of {url} failed after {attempts} attempts ({err}); rerun to "
+                                f"resume from the {kept} bytes kept in {partial}") from None
+            wait = backoff_s * 2 ** (attempts - 1)
+            print(f"download of {url}: {err}; retrying in {wait:.0f} s", file=sys.stderr)
+            time.sleep(wait)
+        except UserError as err:
+            # The fetch's own hint names the enwiki keys; these downloads are configured elsewhere.
+            raise UserError(str(err).replace(download.CONFIG_HINT, CONFIG_HINT)) from None
+
+
+def _local_path(url: str) -> Path | None:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "":
+        return Path(url)
+    return None
+
+
+def _extract_member(archive: Path, member: str, dest: Path, url: str) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except KeyError:
+        raise UserError(f"{url}: the archive has no member {member!r}; {CONFIG_HINT} (member)") from None
+    except zipfile.BadZipFile as err:
+        archive.unlink(missing_ok=True)
+        raise UserError(f"{url}: not a valid zip archive ({err}); the download was deleted, rerun to "
+                        f"fetch it again, or {CONFIG_HINT}") from None
+
+
+def fetch_eval_file(name: str, out_dir: str | os.PathLike, *, url: str, sha256: str | None,
+                    member: str | None = None, retries: int = 5, timeout: float = 60,
+                    backoff_s: float = 2.0) -> dict[str, Any]:
+    """Download (or copy) eval set `name` into `<out_dir>/<file>` + provenance.json, sha256-checked."""
+    file_name = EVAL_SETS[name]
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    local = _local_path(url)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if local is not None:
+        if not local.is_file():
+            raise UserError(f"{local}: file not found (from url {url}); {CONFIG_HINT}")
+        source = local
+    else:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        _fetch(url, partial, retries, timeout, backoff_s)
+        source = partial
+    with atomic_dir(out_dir) as tmp:
+        target = tmp / file_name
+        if member:
+            _extract_member(source, member, target, url)
+        else:
+            shutil.copyfile(source, target)
+        actual = sha256_file(target)
+        if sha256 and actual != sha256.lower():
+            if source == partial:
+                partial.unlink(missing_ok=True)
+            raise UserError(f"checksum mismatch for {url}{f' ({member})' if member else ''}: expected sha256 "
+                            f"{sha256}, got {actual}; the bad file was deleted, rerun to fetch it again "
+                            f"(if it fails again, the URL serves other bytes: {CONFIG_HINT})")
+        if not sha256:
+            print(f"note: {url} is not pinned; its sha256 is {actual} (set it in the config to pin it)",
+                  file=sys.stderr)
+        figures = check_format(name, target)
+        figures.update(bytes=target.stat().st_size, sha256=actual, verified=bool(sha256),
+                       seconds=round(time.perf_counter() - start, 3))
+        write_provenance(tmp, "eval_data", {"set": name, "source": "download", "url": url,
+                                            "member": member, "sha256": sha256}, [], figures)
+    if source == partial:
+        partial.unlink(missing_ok=True)
+    return figures
+
+
+def check_format(name: str, path: Path) -> dict[str, Any]:
+    """Read a fetched or generated file as the evaluation will, so a bad one fails here."""
+    if name == "lambada":
+        return {"records": len(read_lambada(path))}
+    text = read_wikitext(path)
+    return {"lines": text.count("\n"), "words": len(text.split())}
+
+
+def write_sample_set(name: str, out_dir: str | os.PathLike, *, lambada_records: int = 200,
+                     wikitext_articles: int = 12, seed: int = SAMPLE_SEED) -> dict[str, Any]:
+    """The generated set `name` in `<out_dir>/<file>` + provenance.json (byte-identical per seed)."""
+    if name not in EVAL_SETS:
+        raise UserError(f"unknown evaluation set {name!r}: choose one of {', '.join(EVAL_SETS)}")
+    start = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        target = tmp / EVAL_SETS[name]
+        if name == "lambada":
+            write_lambada_jsonl(target, sample_lambada_texts(lambada_records, seed))
+        else:
+            target.write_text(sample_wikitext(wikitext_articles, seed), encoding="utf-8", newline="\n")
+        figures = check_format(name, target)
+        figures.update(bytes=target.stat().st_size, sha256=sha256_file(target),
+                       seconds=round(time.perf_counter() - start, 3))
+        write_provenance(tmp, "eval_data", {"set": name, "source": "sample", "seed": seed,
+                                            "lambada_records": lambada_records,
+                                            "wikitext_articles": wikitext_articles}, [], figures)
+    return figures
+
+
+def prepare_eval_set(name: str, out_dir: str | os.PathLike, *, source: str, url: str | None = None,
+                     sha256: str | None = None, member: str | None = None, retries: int = 5,
+                     lambada_records: int = 200, wikitext_articles: int = 12,
+                     seed: int = SAMPLE_SEED) -> dict[str, Any]:
+    """Eval set `name` in `out_dir`: `source` "sample" (generated) or "download" (url, sha256)."""
+    if name not in EVAL_SETS:
+        raise UserError(f"unknown evaluation set {name!r}: choose one of {', '.join(EVAL_SETS)}")
+    if source == "sample":
+        return write_sample_set(name, out_dir, lambada_records=lambada_records,
+                                wikitext_articles=wikitext_articles, seed=seed)
+    if source != "download":
+        raise UserError(f"evaluation data source {source!r}: choose sample or download")
+    if url is None:   # the known source of the real set, with its pinned hash
+        url, member, sha256 = (DEFAULT_SOURCES[name][key] for key in ("url", "member", "sha256"))
+    return fetch_eval_file(name, out_dir, url=url, sha256=sha256, member=member, retries=retries)

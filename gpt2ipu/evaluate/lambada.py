@@ -1,0 +1,122 @@
+"""LAMBADA: `gpt2ipu evaluate lambada`, target `evaluate_lambada`.
+
+Each passage (stripped of surrounding whitespace) is scored under two conventions, both in the
+output under their names:
+
+- `last_word` (strict, as Megatron-LM's `--strict-lambada`): the last whitespace-separated word
+  is the target; the context is the text before it, stripped, and the target is tokenized as
+  `" " + word` (possibly several tokens). A passage is correct only if every target token is the
+  model's greedy (argmax) prediction given the true prefix.
+- `last_token` (OpenAI's GPT-2 paper): the whole passage is tokenized and only its last BPE
+  token is the target; the rest is context.
+
+For each: accuracy, and the target perplexity `exp(mean over passages of the target's summed
+NLL)` (per word, as lm-evaluation-harness reports it), plus `token_perplexity`
+`exp(total NLL / target tokens)`; the two are equal for `last_token`. A context longer than the
+model's window keeps its last tokens. When both conventions give the same token sequence (most
+passages), one forward pass serves both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from gpt2ipu.evaluate.data import LAMBADA_NAME, data_file, read_lambada
+from gpt2ipu.evaluate.scoring import score_requests
+from gpt2ipu.errors import UserError
+
+CONVENTIONS = ("last_word", "last_token")
+
+
+def split_example(tokenizer, text: str, convention: str) -> tuple[list[int], list[int]]:
+    """(context ids, target ids) of one passage under `convention`."""
+    passage = text.strip()
+    if convention == "last_word":
+        word = passage.split()[-1]
+        context = passage[:passage.rfind(word)].strip()
+        return tokenizer.encode(context), tokenizer.encode(" " + word)
+    if convention == "last_token":
+        ids = tokenizer.encode(passage)
+        return ids[:-1], ids[-1:]
+    raise UserError(f"LAMBADA convention {convention!r}: choose from {', '.join(CONVENTIONS)}")
+
+
+def fit_window(context: list[int], target: list[int], window: int) -> list[int]:
+    """context + target, keeping only the last tokens of the context when it is too long."""
+    if len(target) >= window:
+        raise UserError(f"a LAMBADA target of {len(target)} tokens does not fit the model's {window}-token window")
+    if not context:
+        raise UserError("a LAMBADA passage has an empty context before its target")
+    return context[-(window - len(target)):] + target
+
+
+def summarize(nll_per_sample: Sequence[float], target_tokens: Sequence[int], correct: Sequence[bool]) -> dict[str, Any]:
+    samples = len(nll_per_sample)
+    total_nll = math.fsum(nll_per_sample)
+    return {
+        "samples": samples,
+        "correct": int(sum(correct)),
+        "accuracy": sum(correct) / samples,
+        "perplexity": math.exp(total_nll / samples),
+        "token_perplexity": math.exp(total_nll / sum(target_tokens)),
+        "target_tokens": int(sum(target_tokens)),
+        "nll": total_nll,
+    }
+
+
+def evaluate_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequence[str] = CONVENTIONS,
+                     batch_size: int = 8) -> dict[str, dict[str, Any]]:
+    """{convention: figures} for the passages `texts` (see the module doc)."""
+    window = model.config.n_positions
+    examples = {c: [] for c in conventions}   # convention -> [(sequence, first target index)]
+    first_of: dict[tuple[int, ...], int] = {}  # distinct sequence -> its earliest target index
+    for text in texts:
+        for convention in conventions:
+            context, target = split_example(tokenizer, text, convention)
+            sequence = tuple(fit_window(context, target, window))
+            first = len(sequence) - len(target)
+            examples[convention].append((sequence, first))
+            first_of[sequence] = min(first, first_of.get(sequence, first))
+    sequences = list(first_of)
+    scores = score_requests(model, [(s, first_of[s]) for s in sequences], batch_size=batch_size,
+                            desc="lambada")
+    scores_of = dict(zip(sequences, scores))
+    results = {}
+    for convention, items in examples.items():
+        nll, tokens, correct = [], [], []
+        for sequence, first in items:
+            scored = scores_of[sequence]
+            offset = first - first_of[sequence]
+            nll.append(float(scored.nll[offset:].sum()))
+            tokens.append(len(sequence) - first)
+            correct.append(bool(scored.correct[offset:].all()))
+        results[convention] = summarize(nll, tokens, correct)
+    results["forward_sequences"] = len(sequences)
+    return results
+
+
+def run_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                batch_size: int = 8, device: str = "auto", precision: str = "fp32",
+                conventions: Sequence[str] = CONVENTIONS, limit: int | None = None,
+                vocab_dir: str | None = None, bpe_tokenizer: str | None = None) -> dict[str, Any]:
+    """Evaluate `model_dir` on the LAMBADA file `data`; write the results JSON `out` atomically."""
+    from gpt2ipu.evaluate.results import load_for_evaluation, write_results
+
+    start = time.perf_counter()
+    for convention in conventions:
+        if convention not in CONVENTIONS:
+            raise UserError(f"LAMBADA convention {convention!r}: choose from {', '.join(CONVENTIONS)}")
+    data_path = data_file(data, LAMBADA_NAME)
+    texts = read_lambada(data_path)[:limit]
+    model, tokenizer, device_used = load_for_evaluation(model_dir, device, precision, vocab_dir, bpe_tokenizer)
+    figures = evaluate_lambada(model, tokenizer, texts, conventions=conventions, batch_size=batch_size)
+    params = {"batch_size": batch_size, "device": str(device_used), "precision": precision,
+              "conventions": list(conventions), "limit": limit, "tokenizer": tokenizer.name}
+    result = {"task": "lambada", "model_dir": str(model_dir), "data": str(data_path), "samples": len(texts),
+              **figures, "seconds": round(time.perf_counter() - start, 3)}
+    write_results(out, result, stage="evaluate_lambada", params=params, inputs=[model_dir, data_path])
+    return result

@@ -1,0 +1,418 @@
+"""Evaluation: batched metrics equal plain one-at-a-time computations; data sets, downloads, errors.
+
+The reference computations here are deliberately plain: one sequence per forward pass, full
+logits, float64 log-softmax, their own tokenization and window arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2ipu.checkpoint import save_hf_dir
+from gpt2ipu.cli import main as cli_main
+from gpt2ipu.data.tokenizer import load_tokenizer
+from gpt2ipu.errors import UserError
+from gpt2ipu.evaluate import data as evaldata
+from gpt2ipu.evaluate.lambada import evaluate_lambada
+from gpt2ipu.evaluate.loading import load_model
+from gpt2ipu.evaluate.wiki import count_words, evaluate_wikitext, sliding_windows, wikitext_detokenize
+from gpt2ipu.model import GPT, config_for
+
+WINDOW = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The machine is shared: one thread is faster than two fighting over busy cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_hf_dir(GPT(config_for("gpt2-test", WINDOW)), tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(model_dir, "cpu", "fp32")
+
+
+@pytest.fixture(scope="module")
+def wiki_text() -> str:
+    return evaldata.sample_wikitext(2, seed=11)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain references
+
+def plain_log_probs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1, one sequence alone, full logits, float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0]
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    return log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])], logits.argmax(-1)[:-1] == torch.tensor(ids[1:])
+
+
+def reference_wiki(model, tokenizer, text: str, window: int, stride: int) -> dict:
+    tokens = tokenizer.encode(wikitext_detokenize(text))
+    nll, correct, scored = 0.0, 0, set()
+    end = min(window, len(tokens))
+    chunks = [(0, end, 1)]
+    while end < len(tokens):
+        new_end = min(end + stride, len(tokens))
+        chunks.append((max(0, new_end - window), new_end, end))
+        end = new_end
+    for start, end, first in chunks:
+        log_probs, hits = plain_log_probs(model, tokens[start:end])
+        nll -= float(log_probs[first - start - 1:].sum())
+        correct += int(hits[first - start - 1:].sum())
+        scored.update(range(first, end))
+    assert scored == set(range(1, len(tokens)))
+    words = sum(len(line.split()) + 1 for line in text.split("\n")[:-1])
+    n = len(tokens)
+    return {"token_perplexity": math.exp(nll / (n - 1)), "word_perplexity": math.exp(nll / words),
+            "adjusted_perplexity": math.exp(nll / (words - 1)), "correct": correct, "tokens": n, "words": words}
+
+
+def reference_lambada(model, tokenizer, texts: list[str], window: int) -> dict:
+    result = {}
+    for convention in ("last_word", "last_token"):
+        nlls, tokens, correct = [], 0, 0
+        for text in texts:
+            passage = text.strip()
+            if convention == "last_word":
+                word = passage.split()[-1]
+                context = tokenizer.encode(passage[:len(passage) - len(word)].strip())
+                target = tokenizer.encode(" " + word)
+            else:
+                ids = tokenizer.encode(passage)
+                context, target = ids[:-1], ids[-1:]
+            ids = (context + target)[-window:]
+            log_probs, hits = plain_log_probs(model, ids)
+            nlls.append(-float(log_probs[-len(target):].sum()))
+            tokens += len(target)
+            correct += bool(hits[-len(target):].all())
+        result[convention] = {"correct": correct, "perplexity": math.exp(sum(nlls) / len(texts)),
+                              "token_perplexity": math.exp(sum(nlls) / tokens)}
+    return result
+
+
+def greedy_passages(model, tokenizer, prompts: list[str], new_tokens: int = 3) -> list[str]:
+    """Passages ending in the model's own greedy continuation, so some are scored correct."""
+    passages = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)[-40:]
+        for _ in range(new_tokens):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        passages.append(tokenizer.decode(ids))
+    return passages
+
+
+def assert_close(actual: float, expected: float, rel: float = 1e-6) -> None:
+    assert actual == pytest.approx(expected, rel=rel), (actual, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# WikiText
+
+def test_detokenizer_undoes_wikitext_tokenization():
+    text = (' \n = Robert <unk> = \n \n He had a guest @-@ starring role ( 2000 ) in " The Bill " , '
+            "earning 1 @,@ 000 @.@ 5 pounds ; it 's Simon 's play . \n \n = = Career = = \n")
+    assert wikitext_detokenize(text) == (
+        '\n= Robert <unk> =\n\nHe had a guest-starring role (2000) in "The Bill", '
+        "earning 1,000.5 pounds; it's Simon's play.\n\n== Career ==\n")
+
+
+def test_word_count_of_the_real_wikitext2_test_set(shared_file):
+    path = shared_file("wikitext-2-wiki.test.tokens")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == evaldata.WIKITEXT2_TEST_SHA256
+    text = evaldata.read_wikitext(path)
+    assert count_words(text) == 245_569
+    detok = wikitext_detokenize(text)
+    assert " @-@ " not in detok and " @,@ " not in detok and " , " not in detok
+
+
+@pytest.mark.parametrize("num_tokens,window,stride", [(1000, 64, 32), (1000, 64, 63), (1000, 64, 1),
+                                                      (50, 64, 32), (64, 64, 10), (65, 64, 7)])
+def test_sliding_windows_score_each_token_once_with_most_context(num_tokens, window, stride):
+    windows = sliding_windows(num_tokens, window, stride)
+    scored = [t for _, end, first in windows for t in range(first, end)]
+    assert sorted(scored) == list(range(1, num_tokens))
+    for i, (start, end, first) in enumerate(windows):
+        assert end - start == min(window, num_tokens)
+        assert start <= first - 1 < end
+        if i:
+            assert end - first <= stride and first - start >= window - stride
+
+
+def test_window_arguments_are_checked():
+    with pytest.raises(UserError, match="stride"):
+        sliding_windows(100, 64, 64)
+
+
+@pytest.mark.parametrize("batch_size,stride", [(1, 32), (3, 17), (8, 63), (5, None)])
+def test_wikitext_batched_equals_one_window_at_a_time(model, tokenizer, wiki_text, batch_size, stride):
+    result = evaluate_wikitext(model, tokenizer, wiki_text, stride=stride, batch_size=batch_size)
+    expected = reference_wiki(model, tokenizer, wiki_text, WINDOW, stride or WINDOW // 2)
+    assert result["tokens"] == expected["tokens"] and result["words"] == expected["words"]
+    assert result["windows"] > 10
+    for key in ("token_perplexity", "word_perplexity", "adjusted_perplexity"):
+        assert_close(result[key], expected[key])
+    assert round(result["token_accuracy"] * (result["tokens"] - 1)) == expected["correct"]
+
+
+# ----------------------------------------------------------------------------------------------
+# LAMBADA
+
+@pytest.fixture(scope="module")
+def lambada_texts(model, tokenizer) -> list[str]:
+    samples = evaldata.sample_lambada_texts(12, seed=5)
+    return samples + greedy_passages(model, tokenizer, samples[:10])
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_lambada_batched_equals_one_passage_at_a_time(model, tokenizer, lambada_texts, batch_size):
+    result = evaluate_lambada(model, tokenizer, lambada_texts, batch_size=batch_size)
+    expected = reference_lambada(model, tokenizer, lambada_texts, WINDOW)
+    for convention in ("last_word", "last_token"):
+        assert result[convention]["correct"] == expected[convention]["correct"], convention
+        assert_close(result[convention]["perplexity"], expected[convention]["perplexity"])
+        assert_close(result[convention]["token_perplexity"], expected[convention]["token_perplexity"])
+    # The check can fail both ways: some passages are right, some wrong.
+    assert 0 < result["last_token"]["correct"] < len(lambada_texts)
+    assert 0 < result["last_word"]["correct"] < len(lambada_texts)
+
+
+def test_lambada_on_the_real_file(model, tokenizer, shared_file):
+    path = shared_file("lambada_test.jsonl")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == evaldata.LAMBADA_SHA256
+    texts = evaldata.read_lambada(path)
+    assert len(texts) == 5153
+    subset = texts[:24]
+    result = evaluate_lambada(model, tokenizer, subset, batch_size=8)
+    expected = reference_lambada(model, tokenizer, subset, WINDOW)
+    for convention in ("last_word", "last_token"):
+        assert result[convention]["correct"] == expected[convention]["correct"]
+        assert_close(result[convention]["perplexity"], expected[convention]["perplexity"])
+    # Multi-token targets exist, so strict last_word differs from last_token.
+    assert result["last_word"]["target_tokens"] > len(subset)
+
+
+# ----------------------------------------------------------------------------------------------
+# A transformers-made folder, through the command line
+
+def test_transformers_gpt2_folder_evaluates_with_no_conversion(tmp_path, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast
+
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    hf_gpt2_tokenizer_fast().save_pretrained(tmp_path / "hf")
+    texts = evaldata.sample_lambada_texts(6, seed=3)
+    evaldata.write_lambada_jsonl(tmp_path / "lambada.jsonl", texts)
+    (tmp_path / "wiki.tokens").write_text(evaldata.sample_wikitext(1, seed=2), encoding="utf-8")
+    common = ["--model-dir", str(tmp_path / "hf"), "--device", "cpu", "--batch-size", "4"]
+    assert cli_main(["evaluate", "lambada", *common, "--data", str(tmp_path / "lambada.jsonl"),
+                     "--out", str(tmp_path / "lambada.json")]) == 0
+    assert cli_main(["evaluate", "wiki", *common, "--data", str(tmp_path / "wiki.tokens"),
+                     "--out", str(tmp_path / "wiki.json"), "--window", "128", "--stride", "100"]) == 0
+    lambada = json.loads((tmp_path / "lambada.json").read_text())
+    wiki = json.loads((tmp_path / "wiki.json").read_text())
+    assert lambada["provenance"]["stage"] == "evaluate_lambada" and lambada["samples"] == 6
+
+    # The same figures from transformers' own forward pass.
+    def hf_log_probs(ids):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+    nll = 0.0
+    for text in texts:
+        ids = tokenizer.encode(text.strip())
+        nll -= float(hf_log_probs(ids)[-1])
+    assert_close(lambada["last_token"]["perplexity"], math.exp(nll / len(texts)), rel=1e-5)
+    tokens = tokenizer.encode(wikitext_detokenize((tmp_path / "wiki.tokens").read_text()))
+    nll = 0.0
+    for start, end, first in sliding_windows(len(tokens), 128, 100):
+        nll -= float(hf_log_probs(tokens[start:end])[first - start - 1:].sum())
+    assert_close(wiki["token_perplexity"], math.exp(nll / (len(tokens) - 1)), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear message naming the file, and no results file
+
+def run_cli(args, capsys):
+    code = cli_main(args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"text": "a fine passage"}\n{"txt": "no text field"}\n', r"lambada\.jsonl:2: .*\"text\""),
+    ("", r"lambada\.jsonl: no LAMBADA records"),
+    ('{"text": "a b"}\nnot json\n', r"lambada\.jsonl:2: not a JSON line"),
+])
+def test_bad_lambada_file_is_a_clear_error_and_writes_nothing(tmp_path, model_dir, capsys, content, message):
+    (tmp_path / "lambada.jsonl").write_text(content)
+    out = tmp_path / "results.json"
+    code, err = run_cli(["evaluate", "lambada", "--model-dir", str(model_dir), "--data",
+                         str(tmp_path / "lambada.jsonl"), "--out", str(out), "--device", "cpu"], capsys)
+    assert code == 2 and re.search(message, err), err
+    assert "Traceback" not in err and not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "lambada.jsonl"]
+
+
+def test_model_folder_without_weights_is_a_clear_error(tmp_path, model_dir, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text())
+    evaldata.write_lambada_jsonl(tmp_path / "lambada.jsonl", ["one two three"])
+    out = tmp_path / "results.json"
+    code, err = run_cli(["evaluate", "lambada", "--model-dir", str(broken), "--data",
+                         str(tmp_path / "lambada.jsonl"), "--out", str(out), "--device", "cpu"], capsys)
+    assert code == 2 and str(broken) in err and "model.safetensors" in err
+    assert not out.exists()
+
+
+def test_empty_wikitext_file_is_a_clear_error(tmp_path, model_dir, capsys):
+    (tmp_path / "wiki.test.tokens").write_text(" \n \n")
+    code, err = run_cli(["evaluate", "wiki", "--model-dir", str(model_dir), "--data", str(tmp_path),
+                         "--out", str(tmp_path / "r.json"), "--device", "cpu"], capsys)
+    assert code == 2 and "wiki.test.tokens: the WikiText file is empty" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval sets: generated, downloaded
+
+def test_generated_sets_have_the_real_formats_and_are_deterministic(tmp_path):
+    for name in ("lambada", "wikitext-103"):
+        evaldata.write_sample_set(name, tmp_path / "a" / name, lambada_records=30, wikitext_articles=3)
+        evaldata.write_sample_set(name, tmp_path / "b" / name, lambada_records=30, wikitext_articles=3)
+        file = evaldata.EVAL_SETS[name]
+        assert (tmp_path / "a" / name / file).read_bytes() == (tmp_path / "b" / name / file).read_bytes()
+        assert (tmp_path / "a" / name / "provenance.json").is_file()
+    lines = (tmp_path / "a" / "lambada" / "lambada_test.jsonl").read_text().splitlines()
+    assert len(lines) == 30
+    for line in lines:
+        record = json.loads(line)
+        assert list(record) == ["text"]
+        *context, last = record["text"].split()
+        # the target word occurs earlier; no final punctuation
+        assert last.isalpha() and last in {word.strip(".,;") for word in context}
+    text = (tmp_path / "a" / "wikitext-103" / "wiki.test.tokens").read_text()
+    lines = text.split("\n")[:-1]
+    assert text.startswith(" \n = ") and text.endswith(" \n")
+    assert all(line.startswith(" ") and line.endswith(" ") for line in lines)
+    headings = [line for line in lines if line.startswith(" = ")]
+    assert len([h for h in headings if not h.startswith(" = = ")]) == 3
+    assert all(re.fullmatch(r" (= )+\S.* (= )*=", h.rstrip()) or re.fullmatch(r" (= )+.*=", h.rstrip())
+               for h in headings)
+    for token in (" @-@ ", " @,@ ", " @.@ ", " <unk> ", " , ", " . "):
+        assert token in text, token
+    assert "@-@" not in wikitext_detokenize(text) and "well-known" in wikitext_detokenize(text)
+
+
+class FileServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class RangeHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.server.files.get(self.path)
+        self.server.ranges.append(self.headers.get("Range"))
+        if body is None:
+            self.send_error(404)
+            return
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        start = int(match.group(1)) if match else 0
+        self.send_response(206 if match else 200)
+        if match:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = FileServer(("127.0.0.1", 0), RangeHandler)
+    srv.files, srv.ranges = {}, []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def served(server, path: str, body: bytes) -> str:
+    server.files[path] = body
+    server.ranges.clear()
+    return f"http://127.0.0.1:{server.server_port}{path}"
+
+
+def test_download_checks_sha256_and_resumes(tmp_path, server):
+    body = "".join(json.dumps({"text": t}) + "\n" for t in evaldata.sample_lambada_texts(20)).encode()
+    url = served(server, "/lambada_test.jsonl", body)
+    out = tmp_path / "lambada"
+    (tmp_path / "lambada.partial").write_bytes(body[:1000])   # a download cut short earlier
+    figures = evaldata.prepare_eval_set("lambada", out, source="download", url=url,
+                                        sha256=hashlib.sha256(body).hexdigest(), retries=0)
+    assert (out / "lambada_test.jsonl").read_bytes() == body and figures["records"] == 20
+    assert server.ranges == ["bytes=1000-"] and not (tmp_path / "lambada.partial").exists()
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["params"]["url"] == url and provenance["figures"]["verified"] is True
+
+
+def test_download_checksum_mismatch_leaves_nothing(tmp_path, server):
+    url = served(server, "/bad.jsonl", b'{"text": "tampered passage"}\n')
+    with pytest.raises(UserError, match=r"checksum mismatch for http://.*/bad\.jsonl: expected sha256 0{64}"):
+        evaldata.prepare_eval_set("lambada", tmp_path / "lambada", source="download", url=url,
+                                  sha256="0" * 64, retries=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_of_a_zip_member_checks_the_member(tmp_path, server):
+    text = evaldata.sample_wikitext(1)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("wikitext-2/wiki.test.tokens", text)
+        zf.writestr("wikitext-2/wiki.train.tokens", "not this one")
+    url = served(server, "/wikitext-2-v1.zip", archive.getvalue())
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    evaldata.prepare_eval_set("wikitext-2", tmp_path / "w2", source="download", url=url, sha256=sha,
+                              member="wikitext-2/wiki.test.tokens", retries=0)
+    assert (tmp_path / "w2" / "wiki.test.tokens").read_text() == text
+    with pytest.raises(UserError, match="no member 'wikitext-2/wiki.valid.tokens'"):
+        evaldata.prepare_eval_set("wikitext-2", tmp_path / "w3", source="download", url=url, sha256=sha,
+                                  member="wikitext-2/wiki.valid.tokens", retries=0)
+    assert not (tmp_path / "w3").exists()
+
+
+def test_a_local_copy_of_the_real_lambada_is_verified_against_the_pinned_hash(tmp_path, shared_file):
+    path = shared_file("lambada_test.jsonl")
+    figures = evaldata.prepare_eval_set("lambada", tmp_path / "l", source="download", url=path.as_uri(),
+                                        sha256=evaldata.LAMBADA_SHA256)
+    assert figures["records"] == 5153 and figures["verified"]

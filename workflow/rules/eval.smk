@@ -1,0 +1,112 @@
+# Evaluation and generation: a trained model -> LAMBADA and WikiText results, continuations.
+# The eval sets are generated offline (evaluate.data: sample) or downloaded and sha256-checked.
+
+EVAL = config["evaluate"]
+EVAL_SOURCE = {"auto": "sample" if DATASET == "sample" else "download"}.get(EVAL["data"], EVAL["data"])
+EVAL_DOWNLOADS = {
+    "lambada": EVAL["lambada"],
+    "wikitext-103": EVAL["wikitext"]["sources"]["wikitext-103"],
+    "wikitext-2": EVAL["wikitext"]["sources"]["wikitext-2"],
+}
+MODEL_DIR = "results/models/{dataset}-{model}/final"
+
+
+rule eval_data:
+    """One evaluation set: generated in the real file's format (sample) or downloaded (download)."""
+    output:
+        directory("results/eval_data/{evalsource}/{evalset}"),
+    wildcard_constraints:
+        evalsource="sample|download",
+        evalset="lambada|wikitext-103|wikitext-2",
+    params:
+        # Only the settings of the chosen source, so editing the other's does not rerun this.
+        kwargs=lambda wc: (
+            dict(source="sample", **EVAL["sample"])
+            if wc.evalsource == "sample"
+            else dict(source="download", retries=EVAL["retries"], **EVAL_DOWNLOADS[wc.evalset])
+        ),
+    log:
+        "logs/eval_data/{evalsource}-{evalset}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/eval_data.py"
+
+
+rule eval_lambada:
+    """LAMBADA accuracy and target perplexity (last_word strict and last_token) of a trained model."""
+    input:
+        unpack(
+            lambda wc: {
+                "model": MODEL_DIR.format(dataset=wc.dataset, model=wc.model),
+                "data": f"results/eval_data/{EVAL_SOURCE}/lambada",
+                **({"bpe": f"results/data/{wc.dataset}/bpe"} if config["tokenize"]["tokenizer"] == "bpe" else {}),
+            }
+        ),
+    output:
+        "results/eval/{dataset}-{model}/lambada.json",
+    params:
+        batch_size=EVAL["batch_size"],
+        device=EVAL["device"],
+        precision=EVAL["precision"],
+        vocab_dir=config["tokenize"]["vocab_dir"],
+    threads: EVAL["threads"]
+    log:
+        "logs/{dataset}/eval-lambada-{model}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/evaluate_lambada.py"
+
+
+rule eval_wikitext:
+    """WikiText token, word and adjusted perplexity of a trained model (sliding windows)."""
+    input:
+        unpack(
+            lambda wc: {
+                "model": MODEL_DIR.format(dataset=wc.dataset, model=wc.model),
+                "data": f"results/eval_data/{EVAL_SOURCE}/{EVAL['wikitext']['variant']}",
+                **({"bpe": f"results/data/{wc.dataset}/bpe"} if config["tokenize"]["tokenizer"] == "bpe" else {}),
+            }
+        ),
+    output:
+        "results/eval/{dataset}-{model}/wikitext.json",
+    params:
+        stride=EVAL["wikitext"]["stride"],
+        window=EVAL["wikitext"]["window"],
+        batch_size=EVAL["batch_size"],
+        device=EVAL["device"],
+        precision=EVAL["precision"],
+        vocab_dir=config["tokenize"]["vocab_dir"],
+    threads: EVAL["threads"]
+    log:
+        "logs/{dataset}/eval-wikitext-{model}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/evaluate_wiki.py"
+
+
+rule generate_text:
+    """Continuations of every prompt in generate.prompts, sampled from a trained model."""
+    input:
+        unpack(
+            lambda wc: {
+                "model": MODEL_DIR.format(dataset=wc.dataset, model=wc.model),
+                "prompts": config["generate"]["prompts"],
+                **({"bpe": f"results/data/{wc.dataset}/bpe"} if config["tokenize"]["tokenizer"] == "bpe" else {}),
+            }
+        ),
+    output:
+        continuations="results/generate/{dataset}-{model}/continuations.jsonl",
+        provenance="results/generate/{dataset}-{model}/provenance.json",
+    params:
+        settings={k: v for k, v in config["generate"].items() if k not in ("prompts", "threads")},
+        vocab_dir=config["tokenize"]["vocab_dir"],
+    threads: config["generate"]["threads"]
+    log:
+        "logs/{dataset}/generate-{model}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/generate.py"
