@@ -20,6 +20,7 @@ wildcard_constraints:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/ops.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
 
@@ -68,3 +69,9 @@ rule generate:
     """Continuations of the configured prompts file by GPT-2 small."""
     input:
         f"results/generate/{DATASET}-gpt2/continuations.jsonl",
+
+
+rule ops:
+    """The compiled custom ops (fused LM-head loss, sample-index builder) for this machine."""
+    input:
+        OPS_DIR,

@@ -228,6 +228,22 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
                      tokens_per_epoch: int) -> np.ndarray:
     """Where each sample starts in the document stream: Megatron's `helpers.cpp build_sample_idx`.
 
+    The compiled op (custom_ops/sample_index.cpp) when `gpt2ipu.ops.load_ops()` finds it, else
+    `build_sample_idx_numpy`; both return the same array (layout and dtype below).
+    """
+    from gpt2ipu.ops import compiled_sample_idx
+
+    num_samples = _num_samples(seq_length, num_epochs, tokens_per_epoch)
+    compiled = compiled_sample_idx(sizes, doc_idx, seq_length, num_samples)
+    if compiled is not None:
+        return compiled
+    return build_sample_idx_numpy(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
+
+
+def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
+                           tokens_per_epoch: int) -> np.ndarray:
+    """Where each sample starts in the document stream: Megatron's `helpers.cpp build_sample_idx`.
+
     The stream is the documents `doc_idx[0], doc_idx[1], ...` end to end (`sizes[d]` tokens each).
     Returns `sample_idx`, shape [num_samples + 1, 2], with
 
@@ -278,11 +294,15 @@ def build_sample_idx_loop(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: in
     return sample_idx
 
 
-def _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch):
+def _num_samples(seq_length, num_epochs, tokens_per_epoch) -> int:
     if seq_length < 1 or num_epochs < 1 or tokens_per_epoch < 1:
         raise ValueError(f"need seq_length, num_epochs, tokens_per_epoch >= 1, got "
                          f"{seq_length}, {num_epochs}, {tokens_per_epoch}")
-    num_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
+    return (num_epochs * tokens_per_epoch - 1) // seq_length
+
+
+def _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch):
+    num_samples = _num_samples(seq_length, num_epochs, tokens_per_epoch)
     doc_sizes = np.asarray(sizes)[np.asarray(doc_idx)].astype(np.int64)
     if num_samples * seq_length + 1 > int(doc_sizes.sum()):
         raise ValueError(f"doc_idx holds {int(doc_sizes.sum())} tokens, fewer than num_epochs * "

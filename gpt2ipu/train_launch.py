@@ -30,7 +30,7 @@ def state_key(recipe: dict[str, Any], shards_dir: str) -> str:
 
 def run_pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_name: str, model_dir: str,
                  metrics_path: str, plot_path: str, threads: int, nproc_per_node: int, nnodes: int,
-                 rdzv_endpoint: str) -> dict[str, Any]:
+                 rdzv_endpoint: str, ops_dir: str | None = None) -> dict[str, Any]:
     state_dir = Path(state_root) / f"{run_name}-{state_key(recipe, shards_dir)}"
     state_dir.mkdir(parents=True, exist_ok=True)
     world = nproc_per_node * nnodes
@@ -41,6 +41,10 @@ def run_pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, ru
     print(f"training state (checkpoints, metrics): {state_dir}", file=sys.stderr, flush=True)
 
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // nproc_per_node))}
+    if ops_dir:  # every rank loads the ops the build_ops rule made (none builds or waits for a build)
+        from gpt2ipu.ops import OPS_DIR_ENV
+
+        env[OPS_DIR_ENV] = str(Path(ops_dir).resolve())
     command = [sys.executable, "-m", "gpt2ipu", "train", "--config", str(config_path)]
     if world > 1:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",

@@ -21,6 +21,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 SMALL = {
     "sample": {"pages": 240, "parts": 2, "seed": 7},
+    "ops": {"build": False},  # tests/test_ops.py builds the ops; here the pure paths are enough
     "shards": {"max_len": 32, "valid_fraction": 0.05, "seed": 3, "samples_per_shard": 512},
     "train": {"threads": 1, "recipes": {"sample": {
         "dataset": "tfrecord", "max_len": 32, "batch_size": 2, "gradient_accumulation": 1, "epochs": 1,

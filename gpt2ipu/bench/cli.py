@@ -15,6 +15,11 @@ STAGES = {
     "tokenize": "gpt2ipu.bench.tokenize",
     "shards": "gpt2ipu.bench.shards",
     "extract": "gpt2ipu.bench.extract",
+    "train": "gpt2ipu.bench.train",
+    "evaluate": "gpt2ipu.bench.evaluate",
+    "generate": "gpt2ipu.bench.generate",
+    "loss": "gpt2ipu.bench.loss",
+    "sample_index": "gpt2ipu.bench.sample_index",
 }
 
 

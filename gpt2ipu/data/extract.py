@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -294,6 +295,9 @@ _worker: dict = {}
 
 
 def _init_worker(settings: dict) -> None:
+    # Ctrl-C reaches the whole process group. Only the parent may act on it: a worker killed by
+    # KeyboardInterrupt while holding the pool's task-queue lock makes Pool.terminate() hang.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(settings)
 
 

@@ -5,6 +5,7 @@ rule pretrain:
     """Pretrain one GPT-2 size; rerunning after a crash resumes from the last checkpoint."""
     input:
         shards=f"{DATA}/shards",
+        ops=OPS_DIR,
     output:
         model=directory("results/models/{dataset}-{model}/final"),
         metrics="results/models/{dataset}-{model}/metrics.jsonl",

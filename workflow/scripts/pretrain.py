@@ -5,4 +5,5 @@ run_stage(snakemake, run_pretrain, recipe=snakemake.params.recipe, shards_dir=sn
           state_root=snakemake.params.state_root, run_name=f"{snakemake.wildcards.dataset}-{snakemake.wildcards.model}",
           model_dir=snakemake.output.model, metrics_path=snakemake.output.metrics, plot_path=snakemake.output.plot,
           threads=snakemake.threads, nproc_per_node=snakemake.params.nproc_per_node,
-          nnodes=snakemake.params.nnodes, rdzv_endpoint=snakemake.params.rdzv_endpoint)
+          nnodes=snakemake.params.nnodes, rdzv_endpoint=snakemake.params.rdzv_endpoint,
+          ops_dir=snakemake.input.ops)

@@ -1,0 +1,357 @@
+"""The compiled custom ops: correctness against plain PyTorch / numpy, and every fallback path.
+
+The ops are compiled once per test session into pytest's cache folder (.pytest_cache, keyed on the
+sources, so an unchanged checkout reuses the build across sessions; about 20 s on two cores).
+Tests that need them skip, saying why, when the build fails (no compiler); the fallback tests run
+regardless.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2ipu import ops
+from gpt2ipu.cli import main as gpt2ipu_main
+from gpt2ipu.loss import chunked_lm_loss
+from gpt2ipu.train_data import build_doc_idx, build_sample_idx, build_sample_idx_loop, build_sample_idx_numpy
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = REPO / "custom_ops"
+
+
+@pytest.fixture(scope="session")
+def built_ops_dir(request, tmp_path_factory):
+    key = ops.build_key(SOURCES)
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    folder = cache.mkdir(f"gpt2ipu-ops-{key}") if cache is not None else tmp_path_factory.mktemp("ops")
+    status = ops.build_ops(SOURCES, folder)
+    return folder, status
+
+
+@pytest.fixture
+def compiled(built_ops_dir):
+    """The loaded ops namespace (skips when the build failed on this machine)."""
+    folder, status = built_ops_dir
+    if not status["built"]:
+        pytest.skip(f"the custom ops did not build here: {status['reason']}")
+    namespace = ops.load_ops(folder, quiet=True)
+    assert namespace is not None, ops.ops_reason(folder)
+    return namespace
+
+
+@pytest.fixture
+def fresh_outcomes(monkeypatch):
+    """Forget which folders load_ops has answered for, so each test sees its own first call."""
+    monkeypatch.setattr(ops, "_outcomes", {})
+    monkeypatch.delenv(ops.OPS_DIR_ENV, raising=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused LM loss
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+def plain_loss(hidden, weight, labels):
+    """loss, accuracy and both gradients through PyTorch's own linear + cross_entropy."""
+    hidden = hidden.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    logits = F.linear(hidden, weight)
+    loss = F.cross_entropy(logits, labels, ignore_index=-100)
+    loss.backward()
+    valid = labels != -100
+    accuracy = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum()
+    return loss.detach(), accuracy, hidden.grad, weight.grad
+
+
+def fused_loss(hidden, weight, labels, chunk_size):
+    hidden = hidden.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    loss, accuracy = ops.fused_lm_loss(hidden, weight, labels, chunk_size=chunk_size)
+    loss.backward()
+    return loss.detach(), accuracy, hidden.grad, weight.grad
+
+
+def random_problem(seed, n, vocab, dim, ignored=0.2, dtype=torch.float32, weight_std=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=generator)
+    weight = torch.randn(vocab, dim, generator=generator) * weight_std
+    labels = torch.randint(0, vocab, (n,), generator=generator)
+    # Some labels are the argmax, so that the accuracy is not just 0.
+    hits = torch.rand(n, generator=generator) < 0.4
+    labels[hits] = (hidden @ weight.t()).argmax(-1)[hits]
+    labels[torch.rand(n, generator=generator) < ignored] = -100
+    if (labels == -100).all():
+        labels[0] = 0
+    return hidden.to(dtype), weight.to(dtype), labels
+
+
+SHAPES = [  # (N, V, d, chunk_size)
+    (1, 37, 16, 8),  # N = 1, V not a multiple of the chunk
+    (2, 50, 8, 50),  # one chunk exactly
+    (33, 1000, 64, 128),
+    (64, 1031, 48, 1024),  # last chunk of 7 rows
+    (17, 300, 32, 4096),  # chunk larger than V
+    (40, 97, 24, 1),  # one vocabulary row per chunk
+]
+
+
+@pytest.mark.parametrize("n,vocab,dim,chunk", SHAPES)
+def test_fused_loss_fp32_matches_pytorch(compiled, n, vocab, dim, chunk):
+    hidden, weight, labels = random_problem(n * vocab, n, vocab, dim)
+    ours = fused_loss(hidden, weight, labels, chunk)
+    reference = plain_loss(hidden, weight, labels)
+    for name, a, b in zip(("loss", "accuracy", "grad_hidden", "grad_weight"), ours, reference):
+        assert a.dtype == b.dtype, name
+        assert relative_error(a, b) < 1e-5 or (a == b).all(), (name, relative_error(a, b))
+    assert ours[1].item() == reference[1].item()
+    assert ours[1].item() > 0 or n < 10  # some labels are the argmax
+
+
+@pytest.mark.parametrize("n,vocab,dim,chunk", SHAPES[:4])
+def test_fused_loss_bf16_matches_pytorch(compiled, n, vocab, dim, chunk):
+    # Logits of the size a trained model gives (std about 1): the bf16 rounding of the matmul's
+    # output, which plain bf16 PyTorch makes too, grows with their magnitude.
+    hidden, weight, labels = random_problem(n + vocab, n, vocab, dim, dtype=torch.bfloat16,
+                                            weight_std=1 / math.sqrt(dim))
+    ours = fused_loss(hidden, weight, labels, chunk)
+    exact = plain_loss(hidden.float(), weight.float(), labels)  # fp32 maths on the same bf16 values
+    plain_bf16 = plain_loss(hidden, weight, labels)
+    assert ours[2].dtype == ours[3].dtype == torch.bfloat16 and ours[0].dtype == torch.float32
+    for name, a, b, c in zip(("loss", "grad_hidden", "grad_weight"), ours[::2] + ours[3:], exact[::2] + exact[3:],
+                             plain_bf16[::2] + plain_bf16[3:]):
+        assert relative_error(a, b) < 1e-2, (name, relative_error(a, b))
+        # and no worse than PyTorch's own bf16 path, give or take
+        assert relative_error(a, b) < 2 * relative_error(c, b) + 1e-3, name
+    assert abs(ours[1].item() - exact[1].item()) <= 0.1
+
+
+def test_fused_loss_all_ignored_and_empty(compiled):
+    hidden, weight, _ = random_problem(1, 5, 11, 8)
+    for labels in (torch.full((5,), -100), torch.zeros(0, dtype=torch.long)):
+        h = hidden[: len(labels)]
+        loss, accuracy, grad_hidden, grad_weight = fused_loss(h, weight, labels, 4)
+        pure = chunked_lm_loss(h, weight, labels, vocab_chunks=3)
+        assert math.isnan(loss.item()) and math.isnan(accuracy.item())
+        assert math.isnan(pure[0].item()) and math.isnan(pure[1].item())  # the same contract
+        assert grad_hidden.abs().sum() == 0 and grad_weight.abs().sum() == 0
+
+
+def test_fused_loss_rejects_bad_labels(compiled):
+    hidden, weight, _ = random_problem(2, 3, 10, 4)
+    with pytest.raises(IndexError, match="label 10 out of range"):
+        ops.fused_lm_loss(hidden, weight, torch.tensor([0, 10, -100]), chunk_size=4)
+
+
+def test_fused_loss_under_autocast_matches_chunked(compiled):
+    hidden, weight, labels = random_problem(3, 24, 200, 32, weight_std=0.2)
+    results = []
+    for fn in (lambda h, w: ops.fused_lm_loss(h, w, labels, chunk_size=64),
+               lambda h, w: chunked_lm_loss(h, w, labels, vocab_chunks=4)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    assert results[0][1].dtype == torch.float32  # gradients in the parameters' dtype
+    for a, b in zip(*results):
+        assert relative_error(a, b) < 1e-2
+
+
+def test_dispatch_helper_follows_the_environment(compiled, built_ops_dir, fresh_outcomes, monkeypatch, tmp_path):
+    hidden, weight, _ = random_problem(4, 2, 10, 4)
+    assert not ops.fused_lm_loss_available(hidden, weight)  # $GPT2IPU_OPS_DIR unset
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    assert ops.fused_lm_loss_available(hidden, weight)
+    assert not ops.fused_lm_loss_available(hidden.half(), weight.half())  # fp16: the pure path
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(tmp_path))
+    assert not ops.fused_lm_loss_available(hidden, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample index
+
+
+def sample_index_cases():
+    rng = np.random.default_rng(5)
+    for case in range(60):
+        docs, epochs, seq_length = int(rng.integers(1, 25)), int(rng.integers(1, 4)), int(rng.integers(1, 17))
+        sizes = rng.integers(0, 9, docs).astype(np.int32)  # empty documents included
+        sizes[rng.integers(0, docs)] += 1
+        if epochs * int(sizes.sum()) >= seq_length + 1:
+            yield sizes, build_doc_idx(docs, epochs, case), seq_length, epochs, int(sizes.sum())
+
+
+def test_sample_index_equals_numpy_and_loop(compiled):
+    cases = list(sample_index_cases())
+    assert len(cases) > 40
+    for sizes, doc_idx, seq_length, epochs, tokens_per_epoch in cases:
+        reference = build_sample_idx_numpy(sizes, doc_idx, seq_length, epochs, tokens_per_epoch)
+        num_samples = (epochs * tokens_per_epoch - 1) // seq_length
+        ours = compiled.build_sample_idx(torch.from_numpy(sizes), torch.from_numpy(doc_idx), seq_length,
+                                         num_samples).numpy()
+        assert ours.dtype == reference.dtype == np.int32
+        np.testing.assert_array_equal(ours, reference)
+        np.testing.assert_array_equal(ours, build_sample_idx_loop(sizes, doc_idx, seq_length, epochs, tokens_per_epoch))
+
+
+def test_train_data_dispatches_to_the_compiled_sample_index(compiled, built_ops_dir, fresh_outcomes, monkeypatch):
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 300, 5000).astype(np.int32)
+    doc_idx = build_doc_idx(len(sizes), 3, 0).astype(np.int64)  # int64 positions are accepted too
+    args = (sizes, doc_idx, 128, 3, int(sizes.sum()))
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    calls = []
+    original = ops.compiled_sample_idx
+    monkeypatch.setattr(ops, "compiled_sample_idx", lambda *a: calls.append(1) or original(*a))
+    ours = build_sample_idx(*args)
+    assert calls and ours is not None
+    reference = build_sample_idx_numpy(*args)
+    assert ours.dtype == reference.dtype and np.array_equal(ours, reference)
+    assert ours[-1, 0] > 2 * len(sizes)  # reached the third epoch
+
+
+def test_sample_index_errors_match_numpy(compiled, built_ops_dir, fresh_outcomes, monkeypatch):
+    sizes = np.array([3, 4, 5], dtype=np.int32)
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    with pytest.raises(ValueError):  # asks for 2 epochs of a 1-epoch doc_idx
+        build_sample_idx(sizes, np.array([0, 1, 2], dtype=np.int32), 4, 2, 12)
+    with pytest.raises(ValueError):
+        build_sample_idx_numpy(sizes, np.array([0, 1, 2], dtype=np.int32), 4, 2, 12)
+    with pytest.raises(IndexError):
+        build_sample_idx(sizes, np.array([0, 1, 3], dtype=np.int32), 4, 1, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallbacks: no build, failed build, broken library, no compiler
+
+
+def test_no_ops_dir_uses_the_pure_paths_and_says_so_once(fresh_outcomes, capsys):
+    assert ops.load_ops() is None
+    assert ops.load_ops() is None
+    err = capsys.readouterr().err
+    assert err.count("gpt2ipu ops: using the pure PyTorch / numpy paths") == 1
+    assert ops.OPS_DIR_ENV in err
+
+
+def test_unbuilt_and_failed_builds_fall_back(fresh_outcomes, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ops.load_ops(empty, quiet=True) is None
+    assert "not built" in ops.ops_reason(empty)
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / ops.STATUS_NAME).write_text(json.dumps({"built": False, "reason": "no C++ compiler"}))
+    assert ops.load_ops(failed, quiet=True) is None
+    assert "failed: no C++ compiler" in ops.ops_reason(failed)
+    # and everything still works, with the same results, through the pure paths
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(failed))
+    hidden, weight, labels = random_problem(6, 9, 40, 8)
+    assert not ops.fused_lm_loss_available(hidden, weight)
+    loss, _ = chunked_lm_loss(hidden, weight, labels, vocab_chunks=3)
+    assert relative_error(loss, plain_loss(hidden, weight, labels)[0]) < 1e-5
+    for sizes, doc_idx, seq_length, epochs, tokens in list(sample_index_cases())[:10]:
+        np.testing.assert_array_equal(build_sample_idx(sizes, doc_idx, seq_length, epochs, tokens),
+                                      build_sample_idx_loop(sizes, doc_idx, seq_length, epochs, tokens))
+
+
+def test_broken_library_and_wrong_torch_fall_back(tmp_path):
+    # In a fresh process: this one may already hold a good build, which would answer first.
+    # Asking fused_lm_loss itself for the op there is an error that names the reason.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "gpt2ipu_ops.so").write_bytes(b"not a shared library")
+    status = {"built": True, "library": "gpt2ipu_ops.so", "torch": ops._torch_version()}
+    (broken / ops.STATUS_NAME).write_text(json.dumps(status))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ops.STATUS_NAME).write_text(json.dumps({**status, "torch": "1.0.0"}))
+    script = ("import sys, torch, gpt2ipu.ops as o\n"
+              "for d in sys.argv[1:]: print(o.load_ops(d, quiet=True) is None, o.ops_reason(d))\n"
+              "try: o.fused_lm_loss(torch.ones(1, 2), torch.ones(3, 2), torch.zeros(1, dtype=torch.long))\n"
+              "except RuntimeError as e: print(e)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(broken), str(old)], capture_output=True, text=True,
+                            timeout=120, check=True)
+    first, second, third = result.stdout.splitlines()
+    assert first.startswith("True cannot load")
+    assert second.startswith("True") and "built for torch 1.0.0" in second
+    assert third.startswith("fused_lm_loss needs the compiled ops") and ops.OPS_DIR_ENV in third
+
+
+def test_failed_compilation_writes_status_and_log(tmp_path, capsys):
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here (test_no_compiler covers that case)")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "broken.cpp").write_text('#error "deliberately broken source"\n')
+    status = ops.build_ops(source, tmp_path / "out")
+    assert status["built"] is False and "compilation failed" in status["reason"]
+    assert json.loads((tmp_path / "out" / ops.STATUS_NAME).read_text()) == status
+    assert "deliberately broken source" in capsys.readouterr().err  # the compiler's words, in the log
+    assert ops.load_ops(tmp_path / "out", quiet=True) is None
+
+
+def test_no_compiler(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "no-such-compiler-gpt2ipu")
+    status = ops.build_ops(SOURCES, tmp_path / "out")
+    assert status["built"] is False and status["library"] is None
+    assert "no C++ compiler" in status["reason"]
+    assert (tmp_path / "out" / "provenance.json").is_file()
+    # the CLI: succeeds (training falls back), or fails with --strict
+    assert gpt2ipu_main(["ops", "build", "--out", str(tmp_path / "cli"), "--force"]) == 0
+    assert json.loads(capsys.readouterr().out)["built"] is False
+    assert gpt2ipu_main(["ops", "build", "--out", str(tmp_path / "cli"), "--strict", "--force"]) == 1
+
+
+def test_build_is_reused_and_the_key_follows_the_sources(built_ops_dir, tmp_path):
+    folder, status = built_ops_dir
+    if status["built"]:
+        again = ops.build_ops(SOURCES, folder)
+        assert again == status  # no second compile
+    copy = tmp_path / "src"
+    copy.mkdir()
+    for path in ops.source_files(SOURCES):
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert ops.build_key(copy) == ops.build_key(SOURCES)
+    (copy / "lm_loss.cpp").write_text((copy / "lm_loss.cpp").read_text() + "\n// edited\n")
+    assert ops.build_key(copy) != ops.build_key(SOURCES)
+
+
+def test_cli_check(compiled, built_ops_dir, tmp_path, capsys):
+    assert gpt2ipu_main(["ops", "check", str(built_ops_dir[0])]) == 0
+    assert json.loads(capsys.readouterr().out)["loaded"] is True
+    assert gpt2ipu_main(["ops", "check", str(tmp_path)]) == 1
+    assert "not built" in json.loads(capsys.readouterr().out)["reason"]
+
+
+@pytest.mark.slow
+def test_snakemake_rule_succeeds_when_the_build_fails(tmp_path):
+    for name in ("Snakefile", "workflow", "config", "profiles", "environment.yml"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(source.read_bytes())
+    snakefile = tmp_path / "Snakefile"
+    if "rules/ops.smk" not in snakefile.read_text():
+        snakefile.write_text(snakefile.read_text() + '\ninclude: "workflow/rules/ops.smk"\n')
+    env = {**os.environ, "CXX": "no-such-compiler-gpt2ipu"}
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", "build_ops"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out,) = (tmp_path / "results" / "ops").iterdir()
+    assert out.name == ops.build_key(SOURCES)
+    assert json.loads((out / ops.STATUS_NAME).read_text())["built"] is False
+    (log,) = (tmp_path / "logs" / "ops").iterdir()
+    assert "no C++ compiler" in log.read_text()
