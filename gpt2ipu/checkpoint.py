@@ -149,13 +149,16 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder: model.safetensors, its sharded index, or pytorch_model.bin."""
     single = folder / WEIGHTS_NAME
     if single.is_file():
-        return load_file(str(single))
+        return _load_safetensors(single)
     index = folder / f"{WEIGHTS_NAME}.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"{index}: not a readable safetensors index ({err})") from err
         tensors = {}
         for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
+            tensors.update(_load_safetensors(folder / shard))
         return tensors
     legacy = folder / "pytorch_model.bin"
     if legacy.is_file():
@@ -164,6 +167,13 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # an unpickling refusal or a corrupt file: both are the user's to fix
             raise UserError(f"{legacy}: cannot be read as plain tensors ({err}); convert it to model.safetensors") from err
     raise UserError(f"{folder}: no {WEIGHTS_NAME} (or its index, or pytorch_model.bin); is it a Hugging Face model folder?")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
+        raise UserError(f"{path}: cannot be read as safetensors ({err}); save the model again") from err
 
 
 def load_hf_dir(folder: str | os.PathLike, **config_overrides) -> GPT:

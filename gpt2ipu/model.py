@@ -219,7 +219,13 @@ class GPT(nn.Module):
                 f"sequence of {past_len + T} tokens is longer than the model's n_positions "
                 f"({self.config.n_positions})"
             )
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        # A tied embedding's gradient meets the LM head's dense [vocab, n_embd] gradient at the
+        # end of backward; a sparse one (rows of this batch's tokens only) is added into it
+        # without a second dense buffer: 150 MB less at GPT-2's memory peak. (Not under
+        # torch.compile, whose backend has no sparse tensors.)
+        sparse = self.config.tie_word_embeddings and not torch.compiler.is_compiling()
+        tokens = F.embedding(input_ids, self.wte.weight, sparse=sparse)
+        x = self.drop(tokens + self.wpe(position_ids))
         mask = _attention_mask(attention_mask, past_len, T, input_ids.device)
         presents = []
         for i, block in enumerate(self.h):

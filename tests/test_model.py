@@ -30,7 +30,10 @@ def tokens(*shape, seed=1):
 
 def hf_tiny_model(seed=0):
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=2)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -73,6 +76,27 @@ def test_transformers_checkpoint_loads_here_with_same_logits(tmp_path):
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunks", [{}, {"vocab_chunks": 3}, {"token_chunks": 3}])
+def test_loss_and_gradients_equal_transformers(tmp_path, chunks):
+    """The whole backward (tied embedding, GELU, attention, chunked loss) against GPT2LMHeadModel."""
+    hf = hf_tiny_model().train()
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf_dir(tmp_path / "hf").train()
+    sample = tokens(3, 17)
+    # Hugging Face shifts labels itself; its extra last position feeds no loss term.
+    hf_loss = hf(sample, labels=sample).loss
+    hf_loss.backward()
+    loss, _ = model(sample[:, :-1], sample[:, 1:], **chunks)
+    loss.backward()
+    torch.testing.assert_close(loss, hf_loss, atol=1e-5, rtol=1e-5)
+    hf_grads = {name.removeprefix("transformer."): p.grad for name, p in hf.named_parameters()}
+    for name, param in model.named_parameters():
+        want = hf_grads[name]
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            want = want.t()
+        torch.testing.assert_close(param.grad, want, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_legacy_bin_with_buffers_and_no_prefix_loads(tmp_path):
     """Old hub checkpoints: GPT2Model names (no "transformer."), attn.bias/masked_bias buffers,
     an explicit lm_head.weight, pickled tensors only in pytorch_model.bin."""
@@ -100,6 +124,9 @@ def test_bad_checkpoint_folders_give_user_errors(tmp_path):
         load_hf_dir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 2, "n_layer": 2}))
     with pytest.raises(UserError, match="model.safetensors"):
+        load_hf_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(UserError, match="cannot be read"):
         load_hf_dir(tmp_path)
 
 
