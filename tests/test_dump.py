@@ -253,8 +253,8 @@ class RangeHandler(BaseHTTPRequestHandler):
         if server.truncate_first:
             server.truncate_first = False
             chunk = chunk[: len(chunk) // 3]   # then the connection closes: a dropped download
+        record["sent"] = len(chunk)   # before writing: the client may be done before this thread resumes
         self.wfile.write(chunk)
-        record["sent"] = len(chunk)
 
     def log_message(self, *args):
         pass

@@ -96,7 +96,7 @@ def _content_range(response: requests.Response) -> tuple[int | None, int | None]
     return (int(first) if first else None), (int(total) if total and total != "*" else None)
 
 
-def _fetch_rest(url: str, partial: Path, timeout: float) -> int:
+def _fetch_rest(url: str, partial: Path, timeout: float, config_hint: str = CONFIG_HINT) -> int:
     """Append the bytes of `url` that `partial` lacks; return how many arrived."""
     offset = partial.stat().st_size if partial.exists() else 0
     headers = {"Accept-Encoding": "identity"}   # the bytes as stored, so sizes and sha1 match
@@ -117,7 +117,7 @@ def _fetch_rest(url: str, partial: Path, timeout: float) -> int:
         if status in (408, 429) or status >= 500:
             raise _Retryable(f"HTTP {status} {response.reason}")
         if status not in (200, 206):
-            raise UserError(f"cannot download {url}: HTTP {status} {response.reason}; {CONFIG_HINT}")
+            raise UserError(f"cannot download {url}: HTTP {status} {response.reason}; {config_hint}")
         if status == 206 and _content_range(response)[0] != offset:
             partial.unlink()
             raise _Retryable("the server answered a different byte range than asked for")
@@ -142,6 +142,27 @@ def _fetch_rest(url: str, partial: Path, timeout: float) -> int:
     return received
 
 
+def fetch_with_retries(url: str, partial: Path, *, retries: int, timeout: float, backoff_s: float,
+                       config_hint: str = CONFIG_HINT) -> tuple[int, int]:
+    """`url` into `partial`, resuming what is there, retrying with exponential backoff.
+
+    Returns (bytes received by the attempt that finished, attempts). Checksums are the caller's job.
+    """
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return _fetch_rest(url, partial, timeout, config_hint), attempts
+        except _Retryable as err:
+            kept = partial.stat().st_size if partial.exists() else 0
+            if attempts > retries:
+                raise UserError(f"download of {url} failed after {attempts} attempts ({err}); "
+                                f"rerun to resume from the {kept} bytes kept in {partial}") from None
+            wait = backoff_s * 2 ** (attempts - 1)
+            print(f"download of {url}: {err}; retrying in {wait:.0f} s", file=sys.stderr)
+            time.sleep(wait)
+
+
 def download_part(url: str, out_dir: str | os.PathLike, *, sha1: str, retries: int = 5,
                   timeout: float = 60, backoff_s: float = 2.0) -> dict[str, Any]:
     """Download `url` to `<out_dir>/pages.xml.bz2`, resuming, retrying and checking its sha1."""
@@ -154,20 +175,7 @@ def download_part(url: str, out_dir: str | os.PathLike, *, sha1: str, retries: i
     partial.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     resumed_from = partial.stat().st_size if partial.exists() else 0
-    received, attempts = 0, 0
-    while True:
-        attempts += 1
-        try:
-            received += _fetch_rest(url, partial, timeout)
-            break
-        except _Retryable as err:
-            kept = partial.stat().st_size if partial.exists() else 0
-            if attempts > retries:
-                raise UserError(f"download of {url} failed after {attempts} attempts ({err}); "
-                                f"rerun to resume from the {kept} bytes kept in {partial}") from None
-            wait = backoff_s * 2 ** (attempts - 1)
-            print(f"download of {url}: {err}; retrying in {wait:.0f} s", file=sys.stderr)
-            time.sleep(wait)
+    received, attempts = fetch_with_retries(url, partial, retries=retries, timeout=timeout, backoff_s=backoff_s)
     actual = sha1_file(partial)
     if actual != sha1:
         partial.unlink()

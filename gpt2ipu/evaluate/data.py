@@ -208,25 +208,9 @@ CONFIG_HINT = "check the config keys evaluate.lambada / evaluate.wikitext (url, 
 
 def _fetch(url: str, partial: Path, retries: int, timeout: float, backoff_s: float) -> None:
     """`url` into `partial`, resuming what is there (the dump downloader's resumable fetch)."""
-    from gpt2ipu.data import download
+    from gpt2ipu.data.download import fetch_with_retries
 
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            download._fetch_rest(url, partial, timeout)
-            return
-        except download._Retryable as err:
-            kept = partial.stat().st_size if partial.exists() else 0
-            if attempts > retries:
-                raise UserError(f"download of {url} failed after {attempts} attempts ({err}); rerun to "
-                                f"resume from the {kept} bytes kept in {partial}") from None
-            wait = backoff_s * 2 ** (attempts - 1)
-            print(f"download of {url}: {err}; retrying in {wait:.0f} s", file=sys.stderr)
-            time.sleep(wait)
-        except UserError as err:
-            # The fetch's own hint names the enwiki keys; these downloads are configured elsewhere.
-            raise UserError(str(err).replace(download.CONFIG_HINT, CONFIG_HINT)) from None
+    fetch_with_retries(url, partial, retries=retries, timeout=timeout, backoff_s=backoff_s, config_hint=CONFIG_HINT)
 
 
 def _local_path(url: str) -> Path | None:
