@@ -222,3 +222,17 @@ def test_bad_dump_file_fails_clearly_and_leaves_no_output(tmp_path):
     text = result.stdout + result.stderr
     assert "broken.xml.bz2" in text and "Traceback" not in text
     assert not (workdir / "results" / "data" / "local" / "extract" / "broken").exists()
+
+
+def test_evaluation_and_generation_targets_run_on_the_trained_model(built):
+    workdir, _ = built
+    snakemake(workdir, "results/models/sample-gpt2-test/final")
+    outputs = ["results/eval/sample-gpt2-test/lambada.json", "results/eval/sample-gpt2-test/wikitext.json",
+               "results/generate/sample-gpt2-test/continuations.jsonl"]
+    snakemake(workdir, *outputs)
+    lambada = json.loads((workdir / outputs[0]).read_text())
+    assert {"last_word", "last_token"} <= lambada.keys() and lambada["last_word"]["samples"] > 0
+    wikitext = json.loads((workdir / outputs[1]).read_text())
+    assert json.dumps(wikitext).count("perplexity") >= 2
+    lines = (workdir / outputs[2]).read_text().splitlines()
+    assert lines and all("continuation" in json.loads(line) for line in lines)
