@@ -61,9 +61,10 @@ def validate_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -
 
     Strings from the command line that stand for numbers or booleans are converted first (in place).
     """
+    schema = load_schema(schema_path)
     if isinstance(config, dict):
-        coerce_command_line_strings(config, load_schema(schema_path))
-    validator = jsonschema.Draft7Validator(load_schema(schema_path))
+        coerce_command_line_strings(config, schema)
+    validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors(dict(config)), key=lambda e: [str(p) for p in e.absolute_path])
     if not errors:
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -77,3 +78,19 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while block := f.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def parse_json_record(line: str | bytes, path: str | os.PathLike, number: int, field: str, record_name: str,
+                      hint: str = "") -> dict:
+    """One line of a JSON-lines input: a JSON object with a string `field`, else a UserError
+    naming `path:number` (and ending with `hint`, what to do about it)."""
+    from gpt2ipu.errors import UserError
+
+    tail = f"; {hint}" if hint else ""
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise UserError(f"{path}:{number}: not a JSON line ({err}){tail}") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise UserError(f'{path}:{number}: {record_name} needs a string "{field}" field{tail}')
+    return record

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from gpt2ipu.errors import UserError
+from gpt2ipu.fsutil import parse_json_record
 
 
 @dataclass
@@ -276,13 +277,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise UserError(f"{path}:{number}: not a JSON line ({err})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    raise UserError(f'{path}:{number}: a prompt record needs a string "prompt" field')
-                prompts.append(record["prompt"])
+                prompts.append(parse_json_record(line, path, number, "prompt", "a prompt record")["prompt"])
             else:
                 prompts.append(line.rstrip("\n"))
     if not prompts:

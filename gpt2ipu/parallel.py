@@ -66,7 +66,7 @@ def apply_data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Modu
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def shard_optimizer(param_groups, optimizer_class, info: DistInfo, **defaults) -> torch.optim.Optimizer:
+def shard_optimizer(param_groups, optimizer_class, **defaults) -> torch.optim.Optimizer:
     """ZeRO-1: each replica keeps the optimizer state of its share of the parameters."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -56,3 +56,18 @@ def write_provenance(
     out = Path(folder) / name
     write_text_atomic(out, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return out
+
+
+def read_figures(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The `figures` of `<folder>/provenance.json`; None when there is none.
+
+    Raises ValueError when the file is not a provenance JSON object; callers decide how much that matters.
+    """
+    path = Path(folder) / PROVENANCE_NAME
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    figures = record.get("figures", {}) if isinstance(record, dict) else None
+    if not isinstance(figures, dict):
+        raise ValueError("no figures object")
+    return figures

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gpt2ipu.errors import UserError
 
 # Flags that only mean something on an IPU: accepted, and each says what it means here.
@@ -115,8 +117,6 @@ def _typed(key: str, value: Any, annotation: str, source: str) -> Any:
     if kind is None or value is None:
         return value
     if isinstance(value, str):
-        import yaml
-
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -270,7 +270,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = make_optimizer(model, kind=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if cfg.replicated_tensor_sharding and info.world_size > 1:
-        optimizer = parallel.shard_optimizer(parameter_groups(model, cfg.weight_decay), type(optimizer), info,
+        optimizer = parallel.shard_optimizer(parameter_groups(model, cfg.weight_decay), type(optimizer),
                                              **{k: v for k, v in optimizer.defaults.items() if k != "weight_decay"})
     elif cfg.replicated_tensor_sharding:
         say("--replicated-tensor-sharding with one process: nothing to shard over; the plain optimizer is used.")
@@ -476,8 +476,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         path = Path(args.config)
         if not path.is_file():
             raise UserError(f"--config {path}: no such file")
-        import yaml
-
         values.update(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
     if values.get("dataset") == "dynamic":

@@ -184,7 +184,7 @@ def _child(spec: dict) -> dict:
 
     import torch
 
-    from gpt2ipu.model import GPT, config_for
+    from gpt2ipu.model import config_for
 
     device, knobs = spec["device"], spec["knobs"]
     torch.manual_seed(0)

@@ -44,7 +44,7 @@ from gpt2ipu.data.megatron import MMapIndexedDataset, write_index
 from gpt2ipu.data.tfrecord_io import write_tfrecord_shard
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
-from gpt2ipu.provenance import PROVENANCE_NAME, write_provenance
+from gpt2ipu.provenance import PROVENANCE_NAME, read_figures, write_provenance
 
 SPLITS = ("train", "valid")
 STREAM_TOKENS = 1 << 24
@@ -100,14 +100,11 @@ def open_token_part(folder: str | Path) -> TokenPart:
 
 def read_part_figures(folder: Path) -> dict:
     """The part's provenance figures, or {} for a Megatron dataset made elsewhere."""
-    path = folder / PROVENANCE_NAME
-    if not path.is_file():
-        return {}
     try:
-        figures = json.loads(path.read_text(encoding="utf-8")).get("figures", {})
-    except (ValueError, AttributeError) as err:
-        raise UserError(f"{path}: not a provenance JSON object ({err}); rerun the tokenize stage for this part") from None
-    return figures if isinstance(figures, dict) else {}
+        return read_figures(folder) or {}
+    except ValueError as err:
+        raise UserError(f"{folder / PROVENANCE_NAME}: not a provenance JSON object ({err}); "
+                        "rerun the tokenize stage for this part") from None
 
 
 def choose_valid_documents(documents: int, valid_fraction: float, seed: int) -> np.ndarray:

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from gpt2ipu.data.megatron import MMapWriter
 from gpt2ipu.data.tokenizer import Tokenizer, gpt2_vocab_files, load_tokenizer
 from gpt2ipu.errors import UserError
-from gpt2ipu.fsutil import atomic_dir
-from gpt2ipu.provenance import PROVENANCE_NAME, write_provenance
+from gpt2ipu.fsutil import atomic_dir, parse_json_record
+from gpt2ipu.provenance import read_figures, write_provenance
 
 BATCH_BYTES = 16 << 20
 TOKENS_PREFIX = "tokens"
@@ -42,13 +42,7 @@ def document_text(article: dict[str, Any], include_title: bool) -> str:
 
 
 def parse_article(line: bytes, path: Path, line_number: int) -> dict[str, Any]:
-    try:
-        article = json.loads(line)
-    except ValueError as err:
-        raise UserError(f"{path}:{line_number}: not a JSON line ({err}); re-run the extract stage") from None
-    if not isinstance(article, dict) or not isinstance(article.get("text"), str):
-        raise UserError(f'{path}:{line_number}: an article needs a string "text" field; re-run the extract stage')
-    return article
+    return parse_json_record(line, path, line_number, "text", "an article", hint="re-run the extract stage")
 
 
 def read_document_batches(path: str | os.PathLike, include_title: bool = True,
@@ -73,12 +67,9 @@ def read_document_batches(path: str | os.PathLike, include_title: bool = True,
 
 def dump_bytes_of(articles_path: Path) -> int | None:
     """The dump bytes the extract stage read, from its provenance.json beside the articles."""
-    provenance = articles_path.parent / PROVENANCE_NAME
-    if not provenance.is_file():
-        return None
     try:
-        value = json.loads(provenance.read_text(encoding="utf-8")).get("figures", {}).get("input_bytes")
-    except (ValueError, AttributeError):
+        value = (read_figures(articles_path.parent) or {}).get("input_bytes")
+    except ValueError:  # an odd provenance file only costs the bytes figure
         return None
     return value if isinstance(value, int) else None
 

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.fsutil import atomic_dir, sha256_file
+from gpt2ipu.fsutil import atomic_dir, parse_json_record, sha256_file
 from gpt2ipu.provenance import write_provenance
 
 LAMBADA_NAME = "lambada_test.jsonl"
@@ -78,14 +78,8 @@ def read_lambada(path: str | os.PathLike) -> list[str]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise UserError(f"{path}:{number}: not a JSON line ({err}); LAMBADA files hold one "
-                                '{"text": ...} object per line') from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f'{path}:{number}: a LAMBADA record needs a string "text" field')
+            text = parse_json_record(line, path, number, "text", "a LAMBADA record",
+                                     hint='LAMBADA files hold one {"text": ...} object per line')["text"]
             if len(text.split()) < 2:
                 raise UserError(f"{path}:{number}: the passage has fewer than two words, so it has no "
                                 "context before its last word")

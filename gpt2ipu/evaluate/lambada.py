@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from gpt2ipu.evaluate.data import LAMBADA_NAME, data_file, read_lambada
