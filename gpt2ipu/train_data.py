@@ -274,7 +274,9 @@ def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: i
 
 def build_sample_idx_loop(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
                           tokens_per_epoch: int) -> np.ndarray:
-    """Megatron's helpers.cpp `build_sample_idx`, line for line, one token run at a time (tests only)."""
+    """Megatron's numpy reference `_build_sample_idx` (gpt_dataset.py; its helpers.cpp `build_sample_idx`
+    is the C++ port), line for line, one token run at a time: the plain reference of the tests and
+    the baseline of `gpt2ipu bench sample_index`."""
     num_samples, _ = _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
     sample_idx = np.zeros((num_samples + 1, 2), dtype=_sample_idx_dtype(doc_idx))
     doc_idx_index, doc_offset = 0, 0
