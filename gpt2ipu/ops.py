@@ -1,11 +1,13 @@
 """Compiled custom ops (custom_ops/*.cpp): build them, load them, or say why the pure paths are used.
 
-Two ops, registered with PyTorch's dispatcher as `torch.ops.gpt2ipu.*`:
+Three ops, registered with PyTorch's dispatcher as `torch.ops.gpt2ipu.*`:
 
   * `lm_loss`: the fused LM-head cross-entropy and its gradients (`fused_lm_loss` below): tokens in
     blocks of about 128 MB of logits, each row swept through the vocabulary in chunks with an online
     log-sum-exp; never the whole [N, V] logits, and no recompute in backward.
   * `build_sample_idx`: Megatron's sample index (`gpt2ipu.train_data.build_sample_idx` dispatches to it).
+  * `decode_linear`: x W^T + b for the few rows decoding feeds, streaming the weights at memory
+    speed (`decode_linear` below; `gpt2ipu.generate.use_decode_layout` routes the model's linears to it).
 
 Building and loading are separate on purpose. `build_ops(source_dir, build_dir)` compiles (the
 Snakemake rule `build_ops`, or `gpt2ipu ops build --out DIR`) into a folder keyed on the sources and
@@ -213,6 +215,9 @@ def _self_check(namespace) -> None:
     got = namespace.build_sample_idx(torch.from_numpy(sizes), torch.from_numpy(doc_idx), 4, len(want) - 1).numpy()
     if got.dtype != want.dtype or not np.array_equal(got, want):
         raise SystemExit("self-check failed: build_sample_idx differs from the numpy reference")
+    x, weight, bias = torch.randn(3, 24, generator=generator), torch.randn(10, 24, generator=generator), torch.randn(10)
+    if not torch.allclose(namespace.decode_linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5):
+        raise SystemExit("self-check failed: decode_linear differs from F.linear")
 
 
 def ready_ops_dir(build_dir: str | os.PathLike | None, scratch: str | os.PathLike) -> str:
@@ -375,6 +380,32 @@ def _fused_function():
 
 # ---------------------------------------------------------------------------------------------
 # The sample index
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding matrix-vector product
+
+DECODE_MAX_ROWS = 16  # custom_ops/decode_linear.cpp's kMaxRows
+
+
+def decode_linear_available(x, weight) -> bool:
+    """Whether `decode_linear(x, weight, bias)` can take this F.linear call (loads the ops if needed)."""
+    import torch
+
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.is_contiguous() and x.numel() <= DECODE_MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no autograd here
+            and load_ops() is not None)
+
+
+def decode_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x [..., in] of at most DECODE_MAX_ROWS rows, fp32 CPU, by the compiled op.
+
+    Same values as F.linear up to the order of the sums (a different kernel: the last bits differ).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    out = getattr(load_ops(), "decode_linear")(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def compiled_sample_idx(sizes, doc_idx, seq_length: int, num_samples: int):

@@ -355,3 +355,70 @@ def test_snakemake_rule_succeeds_when_the_build_fails(tmp_path):
     assert json.loads((out / ops.STATUS_NAME).read_text())["built"] is False
     (log,) = (tmp_path / "logs" / "ops").iterdir()
     assert "no C++ compiler" in log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding matrix-vector product
+
+
+@pytest.mark.parametrize("rows, out, inner, bias", [
+    (1, 37, 24, True),      # out not a multiple of the 4-row blocks
+    (4, 768, 64, False),
+    (16, 130, 200, True),   # the most rows the op takes; inner not a multiple of the vector width
+    (1, 3, 5, False),       # fewer output rows than one block
+])
+def test_decode_linear_matches_linear(compiled, rows, out, inner, bias):
+    generator = torch.Generator().manual_seed(rows * out)
+    x, weight = torch.randn(rows, inner, generator=generator), torch.randn(out, inner, generator=generator)
+    b = torch.randn(out, generator=generator) if bias else None
+    got = compiled.decode_linear(x, weight, b)
+    want = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert got.shape == (rows, out) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_linear_refuses_what_it_cannot_do(compiled):
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        compiled.decode_linear(torch.randn(17, 8), torch.randn(4, 8), None)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        compiled.decode_linear(torch.randn(1, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="need x"):
+        compiled.decode_linear(torch.randn(1, 8), torch.randn(4, 9), None)
+
+
+def test_decode_linear_dispatch_rules(compiled, built_ops_dir, fresh_outcomes, monkeypatch):
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    weight = torch.randn(12, 8)
+    assert ops.decode_linear_available(torch.randn(1, 3, 8), weight)          # [B, T, in] with B * T <= 16
+    assert not ops.decode_linear_available(torch.randn(2, 9, 8), weight)      # 18 rows: F.linear's job
+    assert not ops.decode_linear_available(torch.randn(1, 8).bfloat16(), weight.bfloat16())
+    assert not ops.decode_linear_available(torch.randn(1, 8), weight.t().contiguous().t())
+    assert not ops.decode_linear_available(torch.randn(1, 8, requires_grad=True), weight)  # no autograd
+    with torch.no_grad():
+        assert ops.decode_linear_available(torch.randn(1, 8, requires_grad=True), weight)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(ops.decode_linear(x, weight, None), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_generation_through_the_decode_op_equals_the_pure_path(compiled, built_ops_dir, fresh_outcomes, monkeypatch):
+    from gpt2ipu.generate import DecodeLinear, SamplingConfig, generate, use_decode_layout
+    from gpt2ipu.model import GPT, config_for
+
+    torch.manual_seed(0)
+    plain = GPT(config_for("gpt2-test", 64)).eval()
+    fast = GPT(config_for("gpt2-test", 64)).eval()
+    fast.load_state_dict(plain.state_dict())
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    use_decode_layout(fast)
+    assert isinstance(fast.h[0].mlp.c_fc, DecodeLinear) and isinstance(fast.lm_head, DecodeLinear)
+    assert fast.lm_head.weight is fast.wte.weight
+    calls = []
+    original = ops.decode_linear
+    monkeypatch.setattr(ops, "decode_linear", lambda *a: calls.append(1) or original(*a))
+    prompts = [[5, 9, 200, 7], [11, 3]]   # a left-padded batch of two rows
+    config = SamplingConfig(max_new_tokens=12, greedy=True)
+    assert [g.tokens for g in generate(fast, prompts, config)] == [g.tokens for g in generate(plain, prompts, config)]
+    assert len(calls) >= 11 * (4 * len(fast.h) + 1)   # every linear of every decode step
+    ids = torch.tensor([prompts[0]])
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids[:, -1:]), plain(ids[:, -1:]), rtol=1e-5, atol=1e-5)

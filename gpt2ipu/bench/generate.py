@@ -6,11 +6,16 @@ the weights' values) is saved once as a Hugging Face folder and loaded by both s
 batch 1, a 32-token prompt, 128 new tokens, greedy, with a key/value cache and no stop token;
 the tokens must be identical. Timings are medians over `--repeats` runs taken in turns, so load
 from other processes falls on both alike.
+
+Ours on CPU runs its linear layers through the compiled decode op (custom_ops/decode_linear.cpp),
+built into a temporary folder unless --ops-dir or $GPT2IPU_OPS_DIR names a build;
+`--no-ops` measures the pure PyTorch path instead (the fallback without a compiler).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,11 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--ops-dir", default=None,
+                        help="build folder of the ops (default $GPT2IPU_OPS_DIR, else build into a temporary folder)")
+    parser.add_argument("--no-ops", action="store_true", help="ours without the compiled ops (the pure PyTorch path)")
 
 
 def run(args: argparse.Namespace) -> dict:
     import transformers
 
+    from gpt2ipu import ops
     from gpt2ipu.checkpoint import save_hf_dir
     from gpt2ipu.evaluate.loading import load_model, resolve_device, resolve_dtype
     from gpt2ipu.generate import SamplingConfig, generate, use_decode_layout
@@ -52,6 +61,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     prompts = torch.randint(0, 50257, (args.batch_size, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        os.environ[ops.OPS_DIR_ENV] = "" if args.no_ops else ops.ready_ops_dir(args.ops_dir, tmp)
+        ops_path = "pure PyTorch" if ops.load_ops() is None else "compiled decode op"
         folder = save_hf_dir(GPT(config_for(args.preset, 1024)), Path(tmp) / "model")
         ours = load_model(folder, device, args.precision)
         use_decode_layout(ours)
@@ -87,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
         {"transformers_generate": tokens / seconds["transformers_generate"]},
         preset=args.preset, batch_size=args.batch_size, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, device=str(device), precision=args.precision,
-        threads=torch.get_num_threads(), repeats=args.repeats, tokens_identical=identical,
+        threads=torch.get_num_threads(), repeats=args.repeats, tokens_identical=identical, ours_path=ops_path,
         ms_per_token={"ours": 1e3 * seconds["ours"] / args.new_tokens,
                       "transformers_generate": 1e3 * seconds["transformers_generate"] / args.new_tokens},
         transformers_version=transformers.__version__, **extra,

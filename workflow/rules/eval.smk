@@ -94,6 +94,7 @@ rule generate_text:
             lambda wc: {
                 "model": MODEL_DIR.format(dataset=wc.dataset, model=wc.model),
                 "prompts": config["generate"]["prompts"],
+                "ops": OPS_DIR,  # the compiled decode op (a failed build falls back to PyTorch)
                 **({"bpe": f"results/data/{wc.dataset}/bpe"} if config["tokenize"]["tokenizer"] == "bpe" else {}),
             }
         ),

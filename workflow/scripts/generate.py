@@ -1,9 +1,13 @@
+import os
+
 import torch
 
 from gpt2ipu.generate import SamplingConfig, run_batch
+from gpt2ipu.ops import OPS_DIR_ENV
 from gpt2ipu.workflow_adapter import run_stage
 
 torch.set_num_threads(snakemake.threads)
+os.environ[OPS_DIR_ENV] = str(snakemake.input.ops)
 settings = dict(snakemake.params.settings)
 run_options = {key: settings.pop(key) for key in ("stop_token", "batch_size", "device", "precision")}
 bpe = f"{snakemake.input.bpe}/tokenizer.json" if "bpe" in snakemake.input.keys() else None
