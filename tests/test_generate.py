@@ -226,3 +226,18 @@ def test_interactive_loop_ends_cleanly_on_ctrl_c(model_dir):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_generation_on_cuda(model_dir, model, precision):
+    on_gpu = load_model(model_dir, "cuda", precision)
+    use_decode_layout(on_gpu)   # leaves a CUDA model as it is
+    assert on_gpu.wte.weight.device.type == "cuda"
+    gens = generate(on_gpu, PROMPTS, greedy(8))
+    assert all(len(g.tokens) == 8 and all(0 <= t < 50257 for t in g.tokens) for g in gens)
+    if precision == "fp32":   # the same greedy tokens as on CPU (a random model has no near-ties here)
+        assert [g.tokens for g in gens] == [g.tokens for g in generate(model, PROMPTS, greedy(8))]
+    sampled = SamplingConfig(max_new_tokens=6, top_k=20, top_p=0.9, seed=5)
+    assert [g.tokens for g in generate(on_gpu, PROMPTS, sampled)] == \
+        [g.tokens for g in generate(on_gpu, PROMPTS, sampled)]

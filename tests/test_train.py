@@ -124,3 +124,16 @@ def test_unknown_config_key_names_the_file(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gpt2ipu", "train", "--config", str(config)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "learning_rat" in result.stderr and str(config) in result.stderr
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_trains_on_cuda(tmp_path, precision):
+    command = [arg if arg != "cpu" else "cuda" for arg in train_command(
+        "--max-steps", 4, "--precision", precision, "--state-dir", tmp_path / "s", "--save-model-path", tmp_path / "final")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses and all(0 < loss < 20 for loss in losses)   # NaN fails both comparisons
+    assert (tmp_path / "final" / "model.safetensors").is_file()
