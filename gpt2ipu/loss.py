@@ -14,6 +14,10 @@ become the two ways of chunking:
     that backward multiplies in), so nothing is recomputed: as fast as the plain loss, and leaner.
 
 Both are hand-written autograd Functions because autograd alone would keep every slice's logits.
+
+With a tied embedding the model passes a `TiedGrad`: the loss leaves its [V, d] weight gradient
+there instead of returning it, and the token-embedding lookup adds its rows into that buffer and
+hands the sum to autograd as the weight's only gradient (see `TiedGrad`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,26 @@ import torch.nn.functional as F
 from gpt2ipu import ops
 
 IGNORE_INDEX = -100
+
+
+class TiedGrad:
+    """One [V, d] gradient buffer shared by the LM head and the token embedding of a tied weight.
+
+    Autograd would receive the tied weight's two gradients separately: the LM head's, dense and
+    known first (the loss is the first node of backward), and the embedding's, only the batch's
+    rows, at the very end. Its sum of a dense and a sparse gradient is out of place, a third
+    [V, d] tensor on the step's memory peak (150 MB for GPT-2 small, measured). So the loss
+    stores its scaled gradient in `grad` (returning none for the weight), and the embedding
+    lookup (`gpt2ipu.model.tied_embedding`) adds its rows into it in place and returns it: one
+    dense gradient, accumulated by autograd like any other. Made fresh for each forward.
+    """
+
+    def __init__(self):
+        self.grad: torch.Tensor | None = None
+
+    def keep(self, grad_weight: torch.Tensor, weight_dtype: torch.dtype) -> None:
+        """Store the LM head's weight gradient, in the weight's dtype."""
+        self.grad = grad_weight.to(weight_dtype)
 
 
 def chunks_from_flags(embedding_serialization_factor: int, sequence_serialized: bool) -> dict[str, int]:
@@ -39,12 +63,15 @@ def chunked_lm_loss(
     *,
     vocab_chunks: int = 1,
     token_chunks: int = 1,
+    tied: TiedGrad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy over labels != -100, argmax accuracy over them) of `hidden @ weight.T`.
 
     hidden [N, d], weight [V, d], labels [N] (int64, -100 = ignored). With both chunk counts at 1
     this is the plain loss through full logits. Chunking is along one axis at a time. Under
     autocast the matmuls run in the autocast dtype; the softmax and all sums stay in fp32.
+    tied: where the chunked paths leave the weight's gradient for the embedding (see TiedGrad);
+    the plain loss returns it to autograd as usual.
     """
     if vocab_chunks > 1 and token_chunks > 1:
         raise ValueError("chunk the loss along the vocabulary or along the tokens, not both")
@@ -55,11 +82,11 @@ def chunked_lm_loss(
         # The compiled fused op (custom_ops/, when built and loaded) computes the same loss and
         # gradients in bounded memory, faster than the pure chunked paths below.
         if max(vocab_chunks, token_chunks) > 1 and ops.fused_lm_loss_available(hidden, weight, dtype):
-            return ops.fused_lm_loss(hidden, weight, labels, dtype=dtype)
+            return ops.fused_lm_loss(hidden, weight, labels, dtype=dtype, tied=tied)
         if vocab_chunks > 1:
-            return _VocabChunkedLoss.apply(hidden, weight, labels, vocab_chunks, dtype)
+            return _VocabChunkedLoss.apply(hidden, weight, labels, vocab_chunks, dtype, tied)
         if token_chunks > 1:
-            return _TokenChunkedLoss.apply(hidden, weight, labels, token_chunks, dtype, want_grads)
+            return _TokenChunkedLoss.apply(hidden, weight, labels, token_chunks, dtype, want_grads, tied)
         return _plain_loss(hidden.to(dtype), weight.to(dtype), labels)
 
 
@@ -85,7 +112,7 @@ def _row_scale(labels, dtype):
 
 class _TokenChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, n_chunks, dtype, want_grads):
+    def forward(ctx, hidden, weight, labels, n_chunks, dtype, want_grads, tied):
         acc = _softmax_dtype(dtype)
         scale, valid, n_valid = _row_scale(labels, acc)
         targets = labels.clamp(min=0)
@@ -115,6 +142,7 @@ class _TokenChunkedLoss(torch.autograd.Function):
                 torch.mm(grad_logits, w, out=grad_hidden[lo:hi])
                 grad_weight.addmm_(grad_logits.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.tied, ctx.weight_dtype = tied, weight.dtype
         return loss_sum / n_valid, correct / n_valid
 
     @staticmethod
@@ -123,12 +151,13 @@ class _TokenChunkedLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         # In place: a second [V, d] buffer here would land on the step's memory peak.
         # once_differentiable, and the graph frees these after one backward.
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None
+        grad_weight = _hand_over(ctx.tied, grad_weight.mul_(grad_loss), ctx.weight_dtype)
+        return grad_hidden.mul_(grad_loss), grad_weight, None, None, None, None, None
 
 
 class _VocabChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, n_chunks, dtype):
+    def forward(ctx, hidden, weight, labels, n_chunks, dtype, tied):
         acc = _softmax_dtype(dtype)
         scale, valid, n_valid = _row_scale(labels, acc)
         targets = labels.clamp(min=0)
@@ -156,7 +185,7 @@ class _VocabChunkedLoss(torch.autograd.Function):
         loss_sum = ((lse - target_logit) * valid).sum()
         correct = ((best_index == targets) & valid).sum()
         ctx.save_for_backward(hidden, weight, targets, lse, scale)
-        ctx.n_chunks, ctx.dtype = n_chunks, dtype
+        ctx.n_chunks, ctx.dtype, ctx.tied = n_chunks, dtype, tied
         return loss_sum / n_valid, correct / n_valid
 
     @staticmethod
@@ -176,7 +205,15 @@ class _VocabChunkedLoss(torch.autograd.Function):
             grad_logits = grad_logits.mul_(row_weight).to(ctx.dtype)
             _add_matmul(grad_hidden, grad_logits, w)
             grad_weight[lo:hi] = grad_logits.t() @ h
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None
+        return grad_hidden.to(hidden.dtype), _hand_over(ctx.tied, grad_weight, weight.dtype), None, None, None, None
+
+
+def _hand_over(tied: TiedGrad | None, grad_weight: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor | None:
+    """The weight gradient to return from backward: none when a TiedGrad takes it (the embedding returns it)."""
+    if tied is None:
+        return grad_weight
+    tied.keep(grad_weight, weight_dtype)
+    return None
 
 
 def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.loss import IGNORE_INDEX, chunked_lm_loss
+from gpt2ipu.loss import IGNORE_INDEX, TiedGrad, chunked_lm_loss
 
 
 
@@ -239,6 +239,7 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
+        tied: TiedGrad | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """Final-LayerNorm outputs [B, T, n_embd] and, with use_cache, the key/value cache.
 
@@ -254,12 +255,13 @@ class GPT(nn.Module):
                 f"sequence of {past_len + T} tokens is longer than the model's n_positions "
                 f"({self.config.n_positions})"
             )
-        # A tied embedding's gradient meets the LM head's dense [vocab, n_embd] gradient at the
-        # end of backward; a sparse one (rows of this batch's tokens only) is added into it
-        # without a second dense buffer: 150 MB less at GPT-2's memory peak. (Not under
-        # torch.compile, whose backend has no sparse tensors.)
-        sparse = self.config.tie_word_embeddings and not torch.compiler.is_compiling()
-        tokens = F.embedding(input_ids, self.wte.weight, sparse=sparse)
+        if tied is not None:   # the chunked loss's weight gradient completes in the lookup's backward
+            tokens = _TiedEmbedding.apply(input_ids, self.wte.weight, tied)
+        else:
+            # A sparse gradient (this batch's rows only) rather than a second dense [V, d] one
+            # for the LM head's to meet. (Not under torch.compile, whose backend has no sparse tensors.)
+            sparse = self.config.tie_word_embeddings and not torch.compiler.is_compiling()
+            tokens = F.embedding(input_ids, self.wte.weight, sparse=sparse)
         x = self.drop(tokens + self.wpe(position_ids))
         mask = _attention_mask(attention_mask, past_len, T, input_ids.device)
         cache = past_key_values
@@ -290,12 +292,16 @@ class GPT(nn.Module):
         Without labels: logits [B, T, vocab], or (logits, cache) when use_cache is set.
         Labels have the shape of input_ids and are already shifted (labels[t] follows input_ids[t]).
         """
+        chunked = labels is not None and max(vocab_chunks, token_chunks) > 1
+        tied = TiedGrad() if chunked and self.config.tie_word_embeddings and self.wte.weight.requires_grad \
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
         hidden, presents = self.hidden_states(
             input_ids,
             past_key_values=past_key_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
+            tied=tied,
         )
         if labels is not None:
             loss, accuracy = chunked_lm_loss(
@@ -304,10 +310,33 @@ class GPT(nn.Module):
                 labels.reshape(-1),
                 vocab_chunks=vocab_chunks,
                 token_chunks=token_chunks,
+                tied=tied,
             )
             return loss, {"accuracy": accuracy, "tokens": (labels != IGNORE_INDEX).sum()}
         logits = self.lm_head(hidden)
         return (logits, presents) if use_cache else logits
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """F.embedding(ids, weight) whose backward adds the rows' gradients into the LM head's
+    weight gradient (left in `tied` by the chunked loss) and returns the sum: see TiedGrad."""
+
+    @staticmethod
+    def forward(ctx, input_ids, weight, tied):
+        ctx.save_for_backward(input_ids)
+        ctx.tied, ctx.shape = tied, weight.shape
+        return F.embedding(input_ids, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_tokens):
+        (input_ids,) = ctx.saved_tensors
+        grad = ctx.tied.grad
+        ctx.tied.grad = None
+        if grad is None:   # the loss kept no gradient (none wanted for the weight): the rows alone
+            grad = grad_tokens.new_zeros(ctx.shape)
+        grad.index_add_(0, input_ids.reshape(-1), grad_tokens.reshape(-1, ctx.shape[1]).to(grad.dtype))
+        return None, grad, None
 
 
 def _positions(attention_mask, past_len: int, T: int, device) -> torch.Tensor:

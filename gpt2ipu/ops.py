@@ -327,7 +327,7 @@ def fused_lm_loss_available(hidden, weight, dtype=None) -> bool:
 
 
 def fused_lm_loss(hidden, weight, labels, *, chunk_size: int = DEFAULT_CHUNK_SIZE, block_tokens: int | None = None,
-                  dtype=None):
+                  dtype=None, tied=None):
     """(mean cross-entropy over labels != -100, argmax accuracy over them) of `hidden @ weight.T`.
 
     The contract of `gpt2ipu.loss.chunked_lm_loss` (NaN for both when every label is ignored; the
@@ -336,7 +336,8 @@ def fused_lm_loss(hidden, weight, labels, *, chunk_size: int = DEFAULT_CHUNK_SIZ
     gradients wanted, forward computes them (for a loss gradient of 1) and backward scales them:
     nothing is recomputed. hidden [N, d] and weight [V, d] in fp32 or bf16; the matmuls run in `dtype` (default:
     the autocast dtype when autocast is on, else hidden's), the softmax and sums in fp32. Needs the
-    ops loaded (see `fused_lm_loss_available`).
+    ops loaded (see `fused_lm_loss_available`). tied: a `gpt2ipu.loss.TiedGrad` that takes the
+    weight's gradient for the embedding lookup to complete.
     """
     import torch
 
@@ -348,7 +349,7 @@ def fused_lm_loss(hidden, weight, labels, *, chunk_size: int = DEFAULT_CHUNK_SIZ
     # Decided here: inside Function.forward grad mode is always off.
     grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _fused_function().apply(hidden, weight, labels, int(chunk_size), int(block), compute, *grads)
+        return _fused_function().apply(hidden, weight, labels, int(chunk_size), int(block), compute, *grads, tied)
 
 
 @functools.cache
@@ -358,11 +359,12 @@ def _fused_function():
 
     class FusedLMLoss(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, labels, chunk_size, block_tokens, dtype, hidden_grad, weight_grad):
+        def forward(ctx, hidden, weight, labels, chunk_size, block_tokens, dtype, hidden_grad, weight_grad, tied):
             loss, accuracy, grad_hidden, grad_weight = getattr(torch.ops, NAMESPACE).lm_loss(
                 hidden, weight, labels, chunk_size, block_tokens, dtype, hidden_grad, weight_grad)
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.mark_non_differentiable(accuracy)
+            ctx.tied, ctx.weight_dtype = tied, weight.dtype
             return loss, accuracy
 
         @staticmethod
@@ -371,9 +373,14 @@ def _fused_function():
             grad_hidden, grad_weight = ctx.saved_tensors
             # In place (the graph frees them after this one backward): a second [V, d] would land
             # on the step's memory peak.
+            if ctx.needs_input_grad[1]:
+                grad_weight.mul_(grad_loss)
+                if ctx.tied is not None:
+                    ctx.tied.keep(grad_weight, ctx.weight_dtype)
+                    grad_weight = None
             return (grad_hidden.mul_(grad_loss) if ctx.needs_input_grad[0] else None,
-                    grad_weight.mul_(grad_loss) if ctx.needs_input_grad[1] else None,
-                    None, None, None, None, None, None)
+                    grad_weight if ctx.needs_input_grad[1] else None,
+                    None, None, None, None, None, None, None)
 
     return FusedLMLoss
 

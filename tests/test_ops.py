@@ -422,3 +422,24 @@ def test_generation_through_the_decode_op_equals_the_pure_path(compiled, built_o
     ids = torch.tensor([prompts[0]])
     with torch.inference_mode():
         torch.testing.assert_close(fast(ids[:, -1:]), plain(ids[:, -1:]), rtol=1e-5, atol=1e-5)
+
+
+def test_model_gradients_through_the_fused_loss_equal_the_plain_loss(compiled, built_ops_dir, fresh_outcomes,
+                                                                      monkeypatch):
+    """The tied embedding's gradient assembled in the loss's buffer (TiedGrad) with the compiled op."""
+    from gpt2ipu.model import GPT, config_for
+
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    torch.manual_seed(0)
+    plain, fused = GPT(config_for("gpt2-test", 32)), GPT(config_for("gpt2-test", 32))
+    fused.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(1))
+    calls = []
+    original = ops.fused_lm_loss
+    monkeypatch.setattr(ops, "fused_lm_loss", lambda *a, **k: calls.append(k["tied"]) or original(*a, **k))
+    for _ in range(2):   # two micro-batches: the second adds into the first's gradients
+        plain(ids[:, :-1], ids[:, 1:])[0].backward()
+        fused(ids[:, :-1], ids[:, 1:], token_chunks=4)[0].backward()
+    assert len(calls) == 2 and all(tied is not None for tied in calls)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
