@@ -44,10 +44,18 @@ class TiedGrad:
 
     def __init__(self):
         self.grad: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None
 
     def keep(self, grad_weight: torch.Tensor, weight_dtype: torch.dtype) -> None:
-        """Store the LM head's weight gradient, in the weight's dtype."""
-        self.grad = grad_weight.to(weight_dtype)
+        """Store the LM head's weight gradient (cast to the weight's dtype by `take`)."""
+        self.grad, self.dtype = grad_weight, weight_dtype
+
+    def take(self) -> torch.Tensor | None:
+        """The stored gradient in the weight's dtype, once. A bf16 one is cast here, at the end of
+        backward, when the activations are gone: cast at the start, its fp32 copy would sit on
+        the step's memory peak with them (about 75 MB more for GPT-2 small under bf16 autocast)."""
+        grad, self.grad = self.grad, None
+        return None if grad is None else grad.to(self.dtype)
 
 
 def chunks_from_flags(embedding_serialization_factor: int, sequence_serialized: bool) -> dict[str, int]:
