@@ -88,8 +88,11 @@ def chunked_lm_loss(
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device, enabled=False):
         # The compiled fused op (custom_ops/, when built and loaded) computes the same loss and
-        # gradients in bounded memory, faster than the pure chunked paths below.
-        if max(vocab_chunks, token_chunks) > 1 and ops.fused_lm_loss_available(hidden, weight, dtype):
+        # gradients in bounded memory, 1.37x faster than the vocabulary chunks below (which
+        # recompute their logits in backward). The token chunks are as fast as the op in fp32
+        # and faster and leaner under bf16 autocast (GPT-2 small step, measured: 1.77 s and
+        # 2.55 GB against 1.97 s and 2.94 GB), so they stay in PyTorch.
+        if vocab_chunks > 1 and ops.fused_lm_loss_available(hidden, weight, dtype):
             return ops.fused_lm_loss(hidden, weight, labels, dtype=dtype, tied=tied)
         if vocab_chunks > 1:
             return _VocabChunkedLoss.apply(hidden, weight, labels, vocab_chunks, dtype, tied)

@@ -439,7 +439,7 @@ def test_model_gradients_through_the_fused_loss_equal_the_plain_loss(compiled, b
     monkeypatch.setattr(ops, "fused_lm_loss", lambda *a, **k: calls.append(k["tied"]) or original(*a, **k))
     for _ in range(2):   # two micro-batches: the second adds into the first's gradients
         plain(ids[:, :-1], ids[:, 1:])[0].backward()
-        fused(ids[:, :-1], ids[:, 1:], token_chunks=4)[0].backward()
+        fused(ids[:, :-1], ids[:, 1:], vocab_chunks=4)[0].backward()
     assert len(calls) == 2 and all(tied is not None for tied in calls)
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
