@@ -38,7 +38,7 @@ class TiedGrad:
     rows, at the very end. Its sum of a dense and a sparse gradient is out of place, a third
     [V, d] tensor on the step's memory peak (150 MB for GPT-2 small, measured). So the loss
     stores its scaled gradient in `grad` (returning none for the weight), and the embedding
-    lookup (`gpt2ipu.model.tied_embedding`) adds its rows into it in place and returns it: one
+    lookup (`gpt2ipu.model._TiedEmbedding`) adds its rows into it in place and returns it: one
     dense gradient, accumulated by autograd like any other. Made fresh for each forward.
     """
 

@@ -27,7 +27,6 @@ from gpt2ipu.errors import UserError
 from gpt2ipu.loss import IGNORE_INDEX, TiedGrad, chunked_lm_loss
 
 
-
 class KVCache:
     """Keys and values of every layer, [B, n_head, length, head_dim] each, updated in place.
 
