@@ -80,7 +80,9 @@ def unwrap(model: torch.nn.Module) -> GPT:
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our parameters under Hugging Face GPT2LMHeadModel names and layouts (contiguous, unshared)."""
+    """Our parameters under Hugging Face GPT2LMHeadModel names and layouts: contiguous, none sharing
+    memory with another (the tied LM head is left out), but CPU ones may be the live parameters
+    themselves, not copies: write them out before the next optimizer step."""
     model = unwrap(model)
     out = {}
     for name, tensor in model.state_dict().items():
@@ -90,7 +92,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
         tensor = tensor.detach()
         if name.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
-        out[hf_name] = tensor.contiguous().cpu().clone()
+        out[hf_name] = tensor.contiguous().cpu()
     return out
 
 

@@ -73,7 +73,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+    return file_digest(path, "sha256", chunk_bytes)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str, chunk_bytes: int = 1 << 20) -> str:
+    """Hex digest of a file read in chunks (`algorithm`: a hashlib name)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk_bytes):
             digest.update(block)

@@ -44,18 +44,14 @@ class TiedGrad:
 
     def __init__(self):
         self.grad: torch.Tensor | None = None
-        self.dtype: torch.dtype | None = None
 
-    def keep(self, grad_weight: torch.Tensor, weight_dtype: torch.dtype) -> None:
-        """Store the LM head's weight gradient (cast to the weight's dtype by `take`)."""
-        self.grad, self.dtype = grad_weight, weight_dtype
 
-    def take(self) -> torch.Tensor | None:
-        """The stored gradient in the weight's dtype, once. A bf16 one is cast here, at the end of
-        backward, when the activations are gone: cast at the start, its fp32 copy would sit on
-        the step's memory peak with them (about 75 MB more for GPT-2 small under bf16 autocast)."""
-        grad, self.grad = self.grad, None
-        return None if grad is None else grad.to(self.dtype)
+def hand_over(tied: TiedGrad | None, grad_weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight gradient a loss's backward returns: none when a TiedGrad takes it (the embedding returns it)."""
+    if tied is None:
+        return grad_weight
+    tied.grad = grad_weight
+    return None
 
 
 def chunks_from_flags(embedding_serialization_factor: int, sequence_serialized: bool) -> dict[str, int]:
@@ -153,7 +149,7 @@ class _TokenChunkedLoss(torch.autograd.Function):
                 torch.mm(grad_logits, w, out=grad_hidden[lo:hi])
                 grad_weight.addmm_(grad_logits.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.tied, ctx.weight_dtype = tied, weight.dtype
+        ctx.tied = tied
         return loss_sum / n_valid, correct / n_valid
 
     @staticmethod
@@ -162,7 +158,7 @@ class _TokenChunkedLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         # In place: a second [V, d] buffer here would land on the step's memory peak.
         # once_differentiable, and the graph frees these after one backward.
-        grad_weight = _hand_over(ctx.tied, grad_weight.mul_(grad_loss), ctx.weight_dtype)
+        grad_weight = hand_over(ctx.tied, grad_weight.mul_(grad_loss))
         return grad_hidden.mul_(grad_loss), grad_weight, None, None, None, None, None
 
 
@@ -216,15 +212,7 @@ class _VocabChunkedLoss(torch.autograd.Function):
             grad_logits = grad_logits.mul_(row_weight).to(ctx.dtype)
             _add_matmul(grad_hidden, grad_logits, w)
             grad_weight[lo:hi] = grad_logits.t() @ h
-        return grad_hidden.to(hidden.dtype), _hand_over(ctx.tied, grad_weight, weight.dtype), None, None, None, None
-
-
-def _hand_over(tied: TiedGrad | None, grad_weight: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor | None:
-    """The weight gradient to return from backward: none when a TiedGrad takes it (the embedding returns it)."""
-    if tied is None:
-        return grad_weight
-    tied.keep(grad_weight, weight_dtype)
-    return None
+        return grad_hidden.to(hidden.dtype), hand_over(ctx.tied, grad_weight), None, None, None, None
 
 
 def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -242,6 +242,9 @@ def ready_ops_dir(build_dir: str | os.PathLike | None, scratch: str | os.PathLik
 
 _lock = threading.Lock()
 _outcomes: dict[str, tuple[Any, str]] = {}  # resolved build dir -> (namespace or None, why)
+# The folder as given -> its key in _outcomes: resolving a path costs ~10 us (a stat per part),
+# and decoding asks once per linear layer per token.
+_resolved: dict[tuple[str, str], str] = {}
 _loaded_library: Path | None = None
 
 
@@ -252,7 +255,10 @@ def load_ops(build_dir: str | os.PathLike | None = None, *, quiet: bool = False)
     (not configured, not built, build failed, cannot load); later calls answer from memory.
     """
     folder = build_dir if build_dir is not None else os.environ.get(OPS_DIR_ENV) or None
-    key = str(Path(folder).resolve()) if folder else ""
+    key = _outcome_key(folder)
+    known = _outcomes.get(key)
+    if known is not None:
+        return known[0]
     with _lock:
         if key not in _outcomes:
             namespace, why = _try_load(Path(folder)) if folder else \
@@ -269,7 +275,17 @@ def ops_reason(build_dir: str | os.PathLike | None = None) -> str:
     """Why `load_ops(build_dir)` answered what it did (loads first if needed)."""
     load_ops(build_dir, quiet=True)
     folder = build_dir if build_dir is not None else os.environ.get(OPS_DIR_ENV) or None
-    return _outcomes[str(Path(folder).resolve()) if folder else ""][1]
+    return _outcomes[_outcome_key(folder)][1]
+
+
+def _outcome_key(folder) -> str:
+    """The resolved folder (the key of _outcomes), remembered per spelling of the folder."""
+    if not folder:
+        return ""
+    spelling = (str(folder), os.getcwd())   # a relative folder means another one after a chdir
+    if spelling not in _resolved:
+        _resolved[spelling] = str(Path(folder).resolve())
+    return _resolved[spelling]
 
 
 def _announce(loaded: bool) -> bool:
@@ -357,6 +373,8 @@ def _fused_function():
     """The autograd Function, made on first use so that importing this module does not import torch."""
     import torch
 
+    from gpt2ipu.loss import hand_over  # here: gpt2ipu.loss imports this module
+
     class FusedLMLoss(torch.autograd.Function):
         @staticmethod
         def forward(ctx, hidden, weight, labels, chunk_size, block_tokens, dtype, hidden_grad, weight_grad, tied):
@@ -364,7 +382,7 @@ def _fused_function():
                 hidden, weight, labels, chunk_size, block_tokens, dtype, hidden_grad, weight_grad)
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.mark_non_differentiable(accuracy)
-            ctx.tied, ctx.weight_dtype = tied, weight.dtype
+            ctx.tied = tied
             return loss, accuracy
 
         @staticmethod
@@ -373,20 +391,11 @@ def _fused_function():
             grad_hidden, grad_weight = ctx.saved_tensors
             # In place (the graph frees them after this one backward): a second [V, d] would land
             # on the step's memory peak.
-            if ctx.needs_input_grad[1]:
-                grad_weight.mul_(grad_loss)
-                if ctx.tied is not None:
-                    ctx.tied.keep(grad_weight, ctx.weight_dtype)
-                    grad_weight = None
             return (grad_hidden.mul_(grad_loss) if ctx.needs_input_grad[0] else None,
-                    grad_weight if ctx.needs_input_grad[1] else None,
+                    hand_over(ctx.tied, grad_weight.mul_(grad_loss)) if ctx.needs_input_grad[1] else None,
                     None, None, None, None, None, None, None)
 
     return FusedLMLoss
-
-
-# ---------------------------------------------------------------------------------------------
-# The sample index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +420,12 @@ def decode_linear(x, weight, bias=None):
     Same values as F.linear up to the order of the sums (a different kernel: the last bits differ).
     """
     rows = x.reshape(-1, x.shape[-1])
-    out = getattr(load_ops(), "decode_linear")(rows, weight, bias)
+    out = load_ops().decode_linear(rows, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample index
 
 
 def compiled_sample_idx(sizes, doc_idx, seq_length: int, num_samples: int):

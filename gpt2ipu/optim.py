@@ -105,30 +105,42 @@ def train_step(
     loss_chunks: dict | None = None,
     autocast_dtype: torch.dtype | None = None,
     max_grad_norm: float | None = None,
-) -> dict[str, float]:
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, torch.Tensor | None]:
     """Forward and backward over each (input_ids, labels) micro-batch, then one optimizer step.
 
     The loss of each micro-batch is divided by their number (the mean over micro-batches, as the
     original's gradient accumulation). Under DDP, gradients are all-reduced on the last micro-batch
-    only. zero_grad(set_to_none=True): the next backward writes fresh gradients instead of adding to
-    zeroed buffers, and the memory is free in between. Returns the mean loss and accuracy.
+    only. With max_grad_norm (inf: measure only) the gradients are clipped to it and their norm
+    before clipping is returned; a GradScaler (fp16) scales the loss and unscales before clipping.
+    zero_grad(set_to_none=True): the next backward writes fresh gradients instead of adding to
+    zeroed buffers, and the memory is free in between. Returns the mean loss and accuracy as
+    device tensors (no host sync here) and the gradient norm (None without max_grad_norm).
     """
     micro_batches = list(micro_batches)
     loss_chunks = loss_chunks or {}
-    device_type = next(model.parameters()).device.type
-    losses, accuracies = [], []
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    acc_sum = torch.zeros((), device=device)
     for i, (input_ids, labels) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, metrics = model(input_ids, labels, **loss_chunks)
-            (loss / len(micro_batches)).backward()
-        losses.append(loss.detach())
-        accuracies.append(metrics["accuracy"].detach())
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+            scaled = loss / len(micro_batches)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+        acc_sum += metrics["accuracy"].detach().float()
+    grad_norm = None
+    if max_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss, accuracy = torch.stack(losses).mean(), torch.stack(accuracies).float().mean()
-    return {"loss": float(loss), "accuracy": float(accuracy)}
+    return {"loss": loss_sum / len(micro_batches), "accuracy": acc_sum / len(micro_batches), "grad_norm": grad_norm}

@@ -225,7 +225,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from gpt2ipu.checkpoint import load_hf_dir, save_hf_dir, write_hf_files
     from gpt2ipu.metrics import MetricsLog, plot_loss_curve
     from gpt2ipu.model import GPT, config_for
-    from gpt2ipu.optim import make_optimizer, parameter_groups
+    from gpt2ipu.optim import make_optimizer, parameter_groups, train_step
     from gpt2ipu.train_checkpoint import (latest_checkpoint, load_training_state, restore_rng_states,
                                           rng_states, save_training_checkpoint)
     from gpt2ipu.train_data import ResumableBatches, make_train_dataset
@@ -250,7 +250,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     data_epochs = 1 if cfg.dataset == "mmap" else cfg.epochs
     batches = ResumableBatches(train_data, micro_batch=cfg.batch_size, grad_accum=cfg.gradient_accumulation,
                                world_size=info.world_size, rank=info.rank, seed=cfg.seed, num_epochs=data_epochs,
-                               num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+                               num_workers=cfg.num_workers, persistent_workers=True)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = batches.total_steps
     if cfg.max_steps is not None:
@@ -312,12 +312,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
 
-    def loss_of(batch):
+    def loss_chunks(n_tokens: int) -> dict[str, int]:
+        token_chunks = max(1, math.ceil(n_tokens / cfg.serialized_seq_len)) if cfg.enable_sequence_serialized else 1
+        return {"vocab_chunks": vocab_chunks, "token_chunks": token_chunks}
+
+    def inputs_and_labels(batch):
         batch = batch.to(device, non_blocking=True)
-        inputs, labels = batch[:, :-1], batch[:, 1:]
-        token_chunks = max(1, math.ceil(inputs.numel() / cfg.serialized_seq_len)) if cfg.enable_sequence_serialized else 1
+        return batch[:, :-1], batch[:, 1:]
+
+    def loss_of(batch):
+        inputs, labels = inputs_and_labels(batch)
         with autocast():
-            loss, extra = model(inputs, labels=labels, vocab_chunks=vocab_chunks, token_chunks=token_chunks)
+            loss, extra = model(inputs, labels=labels, **loss_chunks(inputs.numel()))
         return loss, extra["accuracy"]
 
     @torch.no_grad()
@@ -361,30 +367,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     step, last = start_step, {}
     tokens_per_step = cfg.global_batch * cfg.max_len
     steps = iter(batches)
+    train_chunks = loss_chunks(cfg.batch_size * cfg.max_len)   # every training micro-batch has this shape
     while step < total_steps:
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        acc_sum = torch.zeros((), device=device)
-        for micro, batch in enumerate(next(steps).micro_batches):
-            sync = micro == cfg.gradient_accumulation - 1 or info.world_size == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                loss, accuracy = loss_of(batch)
-                scaler.scale(loss / cfg.gradient_accumulation).backward()
-            loss_sum += loss.detach().float()
-            acc_sum += accuracy.detach().float()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
-        scaler.step(optimizer)
-        scaler.update()
+        result = train_step(model, optimizer, [inputs_and_labels(b) for b in next(steps).micro_batches],
+                            loss_chunks=train_chunks, autocast_dtype=autocast_dtype, scaler=scaler,
+                            max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        stats = parallel.all_reduce_mean(torch.stack([loss_sum, acc_sum]) / cfg.gradient_accumulation, info)
-        loss_value, acc_value = stats[0].item(), stats[1].item()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        stats = parallel.all_reduce_mean(torch.stack([result["loss"], result["accuracy"]]), info)
+        loss_value, acc_value = stats[0].item(), stats[1].item()   # .item() waits for the step
         seconds = time.perf_counter() - start
         if not math.isfinite(loss_value):
             last_good = latest_checkpoint(cfg.state_dir)
@@ -392,7 +386,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             f"checkpoint is {last_good or '(none yet)'}; lower --learning-rate, raise warmup, "
                             "or use --precision fp32, then rerun to resume from it")
         record = {"step": step, "epoch": batches.epoch, "loss": loss_value, "accuracy": acc_value, "lr": lr,
-                  "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / seconds,
+                  "grad_norm": float(result["grad_norm"]), "tokens_per_s": tokens_per_step / seconds,
                   "samples_per_s": cfg.global_batch / seconds,
                   "mfu": flops_tok * tokens_per_step / seconds / (peak * info.world_size)}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:

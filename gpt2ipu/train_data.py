@@ -28,11 +28,11 @@ import struct
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-import crc32c
 import numpy as np
 import torch
 
 from gpt2ipu.data.megatron import MMapIndexedDataset
+from gpt2ipu.data.tfrecord_io import masked_crc32c
 from gpt2ipu.errors import UserError
 
 FEATURE = "input_ids"
@@ -81,11 +81,6 @@ def _check_index(i, n: int) -> int:
 # TFRecord shards
 
 _SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
-
-
-def _masked_crc32c(data) -> int:
-    crc = crc32c.crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _read_index(index_path: Path) -> np.ndarray:
@@ -205,7 +200,7 @@ class TFRecordSamples:
         (length_crc,) = struct.unpack_from("<I", raw, 8)
         (data_crc,) = struct.unpack_from("<I", raw, length - 4)
         payload = memoryview(raw)[12 : length - 4]
-        if size != len(payload) or length_crc != _masked_crc32c(raw[:8]) or data_crc != _masked_crc32c(payload):
+        if size != len(payload) or length_crc != masked_crc32c(raw[:8]) or data_crc != masked_crc32c(payload):
             raise UserError(f"{where}: length or CRC mismatch (corrupt file or stale index); rerun the shards stage")
         example = example_pb2.Example()
         example.ParseFromString(payload)
@@ -503,13 +498,11 @@ class ResumableBatches:
 
     def __init__(self, dataset, *, micro_batch: int, grad_accum: int = 1, world_size: int = 1, rank: int = 0,
                  seed: int = 0, num_epochs: int = 1, shuffle: bool = True, num_workers: int = 0,
-                 persistent_workers: bool = False, pin_memory: bool = False, prefetch_factor: int | None = None,
-                 epoch: int = 0, step: int = 0):
+                 persistent_workers: bool = False, epoch: int = 0, step: int = 0):
         if micro_batch < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"bad batch layout: micro_batch {micro_batch}, grad_accum {grad_accum}, "
                             f"rank {rank} of world_size {world_size}")
-        self.dataset, self.micro_batch, self.grad_accum = dataset, micro_batch, grad_accum
-        self.world_size, self.rank, self.seed, self.num_epochs = world_size, rank, seed, num_epochs
+        self.dataset, self.grad_accum, self.seed, self.num_epochs = dataset, grad_accum, seed, num_epochs
         self.plan = BatchPlan(len(dataset), micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
                               rank=rank, seed=seed, shuffle=shuffle)
         self.global_batch, self.steps_per_epoch = self.plan.global_batch, self.plan.steps_per_epoch
@@ -517,9 +510,7 @@ class ResumableBatches:
             raise UserError(f"the dataset has {len(dataset)} samples, fewer than one global batch of "
                             f"{self.global_batch} (batch size {micro_batch} x gradient accumulation {grad_accum} "
                             f"x replicas {world_size}); use more data or a smaller batch")
-        self._loader_options = dict(num_workers=num_workers, pin_memory=pin_memory,
-                                    persistent_workers=persistent_workers and num_workers > 0,
-                                    prefetch_factor=prefetch_factor if num_workers > 0 else None)
+        self._loader_options = dict(num_workers=num_workers, persistent_workers=persistent_workers and num_workers > 0)
         self._loader = None
         self.epoch, self.step = 0, 0
         self._seek(epoch, step)
@@ -533,10 +524,6 @@ class ResumableBatches:
             raise UserError(f"data position epoch {epoch} step {step} is outside an epoch of "
                             f"{self.steps_per_epoch} steps")
         self.epoch, self.step = (epoch + 1, 0) if step == self.steps_per_epoch else (epoch, step)
-
-    def micro_batch_indices(self, epoch: int, step: int) -> np.ndarray:
-        """This rank's sample indices of that step: [grad_accum, micro_batch]."""
-        return self.plan.micro_batch_indices(epoch, step)
 
     def _data_loader(self) -> torch.utils.data.DataLoader:
         if self._loader is None:

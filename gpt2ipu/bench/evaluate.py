@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2ipu.bench.common import report
-from gpt2ipu.bench.tokenize import interleaved_median_seconds
+from gpt2ipu.bench.common import interleaved_median_seconds, report
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_LAMBADA = REPO.parent / "shared" / "data" / "lambada_test.jsonl"

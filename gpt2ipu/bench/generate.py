@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2ipu.bench.common import report
-from gpt2ipu.bench.tokenize import interleaved_median_seconds
+from gpt2ipu.bench.common import interleaved_median_seconds, report
 
 CPU_BF16_NOTE = ("bf16 skipped on CPU: PyTorch's CPU bf16 matrix-vector products, which batch-1 decoding is "
                  "made of, are no faster than fp32 here (no bf16 GEMV fast path), so a CPU bf16 figure would "

@@ -14,18 +14,13 @@ All three must give identical ids. `stage_end_to_end` is extra information: the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from gpt2ipu.bench.common import report
+from gpt2ipu.bench.common import interleaved_median_seconds, report
 from gpt2ipu.data.tokenize import read_document_batches, run_tokenize
 from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast, load_tokenizer
 
@@ -44,38 +39,10 @@ def extract_sample(work_dir: Path) -> Path:
     """The default real text: the shared Wikipedia fragment, extracted into `work_dir`."""
     if not DEFAULT_DUMP.is_file():
         sys.exit(f"bench tokenize: {DEFAULT_DUMP} is absent; pass --articles JSONL")
-    if importlib.util.find_spec("gpt2ipu.data.extract") is not None:
-        from gpt2ipu.data import extract
+    from gpt2ipu.data.extract import ARTICLES_NAME, run_extract
 
-        if hasattr(extract, "run_extract"):
-            extract.run_extract(DEFAULT_DUMP, work_dir / "extract", processes=2)
-            return work_dir / "extract" / "articles.jsonl"
-    return extract_with_wikiextractor(DEFAULT_DUMP, work_dir)
-
-
-def extract_with_wikiextractor(dump: Path, work_dir: Path) -> Path:
-    raw = work_dir / "wikiextractor"
-    subprocess.run([sys.executable, "-m", "wikiextractor.WikiExtractor", "--json", "--no-templates", "--quiet",
-                    "--processes", "2", "-o", str(raw), str(dump)], check=True, stdout=sys.stderr)
-    articles = work_dir / "articles.jsonl"
-    with open(articles, "wb") as out:
-        for part in sorted(raw.rglob("wiki_*")):
-            out.write(part.read_bytes())
-    return articles
-
-
-def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, timed in turns (one run of each per round) so that load from
-    other processes on a shared machine falls on all of them alike, not on whichever ran last."""
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    run_extract(DEFAULT_DUMP, work_dir / "extract", processes=2)
+    return work_dir / "extract" / ARTICLES_NAME
 
 
 def flatten_with_eos(ids_per_doc: list[list[int]], eos_id: int) -> np.ndarray:

@@ -43,7 +43,7 @@ ABLATIONS = {
 # Measured on the 2-core CPU (GPT-2 small, 1024 tokens a step): 4 token chunks are the fastest in
 # fp32 (faster than the plain loss), 8 under bf16 autocast (each chunk's logits then fit in cache).
 DEFAULT_TOKEN_CHUNKS = {"fp32": 4, "bf16": 8}
-DEFAULT_KNOBS = {"token_chunks": None, "vocab_chunks": 1, "optimizer": "fused", "gelu_recompute": None, "compile": False}
+DEFAULT_KNOBS = {"token_chunks": None, "vocab_chunks": 1, "optimizer": "fused", "gelu_recompute": True, "compile": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,6 +185,7 @@ def _child(spec: dict) -> dict:
     import torch
 
     from gpt2ipu.model import config_for
+    from gpt2ipu.train import flops_per_token
 
     device, knobs = spec["device"], spec["knobs"]
     torch.manual_seed(0)
@@ -203,7 +204,7 @@ def _child(spec: dict) -> dict:
         step, parameters = _our_step(config, device, autocast_dtype, knobs)
     n_params = parameters - config.n_positions * config.n_embd
     tokens = spec["batch_size"] * spec["max_len"]
-    flops_per_step = 6 * n_params * tokens + 12 * config.n_layer * config.n_embd * spec["max_len"] * tokens
+    flops_per_step = flops_per_token(n_params, config.n_layer, config.n_embd, spec["max_len"]) * tokens
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -258,7 +259,8 @@ def _our_step(config, device, autocast_dtype, knobs):
     loss_chunks = {"token_chunks": knobs["token_chunks"], "vocab_chunks": knobs["vocab_chunks"]}
 
     def step(input_ids, labels):
-        return train_step(model, optimizer, [(input_ids, labels)], loss_chunks=loss_chunks, autocast_dtype=autocast_dtype)["loss"]
+        return float(train_step(model, optimizer, [(input_ids, labels)], loss_chunks=loss_chunks,
+                                autocast_dtype=autocast_dtype)["loss"])
 
     return step, sum(p.numel() for p in model.parameters())
 

@@ -13,7 +13,6 @@ verified before `<out_dir>/pages.xml.bz2` appears.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -25,7 +24,7 @@ import requests
 from tqdm import tqdm
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.fsutil import atomic_dir
+from gpt2ipu.fsutil import atomic_dir, file_digest
 from gpt2ipu.provenance import write_provenance
 
 PAGES_NAME = "pages.xml.bz2"
@@ -72,14 +71,6 @@ def enwiki_manifest(mirror: str, date: str, max_parts: int | None = None) -> lis
 
 class _Retryable(Exception):
     """A failure worth another attempt: server error, dropped connection, short body."""
-
-
-def sha1_file(path: str | os.PathLike, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def partial_path(out_dir: str | os.PathLike) -> Path:
@@ -169,14 +160,14 @@ def download_part(url: str, out_dir: str | os.PathLike, *, sha1: str, retries: i
     out_dir = Path(out_dir)
     final = out_dir / PAGES_NAME
     sha1 = sha1.lower()
-    if final.is_file() and sha1_file(final) == sha1:
+    if final.is_file() and file_digest(final, "sha1", HASH_CHUNK_BYTES) == sha1:
         return {"path": str(final), "bytes": final.stat().st_size, "skipped": True}
     partial = partial_path(out_dir)
     partial.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     resumed_from = partial.stat().st_size if partial.exists() else 0
     received, attempts = fetch_with_retries(url, partial, retries=retries, timeout=timeout, backoff_s=backoff_s)
-    actual = sha1_file(partial)
+    actual = file_digest(partial, "sha1", HASH_CHUNK_BYTES)
     if actual != sha1:
         partial.unlink()
         raise UserError(f"checksum mismatch for {url}: expected sha1 {sha1}, got {actual}; the bad "

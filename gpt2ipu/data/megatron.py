@@ -116,7 +116,8 @@ class MMapIndexedDataset:
         for path in (idx_path, bin_path):
             if not path.is_file():
                 raise UserError(f"{path}: Megatron dataset file is missing; rerun the stage that writes it")
-        header = idx_path.read_bytes()[:HEADER_BYTES]
+        with open(idx_path, "rb") as f:   # the header only: the index itself is memory-mapped below
+            header = f.read(HEADER_BYTES)
         if len(header) < HEADER_BYTES or header[: len(MAGIC)] != MAGIC:
             raise UserError(f"{idx_path}: not a Megatron MMIDIDX index (bad magic); rerun the stage that writes it")
         version, code, n_seq, n_doc = struct.unpack("<QBQQ", header[len(MAGIC):])

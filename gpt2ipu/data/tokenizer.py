@@ -282,8 +282,8 @@ class TiktokenTokenizer(Tokenizer):
         # work and the ids come back as a buffer, not as Python ints.
         parts = split_balanced(texts, max(1, num_threads) * self.UNITS_PER_THREAD)
         results = map_in_threads(self._encode_unit, parts, num_threads)
-        tokens = np.concatenate([r[0] for r in results]) if results else np.zeros(0, self.dtype)
-        sizes = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int64)
+        tokens = np.concatenate([r[0] for r in results])   # split_balanced gives at least one part
+        sizes = np.concatenate([r[1] for r in results])
         return tokens, sizes
 
     def _encode_unit(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
