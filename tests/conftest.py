@@ -29,3 +29,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory) -> Path:
+    """A random-weight gpt2-test model saved in the Hugging Face layout, with the test module's
+    WINDOW as its context (seeded: the same weights every time)."""
+    import torch
+
+    from gpt2ipu.checkpoint import save_hf_dir
+    from gpt2ipu.model import GPT, config_for
+
+    torch.manual_seed(0)
+    return save_hf_dir(GPT(config_for("gpt2-test", request.module.WINDOW)), tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    """That model loaded back for evaluation and generation (CPU, fp32)."""
+    from gpt2ipu.evaluate.loading import load_model
+
+    return load_model(model_dir, "cpu", "fp32")

@@ -14,20 +14,16 @@ import re
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
 
-from gpt2ipu.checkpoint import save_hf_dir
 from gpt2ipu.cli import main as cli_main
 from gpt2ipu.data.tokenizer import load_tokenizer
 from gpt2ipu.errors import UserError
 from gpt2ipu.evaluate import data as evaldata
 from gpt2ipu.evaluate.lambada import evaluate_lambada
-from gpt2ipu.evaluate.loading import load_model
 from gpt2ipu.evaluate.wiki import count_words, evaluate_wikitext, sliding_windows, wikitext_detokenize
-from gpt2ipu.model import GPT, config_for
 
 WINDOW = 64
 
@@ -38,17 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_hf_dir(GPT(config_for("gpt2-test", WINDOW)), tmp_path_factory.mktemp("model") / "m")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return load_model(model_dir, "cpu", "fp32")
 
 
 @pytest.fixture(scope="module")

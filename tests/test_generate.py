@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2ipu.checkpoint import save_hf_dir
 from gpt2ipu.cli import main as cli_main
 from gpt2ipu.data.tokenizer import load_tokenizer
 from gpt2ipu.errors import UserError
@@ -28,24 +27,12 @@ from gpt2ipu.generate import (
     top_k_top_p_filter,
     use_decode_layout,
 )
-from gpt2ipu.model import GPT, config_for
 
 WINDOW = 48
 PROMPTS = [[464, 4429, 373, 257], [818, 20015, 11, 262, 7404, 6745, 3066, 284], [40]]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_hf_dir(GPT(config_for("gpt2-test", WINDOW)), tmp_path_factory.mktemp("model") / "m")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return load_model(model_dir, "cpu", "fp32")
 
 
 def greedy(n: int, **kwargs) -> SamplingConfig:

@@ -6,8 +6,8 @@ import pytest
 from tfrecord.reader import tfrecord_loader
 from tfrecord.tools.tfrecord2idx import create_index
 from tfrecord.torch.dataset import MultiTFRecordDataset, TFRecordDataset
-from tfrecord.writer import TFRecordWriter
 
+from gpt2ipu.bench.shards import write_with_tfrecord_package
 from gpt2ipu.cli import main
 from gpt2ipu.data.megatron import MMapIndexedDataset, MMapWriter
 from gpt2ipu.data.shards import balanced_shard_sizes, run_shards
@@ -17,13 +17,6 @@ from gpt2ipu.provenance import write_provenance
 
 EOS = 50256
 EDGE_VALUES = [0, 1, 127, 128, 16383, 16384, EOS, 65535]
-
-
-def reference_tfrecord(path: Path, samples: np.ndarray) -> None:
-    writer = TFRecordWriter(str(path))
-    for sample in samples:
-        writer.write({"input_ids": (sample.tolist(), "int")})
-    writer.close()
 
 
 def random_samples(n, length, seed=0):
@@ -39,7 +32,7 @@ def random_samples(n, length, seed=0):
 ], ids=["tokens", "int64-extremes", "single-zero"])
 def test_shard_bytes_equal_tfrecord_writer_and_tfrecord2idx(tmp_path, samples):
     info = write_tfrecord_shard(tmp_path / "ours.tfrecord", samples)
-    reference_tfrecord(tmp_path / "theirs.tfrecord", samples)
+    write_with_tfrecord_package(tmp_path / "theirs.tfrecord", samples)   # the tfrecord package's own writer
     create_index(str(tmp_path / "ours.tfrecord"), str(tmp_path / "from_tool.index"))
 
     assert (tmp_path / "ours.tfrecord").read_bytes() == (tmp_path / "theirs.tfrecord").read_bytes()

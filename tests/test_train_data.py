@@ -3,9 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from tfrecord.tools.tfrecord2idx import create_index
-from tfrecord.writer import TFRecordWriter
 
+from gpt2ipu.bench.shards import write_with_tfrecord_package
 from gpt2ipu.data.megatron import MMapWriter
 from gpt2ipu.errors import UserError
 from gpt2ipu.train_data import (
@@ -28,12 +27,7 @@ def write_tfrecord_shards(folder, split, shards):
     """Shards written with the tfrecord package itself (independent of our shards stage)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, rows in enumerate(shards):
-        path = folder / f"{split}-{i:05d}-of-{len(shards):05d}.tfrecord"
-        writer = TFRecordWriter(str(path))
-        for row in rows:
-            writer.write({"input_ids": (list(map(int, row)), "int")})
-        writer.close()
-        create_index(str(path), str(path.with_suffix(".index")))
+        write_with_tfrecord_package(folder / f"{split}-{i:05d}-of-{len(shards):05d}.tfrecord", rows)
 
 
 @pytest.fixture
