@@ -128,12 +128,21 @@ class _TokenChunkedLoss(torch.autograd.Function):
         # autocast grad_weight is thus summed in bf16 over the few chunks (a plain bf16 matmul
         # rounds it once): an fp32 accumulator would cost a [V, d] cast and add per chunk.
         grad_hidden = torch.empty_like(h_all) if want_grads else None
-        grad_weight = torch.zeros_like(w) if want_grads else None
+        grad_weight = None
         loss_sum = hidden.new_zeros((), dtype=acc)
         correct = hidden.new_zeros((), dtype=torch.long)
-        for lo, hi in _slices(hidden.shape[0], n_chunks):
+        # One logits buffer for all chunks (and one in the matmul dtype under autocast): a fresh
+        # [chunk, V] tensor per chunk is a fresh mmap the kernel must fault in and zero, about
+        # 20 ms per 51 MB chunk here.
+        slices = _slices(hidden.shape[0], n_chunks)
+        rows = max(hi - lo for lo, hi in slices)
+        logits_buffer = hidden.new_empty((rows, w.shape[0]), dtype=acc)
+        matmul_buffer = logits_buffer if dtype == acc else hidden.new_empty((rows, w.shape[0]), dtype=dtype)
+        for lo, hi in slices:
             h, y, ok = h_all[lo:hi], targets[lo:hi], valid[lo:hi]
-            logits = (h @ w.t()).to(acc)
+            logits = torch.mm(h, w.t(), out=matmul_buffer[:hi - lo])
+            if dtype != acc:
+                logits = logits_buffer[:hi - lo].copy_(logits)
             target_logit = logits.gather(1, y[:, None]).squeeze(1)
             row_max, prediction = logits.max(-1)
             correct += ((prediction == y) & ok).sum()
@@ -145,9 +154,13 @@ class _TokenChunkedLoss(torch.autograd.Function):
                 # d loss / d logits = (softmax - onehot) * scale, written over the logits in place.
                 grad_logits = probs.mul_((scale[lo:hi] / sum_exp)[:, None])
                 grad_logits[torch.arange(hi - lo, device=h.device), y] -= scale[lo:hi]
-                grad_logits = grad_logits.to(dtype)
+                if dtype != acc:
+                    grad_logits = matmul_buffer[:hi - lo].copy_(grad_logits)
                 torch.mm(grad_logits, w, out=grad_hidden[lo:hi])
-                grad_weight.addmm_(grad_logits.t(), h)
+                if grad_weight is None:  # the first chunk writes it: no zero-filled [V, d] first
+                    grad_weight = grad_logits.t() @ h
+                else:
+                    grad_weight.addmm_(grad_logits.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.tied = tied
         return loss_sum / n_valid, correct / n_valid

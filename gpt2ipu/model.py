@@ -141,8 +141,10 @@ class MLP(nn.Module):
         self.recompute_gelu = config.recompute_gelu
 
     def forward(self, x):
-        h = self.c_fc(x)
-        y = gelu_then_linear(h, self.c_proj) if self.recompute_gelu else self.c_proj(gelu_new(h))
+        if self.recompute_gelu and torch.is_grad_enabled():
+            y = _FeatureMajorMLP.apply(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+        else:
+            y = self.c_proj(gelu_new(self.c_fc(x)))
         return self.dropout(y)
 
 
@@ -165,35 +167,48 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def gelu_then_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """`linear(gelu_new(x))`, keeping only `x` for backward and recomputing the GELU there.
+class _FeatureMajorMLP(torch.autograd.Function):
+    """`c_proj(gelu_new(c_fc(x)))` for training: GELU recomputed in backward, the hidden layer
+    kept feature-major ([4*n_embd, tokens]), and no low-precision weight copies kept.
 
-    Autograd would keep both x (for GELU's backward) and gelu(x) (for the matmul's weight
-    gradient): two [tokens, 4*n_embd] tensors per block, the biggest activations of the model.
-    Recomputing GELU costs one elementwise pass and halves that memory.
+    Autograd would keep both the hidden layer h (for GELU's backward) and gelu(h) (for c_proj's
+    weight gradient): two [tokens, 4*n_embd] tensors per block, the biggest activations of the
+    model. Recomputing GELU costs one elementwise pass and halves that memory.
+    Feature-major: MKL's fp32 matmuls run about 7% faster when the product's longer side is its
+    rows (measured on this project's CPU: 211-215 against 197-202 GFLOP/s for these shapes), so
+    h^T = W_fc x^T and c_proj's input gradient (W_proj^T dy^T) are computed in that layout and
+    GELU and its backward run on it in place of [tokens, 4*n_embd].
+    Under autocast the weights are cast here and again in backward instead of being saved (or
+    held by autocast's cache until backward reaches them): 9.4 MB a block for GPT-2 small in bf16,
+    on the step's memory peak.
     """
-    if not torch.is_grad_enabled():
-        return linear(gelu_new(x))
-    return _GeluLinear.apply(x, linear.weight, linear.bias)
-
-
-class _GeluLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(gelu_new(x), weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        # Under autocast grad_out comes in the autocast dtype while weight stays fp32.
-        dtype = grad_out.dtype
-        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_weight = grad_out_2d.t() @ gelu_new(x).reshape(-1, x.shape[-1]).to(dtype)
-        grad_bias = grad_out_2d.sum(0) if ctx.has_bias else None
-        grad_x = torch.ops.aten.gelu_backward((grad_out @ weight.to(dtype)).to(x.dtype), x, approximate="tanh")
-        return grad_x, grad_weight, grad_bias
+    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            h_t = torch.addmm(b_fc.to(dtype)[:, None], w_fc.to(dtype), x2.t())
+            y = torch.addmm(b_proj.to(dtype), gelu_new(h_t).t(), w_proj.to(dtype).t())
+        ctx.save_for_backward(x2, h_t, w_fc, w_proj)
+        ctx.input_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x2, h_t, w_fc, w_proj = ctx.saved_tensors
+        dtype = h_t.dtype
+        grad_y = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        w_fc, w_proj = w_fc.to(dtype), w_proj.to(dtype)
+        grad_w_proj = grad_y.t() @ gelu_new(h_t).t()
+        grad_b_proj = grad_y.sum(0)
+        grad_h_t = torch.ops.aten.gelu_backward(w_proj.t() @ grad_y.t(), h_t, approximate="tanh")
+        grad_w_fc = grad_h_t @ x2
+        grad_b_fc = grad_h_t.sum(1)
+        grad_x = grad_h_t.t() @ w_fc
+        return grad_x.view(ctx.input_shape), grad_w_fc, grad_b_fc, grad_w_proj, grad_b_proj
 
 
 class GPT(nn.Module):
