@@ -344,10 +344,7 @@ class _TiedEmbedding(torch.autograd.Function):
         grad, ctx.tied.grad = ctx.tied.grad, None
         if grad is None:   # the loss kept no gradient (none wanted for the weight): the rows alone
             grad = grad_tokens.new_zeros(ctx.shape, dtype=ctx.dtype)
-        else:
-            # A bf16 gradient (autocast) is cast here, at the end of backward, when the
-            # activations are gone; cast in the loss's backward, its fp32 copy would sit on the
-            # step's memory peak with them (about 75 MB more for GPT-2 small).
+        else:   # the chunked losses hand it over in the weight's dtype already
             grad = grad.to(ctx.dtype)
         grad.index_add_(0, input_ids.reshape(-1), grad_tokens.reshape(-1, ctx.shape[1]).to(grad.dtype))
         return None, grad, None
