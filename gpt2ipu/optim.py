@@ -5,7 +5,10 @@ matrices only (embeddings and projections; not biases or LayerNorm gains, as in 
 in GPT-2 practice). AdamW/Adam use PyTorch's fused kernels where the device has them: one pass
 over each parameter instead of a dozen elementwise ops, and no full-size temporaries.
 
-`train_step` is one optimizer step over a list of micro-batches (gradient accumulation).
+`train_step` is one optimizer step over a list of micro-batches (gradient accumulation). When
+nothing needs every gradient at once (one micro-batch, no clipping, no loss scaling, one process,
+Adam/AdamW), it updates each parameter inside backward, as soon as that parameter's gradient is
+complete, and frees the gradient there (`StepInBackward`).
 """
 
 from __future__ import annotations
@@ -97,6 +100,72 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+class StepInBackward:
+    """Adam/AdamW's update of each parameter run inside backward, the moment its gradient is complete.
+
+    PyTorch's recipe for this (`Tensor.register_post_accumulate_grad_hook`, as in its "optimizer
+    step in backward" tutorial): the hook updates the parameter and drops its gradient, so the
+    gradients of the whole model never exist at once. Their sum is what sits on a training step's
+    memory peak at the end of backward (GPT-2 small: 497 MB of fp32 gradients). Each update is
+    the optimizer's own `step()` over a one-parameter view of the parameter's group: the same
+    kernel, hyperparameters (a scheduler's current lr included) and state entries as a full step,
+    so checkpoints, schedulers and resume see no difference.
+
+    Only for steps where nothing needs all gradients first: one micro-batch (no accumulation), no
+    clipping (it needs the global norm before any update; the norm alone can still be measured
+    here, as `grad_norm`), no fp16 loss scaling, no DDP/FSDP (their reducers own the gradients).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.armed = False
+        self.measure_norm = False
+        self.sq_norm: torch.Tensor | None = None
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.register_post_accumulate_grad_hook(self._make_hook(group))
+
+    def _make_hook(self, group: dict):
+        def hook(param: torch.Tensor) -> None:
+            if not self.armed:
+                return
+            if self.measure_norm:
+                sq = param.grad.detach().float().square().sum()
+                self.sq_norm = sq if self.sq_norm is None else self.sq_norm + sq
+            groups = self.optimizer.param_groups
+            self.optimizer.param_groups = [{**group, "params": [param]}]
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.param_groups = groups
+            param.grad = None
+        return hook
+
+    @contextlib.contextmanager
+    def during_backward(self, measure_norm: bool):
+        self.armed, self.measure_norm, self.sq_norm = True, measure_norm, None
+        try:
+            yield self
+        finally:
+            self.armed = False
+
+
+def step_in_backward_for(optimizer: torch.optim.Optimizer) -> StepInBackward:
+    """The optimizer's StepInBackward, its hooks registered on the first call."""
+    stepper = getattr(optimizer, "_gpt2ipu_step_in_backward", None)
+    if stepper is None:
+        stepper = StepInBackward(optimizer)
+        optimizer._gpt2ipu_step_in_backward = stepper
+    return stepper
+
+
+def can_step_in_backward(model, optimizer, n_micro_batches: int, max_grad_norm: float | None, scaler) -> bool:
+    """Whether `train_step` may update parameters inside backward (see StepInBackward)."""
+    no_clipping = max_grad_norm is None or max_grad_norm == float("inf")
+    return (n_micro_batches == 1 and no_clipping and scaler is None and not hasattr(model, "no_sync")
+            and type(optimizer) in (torch.optim.Adam, torch.optim.AdamW))
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -120,6 +189,9 @@ def train_step(
     micro_batches = list(micro_batches)
     loss_chunks = loss_chunks or {}
     device = next(model.parameters()).device
+    in_backward = can_step_in_backward(model, optimizer, len(micro_batches), max_grad_norm, scaler)
+    stepping = (step_in_backward_for(optimizer).during_backward(measure_norm=max_grad_norm is not None)
+                if in_backward else contextlib.nullcontext())
     loss_sum = torch.zeros((), device=device)
     acc_sum = torch.zeros((), device=device)
     for i, (input_ids, labels) in enumerate(micro_batches):
@@ -129,18 +201,23 @@ def train_step(
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, metrics = model(input_ids, labels, **loss_chunks)
             scaled = loss / len(micro_batches)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            with stepping as stepper:
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
         acc_sum += metrics["accuracy"].detach().float()
     grad_norm = None
-    if max_grad_norm is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
+    if in_backward:
+        if max_grad_norm is not None:
+            grad_norm = stepper.sq_norm.sqrt() if stepper.sq_norm is not None else torch.zeros((), device=device)
     else:
-        optimizer.step()
+        if max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_sum / len(micro_batches), "accuracy": acc_sum / len(micro_batches), "grad_norm": grad_norm}

@@ -312,3 +312,57 @@ def test_gradient_accumulation_equals_one_big_batch():
                loss_chunks={"token_chunks": 3})
     for p, q in zip(one.parameters(), two.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_step_in_backward_equals_a_step_after_backward():
+    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
+    runs = {}
+    for name, max_grad_norm in (("in_backward", float("inf")), ("after_backward", 1e30)):
+        model = tiny_model().train()
+        optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+        norms = []
+        for step in range(3):
+            result = train_step(model, optimizer, [(ids, labels)], loss_chunks={"token_chunks": 2},
+                                max_grad_norm=max_grad_norm)
+            scheduler.step()
+            norms.append(float(result["grad_norm"]))
+            assert all(p.grad is None for p in model.parameters())
+        runs[name] = model, optimizer, norms
+    (fused, fused_opt, fused_norms), (plain, plain_opt, plain_norms) = runs["in_backward"], runs["after_backward"]
+    # Clipping at 1e30 never clips but needs every gradient first: the ordinary path.
+    assert hasattr(fused_opt, "_gpt2ipu_step_in_backward") and not hasattr(plain_opt, "_gpt2ipu_step_in_backward")
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(fused_opt.state[p][key], plain_opt.state[q][key]) for key in plain_opt.state[q])
+    assert fused_opt.state_dict()["param_groups"] == plain_opt.state_dict()["param_groups"]
+    torch.testing.assert_close(fused_norms, plain_norms, rtol=1e-5, atol=0)  # summed in another order
+
+
+def test_accumulation_and_clipping_step_after_backward():
+    model = tiny_model().train()
+    optimizer = make_optimizer(model, lr=1e-2)
+    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
+    train_step(model, optimizer, [(ids, labels), (ids, labels)])
+    train_step(model, optimizer, [(ids, labels)], max_grad_norm=1.0)
+    assert not hasattr(optimizer, "_gpt2ipu_step_in_backward")
+
+
+def test_bf16_attention_linears_keep_no_weight_copy_and_match_autocast():
+    from gpt2ipu.model import _linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 192)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    results = []
+    for use_ours in (True, False):
+        linear.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = _linear(x, linear) if use_ours else linear(x)
+        saved = [t for t in y.grad_fn.saved_tensors] if use_ours else []
+        y.float().square().sum().backward()
+        results.append((y.detach(), x.grad.clone(), linear.weight.grad.clone(), linear.bias.grad.clone()))
+        assert all(t.dtype != torch.bfloat16 or t.shape != linear.weight.shape for t in saved)
+    for ours, autocast in zip(*results):
+        torch.testing.assert_close(ours, autocast, rtol=2e-2, atol=2e-2)
