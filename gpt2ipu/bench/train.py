@@ -3,9 +3,10 @@
 A step is forward, backward, optimizer step and zero_grad on one micro-batch of random tokens
 (seeded, the same for every variant). Variants:
 
-  ours      gpt2ipu.model.GPT through gpt2ipu.optim.train_step: SDPA attention, fused GELU
-            (recomputed in backward), the loss in token chunks (no [tokens, vocab]
-            logits), fused AdamW with decay on matrices only, zero_grad(set_to_none=True).
+  ours      gpt2ipu.model.GPT through gpt2ipu.optim.train_step: SDPA attention, the MLP in one
+            Function (GELU recomputed in backward, hidden layer feature-major), the loss in
+            token chunks (no [tokens, vocab] logits), fused AdamW with decay on matrices only,
+            run inside backward (no clipping here, as in the baseline: see StepInBackward).
   hf_gpt2   transformers.GPT2LMHeadModel (its default attention), `labels=`, torch.optim.AdamW,
             in a plain loop. Hugging Face shifts labels inside the model, so it is given the same
             input_ids as labels and scores T-1 of the T positions; the work is the same.
