@@ -222,6 +222,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import torch
 
     from gpt2ipu import parallel
+    from gpt2ipu.allocator import keep_freed_memory
     from gpt2ipu.checkpoint import load_hf_dir, save_hf_dir, write_hf_files
     from gpt2ipu.metrics import MetricsLog, plot_loss_curve
     from gpt2ipu.model import GPT, config_for
@@ -231,6 +232,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from gpt2ipu.train_data import ResumableBatches, make_train_dataset
 
     check_config(cfg)
+    keep_freed_memory()   # each step reuses the last step's pages (gpt2ipu/allocator.py)
     info = parallel.init_distributed(cfg.device, cfg.replication_factor)
     say = (lambda msg: print(f"[gpt2ipu train] {msg}", file=sys.stderr, flush=True)) if info.is_main else (lambda msg: None)
     explain_ipu_flags(cfg, say)

@@ -137,3 +137,31 @@ def test_trains_on_cuda(tmp_path, precision):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(0 < loss < 20 for loss in losses)   # NaN fails both comparisons
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+MALLOC_PROBE = """
+import ctypes, sys, torch
+from gpt2ipu.allocator import keep_freed_memory
+class MallInfo(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+big = torch.ones(16 * 2**20)   # 64 MB: glibc would mmap it
+print(applied, libc.mallinfo2().hblkhd)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc only")
+def test_keep_freed_memory_serves_large_tensors_from_the_heap():
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], capture_output=True, text=True, check=True)
+        applied, mmapped = out.stdout.split()
+        return applied == "True", int(mmapped)
+
+    applied, mmapped = probe("default")
+    assert not applied and mmapped >= 64 * 2**20
+    applied, mmapped = probe("keep")
+    assert applied and mmapped < 64 * 2**20

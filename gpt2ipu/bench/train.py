@@ -6,7 +6,8 @@ A step is forward, backward, optimizer step and zero_grad on one micro-batch of 
   ours      gpt2ipu.model.GPT through gpt2ipu.optim.train_step: SDPA attention, the MLP in one
             Function (GELU recomputed in backward, hidden layer feature-major), the loss in
             token chunks (no [tokens, vocab] logits), fused AdamW with decay on matrices only,
-            run inside backward (no clipping here, as in the baseline: see StepInBackward).
+            run inside backward (no clipping here, as in the baseline: see StepInBackward),
+            malloc keeping freed memory for the next step (gpt2ipu/allocator.py), as training.
   hf_gpt2   transformers.GPT2LMHeadModel (its default attention), `labels=`, torch.optim.AdamW,
             in a plain loop. Hugging Face shifts labels inside the model, so it is given the same
             input_ids as labels and scores T-1 of the T positions; the work is the same.
@@ -40,11 +41,13 @@ ABLATIONS = {
     "ours_gelu_flip": {"gelu_recompute": "flip"},
     "ours_vocab_chunks": {"token_chunks": 1, "vocab_chunks": 8},
     "ours_compiled": {"compile": True},
+    "ours_default_malloc": {"keep_freed_memory": False},
 }
 # Measured on the 2-core CPU (GPT-2 small, 1024 tokens a step): 4 token chunks are the fastest in
 # fp32 (faster than the plain loss), 8 under bf16 autocast (each chunk's logits then fit in cache).
 DEFAULT_TOKEN_CHUNKS = {"fp32": 4, "bf16": 8}
-DEFAULT_KNOBS = {"token_chunks": None, "vocab_chunks": 1, "optimizer": "fused", "gelu_recompute": True, "compile": False}
+DEFAULT_KNOBS = {"token_chunks": None, "vocab_chunks": 1, "optimizer": "fused", "gelu_recompute": True, "compile": False,
+                 "keep_freed_memory": True}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -242,9 +245,12 @@ def _our_step(config, device, autocast_dtype, knobs):
 
     from dataclasses import replace
 
+    from gpt2ipu.allocator import keep_freed_memory
     from gpt2ipu.model import GPT
     from gpt2ipu.optim import make_optimizer, parameter_groups, train_step
 
+    if knobs["keep_freed_memory"]:   # as `gpt2ipu train` does
+        keep_freed_memory()
     recompute_gelu = knobs["gelu_recompute"]
     if recompute_gelu == "flip":  # the ablation: the opposite of the model's default (recompute)
         recompute_gelu = False
