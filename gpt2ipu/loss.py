@@ -54,6 +54,12 @@ def hand_over(tied: TiedGrad | None, grad_weight: torch.Tensor) -> torch.Tensor 
     return None
 
 
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `tensor` run in here: autocast's when it is on for its device, else its own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
 def chunks_from_flags(embedding_serialization_factor: int, sequence_serialized: bool) -> dict[str, int]:
     """The original's two IPU flags -> keyword arguments of `chunked_lm_loss` / `GPT.forward`."""
     factor = max(1, int(embedding_serialization_factor))
@@ -80,7 +86,7 @@ def chunked_lm_loss(
     if vocab_chunks > 1 and token_chunks > 1:
         raise ValueError("chunk the loss along the vocabulary or along the tokens, not both")
     device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = compute_dtype(hidden)
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device, enabled=False):
         # The compiled fused op (custom_ops/, when built and loaded) computes the same loss and
@@ -172,9 +178,9 @@ class _TokenChunkedLoss(torch.autograd.Function):
         # In place: a second [V, d] buffer here would land on the step's memory peak.
         # once_differentiable, and the graph frees these after one backward.
         # A bf16 (autocast) weight gradient is cast to the weight's dtype now, at the start of
-        # backward: the step's memory peak is at its end, when every gradient exists, and a cast
-        # there held both copies at once (GPT-2 small, bf16: peak RSS 2460-2500 MB against
-        # 2540-2555 MB with the cast at the end, measured).
+        # backward: when the optimizer steps after backward, the end of backward (every gradient
+        # alive) is the step's memory peak, and a cast there held both copies at once (GPT-2
+        # small, bf16: peak RSS 2460-2500 MB against 2540-2555 MB with the cast at the end).
         grad_weight = hand_over(ctx.tied, grad_weight.mul_(grad_loss).to(ctx.weight_dtype))
         return grad_hidden.mul_(grad_loss), grad_weight, None, None, None, None, None
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.loss import IGNORE_INDEX, TiedGrad, chunked_lm_loss
+from gpt2ipu.loss import IGNORE_INDEX, TiedGrad, chunked_lm_loss, compute_dtype
 
 
 class KVCache:
@@ -185,8 +185,7 @@ class _RecastLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device)
+        device, dtype = x.device.type, compute_dtype(x)
         with torch.autocast(device, enabled=False):
             x_low = x.to(dtype)
             y = F.linear(x_low, weight.to(dtype), None if bias is None else bias.to(dtype))
@@ -212,7 +211,8 @@ class _FeatureMajorMLP(torch.autograd.Function):
     weight gradient): two [tokens, 4*n_embd] tensors per block, the biggest activations of the
     model. Recomputing GELU costs one elementwise pass and halves that memory.
     Feature-major: MKL's fp32 matmuls run about 7% faster when the product's longer side is its
-    rows (measured on this project's CPU: 211-215 against 197-202 GFLOP/s for these shapes), so
+    rows (measured alone on this project's CPU: 211-215 against 197-202 GFLOP/s for these shapes;
+    whole training steps measured equal either way, within noise), so
     h^T = W_fc x^T and c_proj's input gradient (W_proj^T dy^T) are computed in that layout and
     GELU and its backward run on it in place of [tokens, 4*n_embd].
     Under autocast the weights are cast here and again in backward instead of being saved (or
@@ -222,8 +222,7 @@ class _FeatureMajorMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_fc, b_fc, w_proj, b_proj):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        device, dtype = x.device.type, compute_dtype(x)
         with torch.autocast(device, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             h_t = torch.addmm(b_fc.to(dtype)[:, None], w_fc.to(dtype), x2.t())

@@ -325,12 +325,9 @@ def _try_load(folder: Path):
 
 
 def _compute_dtype(hidden, dtype):
-    import torch
+    from gpt2ipu.loss import compute_dtype  # here: gpt2ipu.loss imports this module
 
-    if dtype is not None:
-        return dtype
-    device = hidden.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return dtype if dtype is not None else compute_dtype(hidden)
 
 
 def fused_lm_loss_available(hidden, weight, dtype=None) -> bool:

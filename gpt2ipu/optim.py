@@ -145,7 +145,7 @@ class StepInBackward:
     def during_backward(self, measure_norm: bool):
         self.armed, self.measure_norm, self.sq_norm = True, measure_norm, None
         try:
-            yield self
+            yield
         finally:
             self.armed = False
 
@@ -162,7 +162,8 @@ def step_in_backward_for(optimizer: torch.optim.Optimizer) -> StepInBackward:
 def can_step_in_backward(model, optimizer, n_micro_batches: int, max_grad_norm: float | None, scaler) -> bool:
     """Whether `train_step` may update parameters inside backward (see StepInBackward)."""
     no_clipping = max_grad_norm is None or max_grad_norm == float("inf")
-    return (n_micro_batches == 1 and no_clipping and scaler is None and not hasattr(model, "no_sync")
+    no_scaling = scaler is None or not scaler.is_enabled()   # training passes a disabled one unless fp16
+    return (n_micro_batches == 1 and no_clipping and no_scaling and not hasattr(model, "no_sync")
             and type(optimizer) in (torch.optim.Adam, torch.optim.AdamW))
 
 
@@ -189,9 +190,8 @@ def train_step(
     micro_batches = list(micro_batches)
     loss_chunks = loss_chunks or {}
     device = next(model.parameters()).device
-    in_backward = can_step_in_backward(model, optimizer, len(micro_batches), max_grad_norm, scaler)
-    stepping = (step_in_backward_for(optimizer).during_backward(measure_norm=max_grad_norm is not None)
-                if in_backward else contextlib.nullcontext())
+    stepper = (step_in_backward_for(optimizer)
+               if can_step_in_backward(model, optimizer, len(micro_batches), max_grad_norm, scaler) else None)
     loss_sum = torch.zeros((), device=device)
     acc_sum = torch.zeros((), device=device)
     for i, (input_ids, labels) in enumerate(micro_batches):
@@ -201,12 +201,12 @@ def train_step(
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, metrics = model(input_ids, labels, **loss_chunks)
             scaled = loss / len(micro_batches)
-            with stepping as stepper:
+            with stepper.during_backward(max_grad_norm is not None) if stepper else contextlib.nullcontext():
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
         acc_sum += metrics["accuracy"].detach().float()
     grad_norm = None
-    if in_backward:
+    if stepper:
         if max_grad_norm is not None:
             grad_norm = stepper.sq_norm.sqrt() if stepper.sq_norm is not None else torch.zeros((), device=device)
     else:

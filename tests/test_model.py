@@ -366,3 +366,13 @@ def test_bf16_attention_linears_keep_no_weight_copy_and_match_autocast():
         assert all(t.dtype != torch.bfloat16 or t.shape != linear.weight.shape for t in saved)
     for ours, autocast in zip(*results):
         torch.testing.assert_close(ours, autocast, rtol=2e-2, atol=2e-2)
+
+
+def test_a_disabled_grad_scaler_still_steps_in_backward():
+    # `gpt2ipu train` always passes a GradScaler, enabled only for fp16.
+    model = tiny_model().train()
+    optimizer = make_optimizer(model, lr=1e-2)
+    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    result = train_step(model, optimizer, [(ids, labels)], max_grad_norm=float("inf"), scaler=scaler)
+    assert hasattr(optimizer, "_gpt2ipu_step_in_backward") and float(result["grad_norm"]) > 0

@@ -38,7 +38,7 @@ ABLATIONS = {
     "ours_plain_loss": {"token_chunks": 1},
     "ours_foreach_adamw": {"optimizer": "foreach"},
     "ours_forloop_adamw": {"optimizer": "forloop"},
-    "ours_gelu_flip": {"gelu_recompute": "flip"},
+    "ours_gelu_flip": {"gelu_recompute": False},
     "ours_vocab_chunks": {"token_chunks": 1, "vocab_chunks": 8},
     "ours_compiled": {"compile": True},
     "ours_default_malloc": {"keep_freed_memory": False},
@@ -251,10 +251,7 @@ def _our_step(config, device, autocast_dtype, knobs):
 
     if knobs["keep_freed_memory"]:   # as `gpt2ipu train` does
         keep_freed_memory()
-    recompute_gelu = knobs["gelu_recompute"]
-    if recompute_gelu == "flip":  # the ablation: the opposite of the model's default (recompute)
-        recompute_gelu = False
-    model = GPT(replace(config, recompute_gelu=recompute_gelu)).to(device).train()
+    model = GPT(replace(config, recompute_gelu=knobs["gelu_recompute"])).to(device).train()
     if knobs["optimizer"] == "fused":
         optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.01)
     else:
