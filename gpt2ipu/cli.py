@@ -20,10 +20,10 @@ COMMANDS = {
     "train-bpe": ("gpt2ipu.data.bpe", "train a fresh byte-level BPE on extracted articles"),
     "tokenize": ("gpt2ipu.data.tokenize", "articles -> GPT-2 token ids with document boundaries"),
     "shards": ("gpt2ipu.data.shards", "token parts -> train/valid TFRecord shards and Megatron mmap files"),
-    "train": ("gpt2ipu.train", "pretrain GPT-2 (one process, or many under torchrun)"),
+    "train": ("gpt2ipu.train.cli", "pretrain GPT-2 (one process, or many under torchrun)"),
     "evaluate": ("gpt2ipu.evaluate.cli", "WikiText perplexity, LAMBADA accuracy; downloads or generates the eval sets"),
-    "generate": ("gpt2ipu.generate", "text generation: interactive prompt loop, or a prompts file -> JSON lines"),
-    "ops": ("gpt2ipu.ops", "compile the C++ custom ops (fused LM loss, sample index) into a build folder"),
+    "generate": ("gpt2ipu.generate.cli", "text generation: interactive prompt loop, or a prompts file -> JSON lines"),
+    "ops": ("gpt2ipu.ops.cli", "compile the C++ custom ops (fused LM loss, sample index) into a build folder"),
     "bench": ("gpt2ipu.bench.cli", "benchmark a stage against its baselines; prints one JSON object"),
 }
 

@@ -37,7 +37,7 @@ def model_dir(request, tmp_path_factory) -> Path:
     WINDOW as its context (seeded: the same weights every time)."""
     import torch
 
-    from gpt2ipu.checkpoint import save_hf_dir
+    from gpt2ipu.model.hf import save_hf_dir
     from gpt2ipu.model import GPT, config_for
 
     torch.manual_seed(0)
@@ -47,6 +47,6 @@ def model_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(model_dir):
     """That model loaded back for evaluation and generation (CPU, fp32)."""
-    from gpt2ipu.evaluate.loading import load_model
+    from gpt2ipu.pretrained import load_model
 
     return load_model(model_dir, "cpu", "fp32")

@@ -47,7 +47,7 @@ def wiki_text() -> str:
 def plain_log_probs(model, ids: list[int]) -> torch.Tensor:
     """log p(ids[t] | ids[:t]) for t >= 1, one sequence alone, full logits, float64."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids]))[0]
+        logits = model.logits(torch.tensor([ids]))[0]
     log_probs = torch.log_softmax(logits.double(), dim=-1)
     return log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])], logits.argmax(-1)[:-1] == torch.tensor(ids[1:])
 
@@ -103,7 +103,7 @@ def greedy_passages(model, tokenizer, prompts: list[str], new_tokens: int = 3) -
         ids = tokenizer.encode(prompt)[-40:]
         for _ in range(new_tokens):
             with torch.no_grad():
-                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+                ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
         passages.append(tokenizer.decode(ids))
     return passages
 

@@ -18,15 +18,10 @@ import torch
 from gpt2ipu.cli import main as cli_main
 from gpt2ipu.data.tokenizer import load_tokenizer
 from gpt2ipu.errors import UserError
-from gpt2ipu.evaluate.loading import load_model
-from gpt2ipu.generate import (
-    SamplingConfig,
-    apply_repetition_penalty,
-    generate,
-    stop_token_id,
-    top_k_top_p_filter,
-    use_decode_layout,
-)
+from gpt2ipu.generate.batch import stop_token_id
+from gpt2ipu.generate.decode import use_decode_layout
+from gpt2ipu.generate.sampling import SamplingConfig, apply_repetition_penalty, generate, top_k_top_p_filter
+from gpt2ipu.pretrained import load_model
 
 WINDOW = 48
 PROMPTS = [[464, 4429, 373, 257], [818, 20015, 11, 262, 7404, 6745, 3066, 284], [40]]
@@ -44,7 +39,7 @@ def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            logits = model(torch.tensor([ids[-model.config.n_positions:]]))[0, -1]
+            logits = model.logits(torch.tensor([ids[-model.config.n_positions:]]))[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 

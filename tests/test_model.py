@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from gpt2ipu.checkpoint import load_hf_dir, save_hf_dir
+from gpt2ipu.model.hf import load_hf_dir, save_hf_dir
 from gpt2ipu.errors import UserError
-from gpt2ipu.loss import chunked_lm_loss, chunks_from_flags
-from gpt2ipu.model import GPT, PRESETS, config_for
-from gpt2ipu.optim import make_optimizer, parameter_groups, train_step
+from gpt2ipu.model.loss import chunked_lm_loss, chunks_from_flags
+from gpt2ipu.model.gpt import GPT, PRESETS, config_for
+from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,7 +62,7 @@ def test_our_checkpoint_loads_in_transformers_with_same_logits(tmp_path):
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt").eval()
     ids = tokens(3, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.logits(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
 
 
@@ -73,7 +73,7 @@ def test_transformers_checkpoint_loads_here_with_same_logits(tmp_path):
     assert model.lm_head.weight is model.wte.weight
     ids = tokens(2, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.logits(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunks", [{}, {"vocab_chunks": 3}, {"token_chunks": 3}])
@@ -86,7 +86,7 @@ def test_loss_and_gradients_equal_transformers(tmp_path, chunks):
     # Hugging Face shifts labels itself; its extra last position feeds no loss term.
     hf_loss = hf(sample, labels=sample).loss
     hf_loss.backward()
-    loss, _ = model(sample[:, :-1], sample[:, 1:], **chunks)
+    loss, *_ = model(sample[:, :-1], sample[:, 1:], **chunks)
     loss.backward()
     torch.testing.assert_close(loss, hf_loss, atol=1e-5, rtol=1e-5)
     hf_grads = {name.removeprefix("transformer."): p.grad for name, p in hf.named_parameters()}
@@ -113,7 +113,7 @@ def test_legacy_bin_with_buffers_and_no_prefix_loads(tmp_path):
     model = load_hf_dir(folder).eval()
     ids = tokens(1, 20)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.logits(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_checkpoint_folders_give_user_errors(tmp_path):
@@ -195,11 +195,11 @@ def test_model_loss_is_mean_over_all_tokens_for_any_batch_size(batch):
     ids, labels = tokens(batch, 16), tokens(batch, 16, seed=2)
     labels[-1, :5] = -100
     with torch.no_grad():
-        want = F.cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+        want = F.cross_entropy(model.logits(ids).reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
         for chunks in ({}, {"vocab_chunks": 3}, {"token_chunks": 3}):
-            loss, metrics = model(ids, labels, **chunks)
+            loss, _, n_tokens = model(ids, labels, **chunks)
             torch.testing.assert_close(loss, want)
-            assert int(metrics["tokens"]) == batch * 16 - 5
+            assert int(n_tokens) == batch * 16 - 5
 
 
 @pytest.mark.parametrize("recompute_gelu", [None, True])
@@ -207,12 +207,12 @@ def test_bf16_autocast_loss_is_close_and_grads_stay_fp32(recompute_gelu):
     model = tiny_model(recompute_gelu=recompute_gelu)
     ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
     with torch.no_grad():
-        want, _ = model(ids, labels)
+        want, *_ = model(ids, labels)
     reference = gradients(model, ids, labels)
     for chunks in ({}, {"vocab_chunks": 3}, {"token_chunks": 3}):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = model(ids, labels, **chunks)
+            loss, *_ = model(ids, labels, **chunks)
         loss.backward()
         assert abs(loss.detach().item() - want.item()) < 0.05
         for name, param in model.named_parameters():
@@ -228,14 +228,12 @@ def test_kv_cache_incremental_logits_equal_full_forward():
     model = tiny_model().eval()
     ids = tokens(2, 20)
     with torch.no_grad():
-        full = model(ids)
-        logits, cache = model(ids[:, :12], use_cache=True)
-        pieces = [logits]
-        logits, cache = model(ids[:, 12:15], past_key_values=cache, use_cache=True)  # several new tokens
-        pieces.append(logits)
+        full = model.logits(ids)
+        cache = model.new_cache()
+        pieces = [model.logits(ids[:, :12], cache=cache)]
+        pieces.append(model.logits(ids[:, 12:15], cache=cache))  # several new tokens
         for t in range(15, 20):
-            logits, cache = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            pieces.append(logits)
+            pieces.append(model.logits(ids[:, t : t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -247,17 +245,16 @@ def test_left_padded_batch_equals_each_sample_alone():
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :7] = 0
     with torch.no_grad():
-        padded = model(batch, attention_mask=mask)
-        torch.testing.assert_close(padded[0], model(long)[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(padded[1, 7:], model(short)[0], atol=1e-5, rtol=1e-5)
+        padded = model.logits(batch, attention_mask=mask)
+        torch.testing.assert_close(padded[0], model.logits(long)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(padded[1, 7:], model.logits(short)[0], atol=1e-5, rtol=1e-5)
         assert torch.isfinite(padded).all()
         # and incrementally, as generate() runs it
-        logits, cache = model(batch[:, :15], attention_mask=mask[:, :15], use_cache=True)
-        steps = [logits]
+        cache = model.new_cache()
+        steps = [model.logits(batch[:, :15], attention_mask=mask[:, :15], cache=cache)]
         for t in range(15, 20):
-            logits, cache = model(batch[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(logits)
-    torch.testing.assert_close(torch.cat(steps, 1)[1, 7:], model(short)[0], atol=1e-5, rtol=1e-5)
+            steps.append(model.logits(batch[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1)[1, 7:], model.logits(short)[0], atol=1e-5, rtol=1e-5)
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -265,7 +262,7 @@ def test_left_padded_batch_equals_each_sample_alone():
 
 def gradients(model, ids, labels):
     model.zero_grad(set_to_none=True)
-    loss, _ = model(ids, labels, token_chunks=2)
+    loss, *_ = model(ids, labels, token_chunks=2)
     loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -349,7 +346,7 @@ def test_accumulation_and_clipping_step_after_backward():
 
 
 def test_bf16_attention_linears_keep_no_weight_copy_and_match_autocast():
-    from gpt2ipu.model import _linear
+    from gpt2ipu.model.memory import recast_linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 192)
@@ -359,7 +356,7 @@ def test_bf16_attention_linears_keep_no_weight_copy_and_match_autocast():
         linear.zero_grad(set_to_none=True)
         x.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = _linear(x, linear) if use_ours else linear(x)
+            y = recast_linear(x, linear) if use_ours else linear(x)
         saved = [t for t in y.grad_fn.saved_tensors] if use_ours else []
         y.float().square().sum().backward()
         results.append((y.detach(), x.grad.clone(), linear.weight.grad.clone(), linear.bias.grad.clone()))

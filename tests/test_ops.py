@@ -20,9 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from gpt2ipu import ops
+from gpt2ipu.generate import decode
+from gpt2ipu.model import loss as model_loss
+from gpt2ipu.ops import build as ops_build
+from gpt2ipu.ops import load as ops_load
+from gpt2ipu.train import sample_index
 from gpt2ipu.cli import main as gpt2ipu_main
-from gpt2ipu.loss import chunked_lm_loss
-from gpt2ipu.train_data import build_doc_idx, build_sample_idx, build_sample_idx_loop, build_sample_idx_numpy
+from gpt2ipu.model.loss import chunked_lm_loss
+from gpt2ipu.train.data import build_doc_idx
+from gpt2ipu.train.sample_index import build_sample_idx, build_sample_idx_loop, build_sample_idx_numpy
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / "custom_ops"
@@ -51,7 +57,7 @@ def compiled(built_ops_dir):
 @pytest.fixture
 def fresh_outcomes(monkeypatch):
     """Forget which folders load_ops has answered for, so each test sees its own first call."""
-    monkeypatch.setattr(ops, "_outcomes", {})
+    monkeypatch.setattr(ops_load, "_outcomes", {})
     monkeypatch.delenv(ops.OPS_DIR_ENV, raising=False)
 
 
@@ -78,7 +84,7 @@ def plain_loss(hidden, weight, labels):
 def fused_loss(hidden, weight, labels, chunk_size):
     hidden = hidden.detach().requires_grad_()
     weight = weight.detach().requires_grad_()
-    loss, accuracy = ops.fused_lm_loss(hidden, weight, labels, chunk_size=chunk_size)
+    loss, accuracy = model_loss.fused_lm_loss(hidden, weight, labels, chunk_size=chunk_size)
     loss.backward()
     return loss.detach(), accuracy, hidden.grad, weight.grad
 
@@ -151,13 +157,13 @@ def test_fused_loss_all_ignored_and_empty(compiled):
 def test_fused_loss_rejects_bad_labels(compiled):
     hidden, weight, _ = random_problem(2, 3, 10, 4)
     with pytest.raises(IndexError, match="label 10 out of range"):
-        ops.fused_lm_loss(hidden, weight, torch.tensor([0, 10, -100]), chunk_size=4)
+        model_loss.fused_lm_loss(hidden, weight, torch.tensor([0, 10, -100]), chunk_size=4)
 
 
 def test_fused_loss_under_autocast_matches_chunked(compiled):
     hidden, weight, labels = random_problem(3, 24, 200, 32, weight_std=0.2)
     results = []
-    for fn in (lambda h, w: ops.fused_lm_loss(h, w, labels, chunk_size=64),
+    for fn in (lambda h, w: model_loss.fused_lm_loss(h, w, labels, chunk_size=64),
                lambda h, w: chunked_lm_loss(h, w, labels, vocab_chunks=4)):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -171,12 +177,12 @@ def test_fused_loss_under_autocast_matches_chunked(compiled):
 
 def test_dispatch_helper_follows_the_environment(compiled, built_ops_dir, fresh_outcomes, monkeypatch, tmp_path):
     hidden, weight, _ = random_problem(4, 2, 10, 4)
-    assert not ops.fused_lm_loss_available(hidden, weight)  # $GPT2IPU_OPS_DIR unset
+    assert not model_loss.fused_lm_loss_available(hidden, weight)  # $GPT2IPU_OPS_DIR unset
     monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
-    assert ops.fused_lm_loss_available(hidden, weight)
-    assert not ops.fused_lm_loss_available(hidden.half(), weight.half())  # fp16: the pure path
+    assert model_loss.fused_lm_loss_available(hidden, weight)
+    assert not model_loss.fused_lm_loss_available(hidden.half(), weight.half())  # fp16: the pure path
     monkeypatch.setenv(ops.OPS_DIR_ENV, str(tmp_path))
-    assert not ops.fused_lm_loss_available(hidden, weight)
+    assert not model_loss.fused_lm_loss_available(hidden, weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +219,8 @@ def test_train_data_dispatches_to_the_compiled_sample_index(compiled, built_ops_
     args = (sizes, doc_idx, 128, 3, int(sizes.sum()))
     monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
     calls = []
-    original = ops.compiled_sample_idx
-    monkeypatch.setattr(ops, "compiled_sample_idx", lambda *a: calls.append(1) or original(*a))
+    original = sample_index.compiled_sample_idx
+    monkeypatch.setattr(sample_index, "compiled_sample_idx", lambda *a: calls.append(1) or original(*a))
     ours = build_sample_idx(*args)
     assert calls and ours is not None
     reference = build_sample_idx_numpy(*args)
@@ -252,13 +258,13 @@ def test_unbuilt_and_failed_builds_fall_back(fresh_outcomes, tmp_path, monkeypat
     assert "not built" in ops.ops_reason(empty)
     failed = tmp_path / "failed"
     failed.mkdir()
-    (failed / ops.STATUS_NAME).write_text(json.dumps({"built": False, "reason": "no C++ compiler"}))
+    (failed / ops_build.STATUS_NAME).write_text(json.dumps({"built": False, "reason": "no C++ compiler"}))
     assert ops.load_ops(failed, quiet=True) is None
     assert "failed: no C++ compiler" in ops.ops_reason(failed)
     # and everything still works, with the same results, through the pure paths
     monkeypatch.setenv(ops.OPS_DIR_ENV, str(failed))
     hidden, weight, labels = random_problem(6, 9, 40, 8)
-    assert not ops.fused_lm_loss_available(hidden, weight)
+    assert not model_loss.fused_lm_loss_available(hidden, weight)
     loss, _ = chunked_lm_loss(hidden, weight, labels, vocab_chunks=3)
     assert relative_error(loss, plain_loss(hidden, weight, labels)[0]) < 1e-5
     for sizes, doc_idx, seq_length, epochs, tokens in list(sample_index_cases())[:10]:
@@ -272,14 +278,14 @@ def test_broken_library_and_wrong_torch_fall_back(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "gpt2ipu_ops.so").write_bytes(b"not a shared library")
-    status = {"built": True, "library": "gpt2ipu_ops.so", "torch": ops._torch_version()}
-    (broken / ops.STATUS_NAME).write_text(json.dumps(status))
+    status = {"built": True, "library": "gpt2ipu_ops.so", "torch": ops_build._torch_version()}
+    (broken / ops_build.STATUS_NAME).write_text(json.dumps(status))
     old = tmp_path / "old"
     old.mkdir()
-    (old / ops.STATUS_NAME).write_text(json.dumps({**status, "torch": "1.0.0"}))
-    script = ("import sys, torch, gpt2ipu.ops as o\n"
+    (old / ops_build.STATUS_NAME).write_text(json.dumps({**status, "torch": "1.0.0"}))
+    script = ("import sys, torch, gpt2ipu.ops as o, gpt2ipu.model.loss as l\n"
               "for d in sys.argv[1:]: print(o.load_ops(d, quiet=True) is None, o.ops_reason(d))\n"
-              "try: o.fused_lm_loss(torch.ones(1, 2), torch.ones(3, 2), torch.zeros(1, dtype=torch.long))\n"
+              "try: l.fused_lm_loss(torch.ones(1, 2), torch.ones(3, 2), torch.zeros(1, dtype=torch.long))\n"
               "except RuntimeError as e: print(e)\n")
     result = subprocess.run([sys.executable, "-c", script, str(broken), str(old)], capture_output=True, text=True,
                             timeout=120, check=True)
@@ -297,7 +303,7 @@ def test_failed_compilation_writes_status_and_log(tmp_path, capsys):
     (source / "broken.cpp").write_text('#error "deliberately broken source"\n')
     status = ops.build_ops(source, tmp_path / "out")
     assert status["built"] is False and "compilation failed" in status["reason"]
-    assert json.loads((tmp_path / "out" / ops.STATUS_NAME).read_text()) == status
+    assert json.loads((tmp_path / "out" / ops_build.STATUS_NAME).read_text()) == status
     assert "deliberately broken source" in capsys.readouterr().err  # the compiler's words, in the log
     assert ops.load_ops(tmp_path / "out", quiet=True) is None
 
@@ -321,7 +327,7 @@ def test_build_is_reused_and_the_key_follows_the_sources(built_ops_dir, tmp_path
         assert again == status  # no second compile
     copy = tmp_path / "src"
     copy.mkdir()
-    for path in ops.source_files(SOURCES):
+    for path in ops_build.source_files(SOURCES):
         (copy / path.name).write_bytes(path.read_bytes())
     assert ops.build_key(copy) == ops.build_key(SOURCES)
     (copy / "lm_loss.cpp").write_text((copy / "lm_loss.cpp").read_text() + "\n// edited\n")
@@ -352,7 +358,7 @@ def test_snakemake_rule_succeeds_when_the_build_fails(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (out,) = (tmp_path / "results" / "ops").iterdir()
     assert out.name == ops.build_key(SOURCES)
-    assert json.loads((out / ops.STATUS_NAME).read_text())["built"] is False
+    assert json.loads((out / ops_build.STATUS_NAME).read_text())["built"] is False
     (log,) = (tmp_path / "logs" / "ops").iterdir()
     assert "no C++ compiler" in log.read_text()
 
@@ -389,19 +395,20 @@ def test_decode_linear_refuses_what_it_cannot_do(compiled):
 def test_decode_linear_dispatch_rules(compiled, built_ops_dir, fresh_outcomes, monkeypatch):
     monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
     weight = torch.randn(12, 8)
-    assert ops.decode_linear_available(torch.randn(1, 3, 8), weight)          # [B, T, in] with B * T <= 16
-    assert not ops.decode_linear_available(torch.randn(2, 9, 8), weight)      # 18 rows: F.linear's job
-    assert not ops.decode_linear_available(torch.randn(1, 8).bfloat16(), weight.bfloat16())
-    assert not ops.decode_linear_available(torch.randn(1, 8), weight.t().contiguous().t())
-    assert not ops.decode_linear_available(torch.randn(1, 8, requires_grad=True), weight)  # no autograd
+    assert decode.decode_linear_available(torch.randn(1, 3, 8), weight)          # [B, T, in] with B * T <= 16
+    assert not decode.decode_linear_available(torch.randn(2, 9, 8), weight)      # 18 rows: F.linear's job
+    assert not decode.decode_linear_available(torch.randn(1, 8).bfloat16(), weight.bfloat16())
+    assert not decode.decode_linear_available(torch.randn(1, 8), weight.t().contiguous().t())
+    assert not decode.decode_linear_available(torch.randn(1, 8, requires_grad=True), weight)  # no autograd
     with torch.no_grad():
-        assert ops.decode_linear_available(torch.randn(1, 8, requires_grad=True), weight)
+        assert decode.decode_linear_available(torch.randn(1, 8, requires_grad=True), weight)
     x = torch.randn(2, 3, 8)
-    torch.testing.assert_close(ops.decode_linear(x, weight, None), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode.decode_linear(x, weight, None), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
 def test_generation_through_the_decode_op_equals_the_pure_path(compiled, built_ops_dir, fresh_outcomes, monkeypatch):
-    from gpt2ipu.generate import DecodeLinear, SamplingConfig, generate, use_decode_layout
+    from gpt2ipu.generate.decode import DecodeLinear, use_decode_layout
+    from gpt2ipu.generate.sampling import SamplingConfig, generate
     from gpt2ipu.model import GPT, config_for
 
     torch.manual_seed(0)
@@ -413,15 +420,15 @@ def test_generation_through_the_decode_op_equals_the_pure_path(compiled, built_o
     assert isinstance(fast.h[0].mlp.c_fc, DecodeLinear) and isinstance(fast.lm_head, DecodeLinear)
     assert fast.lm_head.weight is fast.wte.weight
     calls = []
-    original = ops.decode_linear
-    monkeypatch.setattr(ops, "decode_linear", lambda *a: calls.append(1) or original(*a))
+    original = decode.decode_linear
+    monkeypatch.setattr(decode, "decode_linear", lambda *a: calls.append(1) or original(*a))
     prompts = [[5, 9, 200, 7], [11, 3]]   # a left-padded batch of two rows
     config = SamplingConfig(max_new_tokens=12, greedy=True)
     assert [g.tokens for g in generate(fast, prompts, config)] == [g.tokens for g in generate(plain, prompts, config)]
     assert len(calls) >= 11 * (4 * len(fast.h) + 1)   # every linear of every decode step
     ids = torch.tensor([prompts[0]])
     with torch.inference_mode():
-        torch.testing.assert_close(fast(ids[:, -1:]), plain(ids[:, -1:]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.logits(ids[:, -1:]), plain.logits(ids[:, -1:]), rtol=1e-5, atol=1e-5)
 
 
 def test_model_gradients_through_the_fused_loss_equal_the_plain_loss(compiled, built_ops_dir, fresh_outcomes,
@@ -435,8 +442,8 @@ def test_model_gradients_through_the_fused_loss_equal_the_plain_loss(compiled, b
     fused.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(1))
     calls = []
-    original = ops.fused_lm_loss
-    monkeypatch.setattr(ops, "fused_lm_loss", lambda *a, **k: calls.append(k["tied"]) or original(*a, **k))
+    original = model_loss.fused_lm_loss
+    monkeypatch.setattr(model_loss, "fused_lm_loss", lambda *a, **k: calls.append(k["tied"]) or original(*a, **k))
     for _ in range(2):   # two micro-batches: the second adds into the first's gradients
         plain(ids[:, :-1], ids[:, 1:])[0].backward()
         fused(ids[:, :-1], ids[:, 1:], vocab_chunks=4)[0].backward()

@@ -12,7 +12,7 @@ from gpt2ipu.cli import main as cli_main
 from gpt2ipu.data import tokenize as tokenize_stage
 from gpt2ipu.data import tokenizer as tok
 from gpt2ipu.data.bpe import run_train_bpe
-from gpt2ipu.data.megatron import MMapIndexedDataset
+from gpt2ipu.data.formats.megatron import MMapIndexedDataset
 from gpt2ipu.data.tokenize import run_tokenize
 from gpt2ipu.errors import UserError
 

@@ -5,19 +5,18 @@ import pytest
 import torch
 
 from gpt2ipu.bench.shards import write_with_tfrecord_package
-from gpt2ipu.data.megatron import MMapWriter
+from gpt2ipu.data.formats.megatron import MMapWriter
 from gpt2ipu.errors import UserError
-from gpt2ipu.train_data import (
+from gpt2ipu.train.data import (
     GeneratedSamples,
     MMapSamples,
     ResumableBatches,
     TFRecordSamples,
-    build_sample_idx,
-    build_sample_idx_loop,
     epoch_order,
     make_train_dataset,
     rank_slice,
 )
+from gpt2ipu.train.sample_index import build_sample_idx, build_sample_idx_loop
 
 EOS = 50256
 MAX_LEN = 8
@@ -83,7 +82,7 @@ def test_tfrecord_samples_are_exactly_the_records_in_any_order(tfrecord_rows):
 
 
 def test_tfrecord_reads_shards_of_the_shards_stage_writer(tmp_path):
-    from gpt2ipu.data.tfrecord_io import write_tfrecord_shard
+    from gpt2ipu.data.formats.tfrecord import write_tfrecord_shard
 
     rows = np.random.default_rng(5).integers(0, 50257, (4, MAX_LEN + 1))
     write_tfrecord_shard(tmp_path / "valid-00000-of-00001.tfrecord", rows)

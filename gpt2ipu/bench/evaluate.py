@@ -55,7 +55,7 @@ def plain_lambada(model, tokenizer, texts, window: int) -> dict[str, int]:
                       "last_token": (full[:-1], full[-1:])}
             for convention, (context, target) in splits.items():
                 ids = (context + target)[-window:]
-                logits = model(torch.tensor([ids], device=device))[0, :-1]
+                logits = model.logits(torch.tensor([ids], device=device))[0, :-1]
                 log_probs = torch.log_softmax(logits.double(), dim=-1)
                 targets = torch.tensor(ids[1:], device=device)
                 picked = log_probs[torch.arange(len(ids) - 1, device=device), targets][-len(target):]
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     from gpt2ipu.data.tokenizer import load_tokenizer
     from gpt2ipu.evaluate.data import read_lambada, sample_lambada_texts
     from gpt2ipu.evaluate.lambada import evaluate_lambada
-    from gpt2ipu.evaluate.loading import resolve_device
+    from gpt2ipu.devices import resolve_device
     from gpt2ipu.model import GPT, config_for
 
     if args.threads:

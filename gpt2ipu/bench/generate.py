@@ -47,9 +47,11 @@ def run(args: argparse.Namespace) -> dict:
     import transformers
 
     from gpt2ipu import ops
-    from gpt2ipu.checkpoint import save_hf_dir
-    from gpt2ipu.evaluate.loading import load_model, resolve_device, resolve_dtype
-    from gpt2ipu.generate import SamplingConfig, generate, use_decode_layout
+    from gpt2ipu.model.hf import save_hf_dir
+    from gpt2ipu.devices import precision_dtype, resolve_device
+    from gpt2ipu.pretrained import load_model
+    from gpt2ipu.generate.decode import use_decode_layout
+    from gpt2ipu.generate.sampling import SamplingConfig, generate
     from gpt2ipu.model import GPT, config_for
 
     if args.threads:
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
         folder = save_hf_dir(GPT(config_for(args.preset, 1024)), Path(tmp) / "model")
         ours = load_model(folder, device, args.precision)
         use_decode_layout(ours)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=resolve_dtype(args.precision))
+        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=precision_dtype(args.precision))
         hf = hf.to(device).eval()
     hf.generation_config.eos_token_id = None   # exactly --new-tokens tokens, as ours without a stop token
     config = SamplingConfig(max_new_tokens=args.new_tokens, greedy=True, stop_token_id=None)

@@ -1,8 +1,8 @@
 """`gpt2ipu bench loss`: forward + backward of the LM-head loss, the fused C++ op vs PyTorch.
 
-ours: `gpt2ipu.ops.fused_lm_loss` (the compiled op, vocabulary chunks of `--chunk-size`).
+ours: `gpt2ipu.model.loss.fused_lm_loss` (the compiled op, vocabulary chunks of `--chunk-size`).
 torch_linear_cross_entropy: `F.cross_entropy(F.linear(hidden, weight), labels)`, the whole [N, V] logits.
-chunked_lm_loss: `gpt2ipu.loss.chunked_lm_loss(vocab_chunks=ceil(V / chunk_size))`, pure PyTorch, what
+chunked_lm_loss: `gpt2ipu.model.loss.chunked_lm_loss(vocab_chunks=ceil(V / chunk_size))`, pure PyTorch, what
 `--embedding-serialization-factor` falls back to without the compiled op (it recomputes the logits in
 backward).
 chunked_lm_loss_tokens: `chunked_lm_loss(token_chunks=...)` with the op's token blocks (the
@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from gpt2ipu import ops
+    from gpt2ipu.model.loss import FUSED_CHUNK_SIZE
 
-    chunk_size = args.chunk_size or ops.DEFAULT_CHUNK_SIZE
+    chunk_size = args.chunk_size or FUSED_CHUNK_SIZE
     shape = {"tokens": args.tokens, "vocab": args.vocab, "dim": args.dim, "chunk_size": chunk_size, "seed": args.seed}
     with tempfile.TemporaryDirectory(prefix="gpt2ipu-bench-ops-") as scratch:
         ops_dir = ops.ready_ops_dir(args.ops_dir, scratch)
@@ -165,15 +166,16 @@ def _loss_function(variant: str, tokens: int, vocab: int, chunk_size: int):
     import torch.nn.functional as F
 
     if variant == "ours":
-        from gpt2ipu.ops import fused_lm_loss, load_ops, ops_reason
+        from gpt2ipu.model.loss import fused_lm_loss
+        from gpt2ipu.ops import load_ops, ops_reason
 
         if load_ops(quiet=True) is None:
             raise SystemExit(f"bench loss: the compiled ops do not load: {ops_reason()}")
         return lambda h, w, y: fused_lm_loss(h, w, y, chunk_size=chunk_size)[0]
     if variant == "torch_linear_cross_entropy":
         return lambda h, w, y: F.cross_entropy(F.linear(h, w), y)
-    from gpt2ipu.loss import chunked_lm_loss
-    from gpt2ipu.ops import BLOCK_ELEMENTS
+    from gpt2ipu.model.loss import chunked_lm_loss
+    from gpt2ipu.model.loss import FUSED_BLOCK_ELEMENTS as BLOCK_ELEMENTS
 
     if variant == "chunked_lm_loss_tokens":
         token_chunks = math.ceil(tokens / max(1, BLOCK_ELEMENTS // vocab))

@@ -1,6 +1,6 @@
 """`gpt2ipu bench sample_index`: Megatron's sample index, the compiled op vs the numpy versions.
 
-ours: `gpt2ipu.train_data.build_sample_idx` with the compiled op loaded (custom_ops/sample_index.cpp,
+ours: `gpt2ipu.train.sample_index.build_sample_idx` with the compiled op loaded (custom_ops/sample_index.cpp,
 one pass over the document stream), Python wrapper included.
 megatron_numpy_reference: `build_sample_idx_loop`, Megatron's own numpy reference
 (`_build_sample_idx` in gpt_dataset.py, the code its C++ helper replaced), line for line: the
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from gpt2ipu import ops
-    from gpt2ipu.train_data import build_doc_idx, build_sample_idx, build_sample_idx_loop, build_sample_idx_numpy
+    from gpt2ipu.train.data import build_doc_idx
+    from gpt2ipu.train.sample_index import build_sample_idx, build_sample_idx_loop, build_sample_idx_numpy
 
     docs = int(args.docs)
     rng = np.random.default_rng(args.seed)

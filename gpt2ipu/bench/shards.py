@@ -1,6 +1,6 @@
 """`gpt2ipu bench shards`: packed samples -> TFRecord shard + index, ours vs the tfrecord package.
 
-ours: `gpt2ipu.data.tfrecord_io.write_tfrecord_shard` (numpy varint encoding, hand-framed records).
+ours: `gpt2ipu.data.formats.tfrecord.write_tfrecord_shard` (numpy varint encoding, hand-framed records).
 tfrecord_writer: `tfrecord.TFRecordWriter.write` once per sample (protobuf serialization of each
 record from a Python list), then `tfrecord.tools.tfrecord2idx.create_index`.
 Both must decode to the same samples; whether the files are byte-identical is reported too.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2ipu.bench.common import median_seconds, report
-from gpt2ipu.data.tfrecord_io import read_tfrecord_samples, write_tfrecord_shard
+from gpt2ipu.data.formats.tfrecord import read_tfrecord_samples, write_tfrecord_shard
 
 VOCAB_SIZE = 50257
 

@@ -3,7 +3,7 @@
 A step is forward, backward, optimizer step and zero_grad on one micro-batch of random tokens
 (seeded, the same for every variant). Variants:
 
-  ours      gpt2ipu.model.GPT through gpt2ipu.optim.train_step: SDPA attention, the MLP in one
+  ours      gpt2ipu.model.gpt.GPT through gpt2ipu.train.optim.train_step: SDPA attention, the MLP in one
             Function (GELU recomputed in backward, hidden layer feature-major), the loss in
             token chunks (no [tokens, vocab] logits), fused AdamW with decay on matrices only,
             run inside backward (no clipping here, as in the baseline: see StepInBackward),
@@ -189,7 +189,7 @@ def _child(spec: dict) -> dict:
     import torch
 
     from gpt2ipu.model import config_for
-    from gpt2ipu.train import flops_per_token
+    from gpt2ipu.train.loop import flops_per_token
 
     device, knobs = spec["device"], spec["knobs"]
     torch.manual_seed(0)
@@ -245,9 +245,9 @@ def _our_step(config, device, autocast_dtype, knobs):
 
     from dataclasses import replace
 
-    from gpt2ipu.allocator import keep_freed_memory
+    from gpt2ipu.train.allocator import keep_freed_memory
     from gpt2ipu.model import GPT
-    from gpt2ipu.optim import make_optimizer, parameter_groups, train_step
+    from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
 
     if knobs["keep_freed_memory"]:   # as `gpt2ipu train` does
         keep_freed_memory()

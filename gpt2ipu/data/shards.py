@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt2ipu.data.megatron import MMapIndexedDataset, write_index
-from gpt2ipu.data.tfrecord_io import write_tfrecord_shard
+from gpt2ipu.data.formats.megatron import MMapIndexedDataset, write_index
+from gpt2ipu.data.formats.tfrecord import write_tfrecord_shard
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
 from gpt2ipu.provenance import PROVENANCE_NAME, read_figures, write_provenance

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from gpt2ipu.data.megatron import MMapWriter
+from gpt2ipu.data.formats.megatron import MMapWriter
 from gpt2ipu.data.tokenizer import Tokenizer, gpt2_vocab_files, load_tokenizer
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir, parse_json_record

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from gpt2ipu.data.megatron import token_dtype
+from gpt2ipu.data.formats.megatron import token_dtype
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file
 

@@ -103,7 +103,8 @@ def run_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
                 conventions: Sequence[str] = CONVENTIONS, limit: int | None = None,
                 vocab_dir: str | None = None, bpe_tokenizer: str | None = None) -> dict[str, Any]:
     """Evaluate `model_dir` on the LAMBADA file `data`; write the results JSON `out` atomically."""
-    from gpt2ipu.evaluate.results import load_for_evaluation, write_results
+    from gpt2ipu.evaluate.results import write_results
+    from gpt2ipu.pretrained import load_pretrained
 
     start = time.perf_counter()
     for convention in conventions:
@@ -111,7 +112,7 @@ def run_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
             raise UserError(f"LAMBADA convention {convention!r}: choose from {', '.join(CONVENTIONS)}")
     data_path = data_file(data, LAMBADA_NAME)
     texts = read_lambada(data_path)[:limit]
-    model, tokenizer, device_used = load_for_evaluation(model_dir, device, precision, vocab_dir, bpe_tokenizer)
+    model, tokenizer, device_used = load_pretrained(model_dir, device, precision, vocab_dir, bpe_tokenizer)
     figures = evaluate_lambada(model, tokenizer, texts, conventions=conventions, batch_size=batch_size)
     params = {"batch_size": batch_size, "device": str(device_used), "precision": precision,
               "conventions": list(conventions), "limit": limit, "tokenizer": tokenizer.name}

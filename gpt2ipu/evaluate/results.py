@@ -1,4 +1,4 @@
-"""What the evaluation commands share: loading a model folder for scoring, and the results file.
+"""The evaluation commands' results file.
 
 A results file is one JSON object written atomically (nothing appears under its name unless the
 evaluation finished), with a `provenance` entry: stage, parameters, inputs (sha256 of small files,
@@ -15,18 +15,8 @@ import time
 from typing import Any, Iterable, Mapping
 
 from gpt2ipu import __version__
-from gpt2ipu.evaluate.loading import check_vocab_fits, load_model, load_model_tokenizer, resolve_device
 from gpt2ipu.fsutil import write_text_atomic
 from gpt2ipu.provenance import describe_input
-
-
-def load_for_evaluation(model_dir, device: str, precision: str, vocab_dir=None, bpe_tokenizer=None):
-    """(model, tokenizer, device) for `model_dir`; the tokenizer first, since it fails fastest."""
-    tokenizer = load_model_tokenizer(model_dir, vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer)
-    device_used = resolve_device(device)
-    model = load_model(model_dir, device_used, precision)
-    check_vocab_fits(tokenizer, model, model_dir)
-    return model, tokenizer, device_used
 
 
 def write_results(out: str | os.PathLike, result: Mapping[str, Any], *, stage: str, params: Mapping[str, Any],

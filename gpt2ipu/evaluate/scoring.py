@@ -70,7 +70,7 @@ def _score_batch(model, requests, device) -> list[Scores]:
     ids = ids.to(device)
     rows_t = torch.as_tensor(rows, device=device)
     cols_t = torch.as_tensor(cols, device=device)
-    hidden, _ = model.hidden_states(ids)
+    hidden = model.hidden_states(ids)
     # The hidden state at t - 1 predicts the token at t.
     predictors = hidden[rows_t, cols_t - 1]
     targets = ids[rows_t, cols_t]

@@ -139,12 +139,13 @@ def run_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
              precision: str = "fp32", vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
              dataset_name: str | None = None) -> dict[str, Any]:
     """Evaluate `model_dir` on the WikiText file `data`; write the results JSON `out` atomically."""
-    from gpt2ipu.evaluate.results import load_for_evaluation, write_results
+    from gpt2ipu.evaluate.results import write_results
+    from gpt2ipu.pretrained import load_pretrained
 
     start = time.perf_counter()
     data_path = data_file(data, WIKITEXT_NAME)
     text = read_wikitext(data_path)
-    model, tokenizer, device_used = load_for_evaluation(model_dir, device, precision, vocab_dir, bpe_tokenizer)
+    model, tokenizer, device_used = load_pretrained(model_dir, device, precision, vocab_dir, bpe_tokenizer)
     figures = evaluate_wikitext(model, tokenizer, text, window=window, stride=stride, batch_size=batch_size)
     params = {"stride": figures["stride"], "window": figures["window"], "batch_size": batch_size, "device": str(device_used),
               "precision": precision, "tokenizer": tokenizer.name}

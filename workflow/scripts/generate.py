@@ -2,7 +2,8 @@ import os
 
 import torch
 
-from gpt2ipu.generate import SamplingConfig, run_batch
+from gpt2ipu.generate.batch import run_batch
+from gpt2ipu.generate.sampling import SamplingConfig
 from gpt2ipu.ops import OPS_DIR_ENV
 from gpt2ipu.workflow_adapter import run_stage
 

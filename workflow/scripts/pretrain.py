@@ -1,4 +1,4 @@
-from gpt2ipu.train_launch import run_pretrain
+from gpt2ipu.train.launch import run_pretrain
 from gpt2ipu.workflow_adapter import run_stage
 
 run_stage(snakemake, run_pretrain, recipe=snakemake.params.recipe, shards_dir=snakemake.input.shards,

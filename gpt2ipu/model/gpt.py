@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.loss import IGNORE_INDEX, TiedGrad, chunked_lm_loss, compute_dtype
+from gpt2ipu.model.loss import IGNORE_INDEX, chunked_lm_loss
+from gpt2ipu.model.memory import FeatureMajorMLP, TiedEmbedding, TiedGrad, gelu_new, recast_linear
+
+
+class LMLoss(NamedTuple):
+    """What `GPT.forward` returns: the mean loss over the labels that count, their argmax accuracy, and their number."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    tokens: torch.Tensor
 
 
 class KVCache:
@@ -32,9 +42,9 @@ class KVCache:
 
     A step writes its keys and values into spare room at the end (doubling the room when it is
     full) instead of concatenating them to the whole past, which copied every layer's cache at
-    every generated token: about 8% of GPT-2 small's CPU decoding time. `forward(...,
-    use_cache=True)` returns the cache it was given (or a new one), so pass it back for the next
-    step; an old cache is not a snapshot.
+    every generated token (docs/generation.md has the measured cost). `GPT.new_cache()` makes
+one; each `GPT.logits(..., cache=)` / `hidden_states(..., cache=)` call appends its positions in
+place, so an old cache is not a snapshot.
     """
 
     def __init__(self, n_layer: int):
@@ -118,7 +128,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask=None, cache: tuple[KVCache, int] | None = None):
         """cache: (the KV cache, this block's layer index) when decoding; it is updated in place."""
         B, T, C = x.shape
-        q, k, v = _linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = recast_linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache[0].append(cache[1], k, v)
         y = F.scaled_dot_product_attention(
@@ -129,7 +139,7 @@ class CausalSelfAttention(nn.Module):
             is_causal=mask is None and k.shape[2] == T and T > 1,
         )
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(_linear(y, self.c_proj))
+        return self.resid_dropout(recast_linear(y, self.c_proj))
 
 
 class MLP(nn.Module):
@@ -142,7 +152,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.recompute_gelu and torch.is_grad_enabled():
-            y = _FeatureMajorMLP.apply(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+            y = FeatureMajorMLP.apply(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
         else:
             y = self.c_proj(gelu_new(self.c_fc(x)))
         return self.dropout(y)
@@ -160,91 +170,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), mask, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
-
-
-def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's GELU: the tanh approximation (Hugging Face's "gelu_new")."""
-    return F.gelu(x, approximate="tanh")
-
-
-def _linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """`linear(x)`; when training under autocast, without keeping a low-precision weight copy (see _RecastLinear)."""
-    device = x.device.type
-    if torch.is_grad_enabled() and torch.is_autocast_enabled(device):
-        return _RecastLinear.apply(x, linear.weight, linear.bias)
-    return linear(x)
-
-
-class _RecastLinear(torch.autograd.Function):
-    """F.linear under autocast that casts the weight again in backward instead of keeping its cast.
-
-    Autocast's linear saves the bf16 copy of the weight for backward: 4.7 MB per attention block
-    of GPT-2 small (56 MB for the model), all of it on the memory peak at the end of forward. A
-    cast costs one pass over the weight.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        device, dtype = x.device.type, compute_dtype(x)
-        with torch.autocast(device, enabled=False):
-            x_low = x.to(dtype)
-            y = F.linear(x_low, weight.to(dtype), None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(x_low, weight)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x_low, weight = ctx.saved_tensors
-        grad_2d = grad_y.reshape(-1, grad_y.shape[-1]).to(x_low.dtype)
-        grad_x = (grad_2d @ weight.to(x_low.dtype)).view(*x_low.shape)
-        grad_weight = grad_2d.t() @ x_low.reshape(-1, x_low.shape[-1])
-        return grad_x, grad_weight, grad_2d.sum(0) if ctx.has_bias else None
-
-
-class _FeatureMajorMLP(torch.autograd.Function):
-    """`c_proj(gelu_new(c_fc(x)))` for training: GELU recomputed in backward, the hidden layer
-    kept feature-major ([4*n_embd, tokens]), and no low-precision weight copies kept.
-
-    Autograd would keep both the hidden layer h (for GELU's backward) and gelu(h) (for c_proj's
-    weight gradient): two [tokens, 4*n_embd] tensors per block, the biggest activations of the
-    model. Recomputing GELU costs one elementwise pass and halves that memory.
-    Feature-major: MKL's fp32 matmuls run about 7% faster when the product's longer side is its
-    rows (measured alone on this project's CPU: 211-215 against 197-202 GFLOP/s for these shapes;
-    whole training steps measured equal either way, within noise), so
-    h^T = W_fc x^T and c_proj's input gradient (W_proj^T dy^T) are computed in that layout and
-    GELU and its backward run on it in place of [tokens, 4*n_embd].
-    Under autocast the weights are cast here and again in backward instead of being saved (or
-    held by autocast's cache until backward reaches them): 9.4 MB a block for GPT-2 small in bf16,
-    on the step's memory peak.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj):
-        device, dtype = x.device.type, compute_dtype(x)
-        with torch.autocast(device, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            h_t = torch.addmm(b_fc.to(dtype)[:, None], w_fc.to(dtype), x2.t())
-            y = torch.addmm(b_proj.to(dtype), gelu_new(h_t).t(), w_proj.to(dtype).t())
-        ctx.save_for_backward(x2, h_t, w_fc, w_proj)
-        ctx.input_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x2, h_t, w_fc, w_proj = ctx.saved_tensors
-        dtype = h_t.dtype
-        grad_y = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        w_fc, w_proj = w_fc.to(dtype), w_proj.to(dtype)
-        grad_w_proj = grad_y.t() @ gelu_new(h_t).t()
-        grad_b_proj = grad_y.sum(0)
-        grad_h_t = torch.ops.aten.gelu_backward(w_proj.t() @ grad_y.t(), h_t, approximate="tanh")
-        grad_w_fc = grad_h_t @ x2
-        grad_b_fc = grad_h_t.sum(1)
-        grad_x = grad_h_t.t() @ w_fc
-        return grad_x.view(ctx.input_shape), grad_w_fc, grad_b_fc, grad_w_proj, grad_b_proj
 
 
 class GPT(nn.Module):
@@ -277,23 +202,29 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if exclude_positions else n
 
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for `hidden_states`/`logits(..., cache=)` (decoding)."""
+        return KVCache(len(self.h))
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
         *,
-        past_key_values: KVCache | None = None,
+        cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        use_cache: bool = False,
         tied: TiedGrad | None = None,
-    ) -> tuple[torch.Tensor, KVCache | None]:
-        """Final-LayerNorm outputs [B, T, n_embd] and, with use_cache, the key/value cache.
+    ) -> torch.Tensor:
+        """Final-LayerNorm outputs [B, T, n_embd] of input_ids [B, T].
 
+        cache: keys and values of the positions before input_ids (see `new_cache`); this call
+        appends its own in place, so the next call passes the same cache with the next tokens.
         attention_mask ([B, past + T], 1 = real token, 0 = padding) supports left-padded batches;
         positions then count real tokens only, as in Hugging Face's generate().
+        tied: the chunked loss's gradient buffer for the tied embedding (see `forward`).
         """
         B, T = input_ids.shape
-        past_len = 0 if past_key_values is None else past_key_values.length
+        past_len = 0 if cache is None else cache.length
         if position_ids is None:
             position_ids = _positions(attention_mask, past_len, T, input_ids.device)
         if past_len + T > self.config.n_positions and position_ids.max() >= self.config.n_positions:
@@ -302,88 +233,56 @@ class GPT(nn.Module):
                 f"({self.config.n_positions})"
             )
         if tied is not None:   # the chunked loss's weight gradient completes in the lookup's backward
-            tokens = _TiedEmbedding.apply(input_ids, self.wte.weight, tied)
+            tokens = TiedEmbedding.apply(input_ids, self.wte.weight, tied)
         else:
             # A sparse gradient (this batch's rows only) rather than a second dense [V, d] one
             # for the LM head's to meet. (Not under torch.compile, whose backend has no sparse tensors.)
             sparse = self.config.tie_word_embeddings and not torch.compiler.is_compiling()
             tokens = F.embedding(input_ids, self.wte.weight, sparse=sparse)
-        x = self.drop(tokens + self.wpe(position_ids))
+        x = self.drop(tokens + self.wpe(position_ids))   # [B, T, n_embd]
         mask = _attention_mask(attention_mask, past_len, T, input_ids.device)
-        cache = past_key_values
-        if use_cache and cache is None:
-            cache = KVCache(len(self.h))
         for i, block in enumerate(self.h):
             layer_cache = None if cache is None else (cache, i)
             if self.config.recompute and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, layer_cache, use_reentrant=False)
             else:
                 x = block(x, mask, layer_cache)
-        return self.ln_f(x), (cache if use_cache else None)
+        return self.ln_f(x)
 
-    def forward(
+    def logits(
         self,
         input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
         *,
-        vocab_chunks: int = 1,
-        token_chunks: int = 1,
-        past_key_values: KVCache | None = None,
+        cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ):
-        """With labels: (mean loss over labels != -100, {"accuracy", "tokens"}), logits never built whole.
+    ) -> torch.Tensor:
+        """Next-token logits [B, T, vocab] of input_ids [B, T] (arguments as in `hidden_states`)."""
+        hidden = self.hidden_states(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
+        return self.lm_head(hidden)
 
-        Without labels: logits [B, T, vocab], or (logits, cache) when use_cache is set.
-        Labels have the shape of input_ids and are already shifted (labels[t] follows input_ids[t]).
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_chunks: int = 1,
+                token_chunks: int = 1) -> LMLoss:
+        """The training loss of input_ids [B, T] against labels [B, T], as an `LMLoss`.
+
+        Labels are already shifted (labels[t] follows input_ids[t]); -100 marks a label to ignore.
+        With vocab_chunks or token_chunks > 1 the [B*T, vocab] logits never exist whole (see
+        gpt2ipu/model/loss.py). This is the module's forward so that DDP and other wrappers,
+        which hook forward, see the training computation.
         """
-        chunked = labels is not None and max(vocab_chunks, token_chunks) > 1
+        chunked = max(vocab_chunks, token_chunks) > 1
         tied = TiedGrad() if chunked and self.config.tie_word_embeddings and self.wte.weight.requires_grad \
             and torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
-        hidden, presents = self.hidden_states(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
+        hidden = self.hidden_states(input_ids, tied=tied)   # [B, T, n_embd]
+        loss, accuracy = chunked_lm_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.lm_head.weight,
+            labels.reshape(-1),
+            vocab_chunks=vocab_chunks,
+            token_chunks=token_chunks,
             tied=tied,
         )
-        if labels is not None:
-            loss, accuracy = chunked_lm_loss(
-                hidden.reshape(-1, hidden.shape[-1]),
-                self.lm_head.weight,
-                labels.reshape(-1),
-                vocab_chunks=vocab_chunks,
-                token_chunks=token_chunks,
-                tied=tied,
-            )
-            return loss, {"accuracy": accuracy, "tokens": (labels != IGNORE_INDEX).sum()}
-        logits = self.lm_head(hidden)
-        return (logits, presents) if use_cache else logits
-
-
-class _TiedEmbedding(torch.autograd.Function):
-    """F.embedding(ids, weight) whose backward adds the rows' gradients into the LM head's
-    weight gradient (left in `tied` by the chunked loss) and returns the sum: see TiedGrad."""
-
-    @staticmethod
-    def forward(ctx, input_ids, weight, tied):
-        ctx.save_for_backward(input_ids)
-        ctx.tied, ctx.shape, ctx.dtype = tied, weight.shape, weight.dtype
-        return F.embedding(input_ids, weight)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_tokens):
-        (input_ids,) = ctx.saved_tensors
-        grad, ctx.tied.grad = ctx.tied.grad, None
-        if grad is None:   # the loss kept no gradient (none wanted for the weight): the rows alone
-            grad = grad_tokens.new_zeros(ctx.shape, dtype=ctx.dtype)
-        else:   # the chunked losses hand it over in the weight's dtype already
-            grad = grad.to(ctx.dtype)
-        grad.index_add_(0, input_ids.reshape(-1), grad_tokens.reshape(-1, ctx.shape[1]).to(grad.dtype))
-        return None, grad, None
+        return LMLoss(loss, accuracy, (labels != IGNORE_INDEX).sum())
 
 
 def _positions(attention_mask, past_len: int, T: int, device) -> torch.Tensor:

@@ -23,34 +23,35 @@ with micro-batches of B/2 update the model from exactly the same samples.
 from __future__ import annotations
 
 import os
-import re
-import struct
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-from gpt2ipu.data.megatron import MMapIndexedDataset
-from gpt2ipu.data.tfrecord_io import masked_crc32c
+from gpt2ipu.data.formats.megatron import MMapIndexedDataset
+from gpt2ipu.data.formats.tfrecord import SHARD_NAME, decode_record, read_index
 from gpt2ipu.errors import UserError
+from gpt2ipu.train.sample_index import build_sample_idx
 
-FEATURE = "input_ids"
 _INT32_MAX = np.iinfo(np.int32).max
+
 
 # Distinct seed streams, so that e.g. the document order of epoch 0 never equals the sample order.
 _STREAM_GENERATED = 0
+
+
 _STREAM_EPOCH_ORDER = 1
+
+
 _STREAM_DOC_ORDER = 2
+
+
 _STREAM_SAMPLE_SHUFFLE = 3
 
 
 def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), stream, *map(int, keys)])
-
-
-# ---------------------------------------------------------------------------------------------
-# Generated samples
 
 
 class GeneratedSamples:
@@ -77,26 +78,6 @@ def _check_index(i, n: int) -> int:
     return i
 
 
-# ---------------------------------------------------------------------------------------------
-# TFRecord shards
-
-_SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
-
-
-def _read_index(index_path: Path) -> np.ndarray:
-    """`.index` text ("offset length" per record) -> [records, 2] int64.
-
-    Parsed with one split instead of np.loadtxt, which is about 50 times slower on millions of lines.
-    """
-    try:
-        numbers = np.array(index_path.read_text(encoding="ascii").split(), dtype=np.int64)
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{index_path}: unreadable TFRecord index ({err}); rerun the shards stage") from None
-    if numbers.size % 2:
-        raise UserError(f"{index_path}: not an 'offset length' per line TFRecord index; rerun the shards stage")
-    return numbers.reshape(-1, 2)
-
-
 class TFRecordSamples:
     """The records of `{shards_dir}/{split}-XXXXX-of-NNNNN.tfrecord`, in shard then file order.
 
@@ -112,7 +93,7 @@ class TFRecordSamples:
         counts = []
         self._offsets, self._lengths = [], []
         for path in self.paths:
-            index = _read_index(path.with_suffix(".index"))
+            index = read_index(path.with_suffix(".index"))
             self._offsets.append(np.ascontiguousarray(index[:, 0]))
             self._lengths.append(np.ascontiguousarray(index[:, 1]))
             counts.append(len(index))
@@ -128,7 +109,7 @@ class TFRecordSamples:
         found = {}
         totals = set()
         for path in self.shards_dir.glob(f"{self.split}-*-of-*.tfrecord"):
-            match = _SHARD_NAME.match(path.name)
+            match = SHARD_NAME.match(path.name)
             if match and match["split"] == self.split:
                 found[int(match["i"])] = path
                 totals.add(int(match["n"]))
@@ -188,127 +169,16 @@ class TFRecordSamples:
         return state
 
     def _read(self, shard: int, record: int) -> np.ndarray:
-        from tfrecord import example_pb2
-
         path = self.paths[shard]
         offset, length = int(self._offsets[shard][record]), int(self._lengths[shard][record])
-        raw = os.pread(self._fd(shard), length, offset)
-        where = f"{path}: record {record} at byte {offset}"
-        if len(raw) != length or length < 16:
-            raise UserError(f"{where}: file ends early or index is wrong; rerun the shards stage")
-        (size,) = struct.unpack_from("<Q", raw, 0)
-        (length_crc,) = struct.unpack_from("<I", raw, 8)
-        (data_crc,) = struct.unpack_from("<I", raw, length - 4)
-        payload = memoryview(raw)[12 : length - 4]
-        if size != len(payload) or length_crc != masked_crc32c(raw[:8]) or data_crc != masked_crc32c(payload):
-            raise UserError(f"{where}: length or CRC mismatch (corrupt file or stale index); rerun the shards stage")
-        example = example_pb2.Example()
-        example.ParseFromString(payload)
-        if FEATURE not in example.features.feature:
-            raise UserError(f"{where}: no int64 feature '{FEATURE}'; rerun the shards stage")
-        tokens = np.array(example.features.feature[FEATURE].int64_list.value, dtype=np.int64)
+        tokens = decode_record(os.pread(self._fd(shard), length, offset), length,
+                               where=f"{path}: record {record} at byte {offset}")
         if len(tokens) != self.max_len + 1:
             raise UserError(
                 f"{path}: records hold {len(tokens)} tokens (max_len {len(tokens) - 1}) but training uses "
                 f"max_len {self.max_len} ({self.max_len + 1} tokens per sample); rerun the shards stage with "
                 f"the training recipe's max_len ({self.max_len})")
         return tokens
-
-
-# ---------------------------------------------------------------------------------------------
-# Megatron mmap documents
-
-
-def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
-                     tokens_per_epoch: int) -> np.ndarray:
-    """Where each sample starts in the document stream: Megatron's `helpers.cpp build_sample_idx`.
-
-    The compiled op (custom_ops/sample_index.cpp) when `gpt2ipu.ops.load_ops()` finds it, else
-    `build_sample_idx_numpy`; both return the same array (layout and dtype below).
-    """
-    from gpt2ipu.ops import compiled_sample_idx
-
-    num_samples = _num_samples(seq_length, num_epochs, tokens_per_epoch)
-    compiled = compiled_sample_idx(sizes, doc_idx, seq_length, num_samples)
-    if compiled is not None:
-        return compiled
-    return build_sample_idx_numpy(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
-
-
-def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
-                           tokens_per_epoch: int) -> np.ndarray:
-    """Where each sample starts in the document stream: Megatron's `helpers.cpp build_sample_idx`.
-
-    The stream is the documents `doc_idx[0], doc_idx[1], ...` end to end (`sizes[d]` tokens each).
-    Returns `sample_idx`, shape [num_samples + 1, 2], with
-
-        num_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
-        sample_idx[k] = (p, o): stream position k * seq_length is token o of document doc_idx[p]
-
-    Sample k is the seq_length + 1 tokens from sample_idx[k] to sample_idx[k + 1] inclusive, so
-    consecutive samples share one token (the last label of one is the first input of the next)
-    and the final partial sample is dropped. Row 0 is always (0, 0). Where a position falls
-    between documents it belongs to the next non-empty one (empty documents are skipped).
-
-    dtype: int32 when len(doc_idx) <= 2**31 - 1 (offsets always fit, sizes being int32), else
-    int64; the compiled version must return the same values and dtype.
-
-    Vectorized (cumsum + searchsorted) instead of Megatron's token-walking loop, which takes
-    minutes in Python at 1e8 tokens; `build_sample_idx_loop` is that loop, and the tests prove
-    the two equal.
-    """
-    num_samples, doc_sizes = _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
-    ends = np.cumsum(doc_sizes)
-    positions = np.arange(1, num_samples + 1, dtype=np.int64) * seq_length
-    doc_positions = np.searchsorted(ends, positions, side="right")
-    sample_idx = np.zeros((num_samples + 1, 2), dtype=_sample_idx_dtype(doc_idx))
-    sample_idx[1:, 0] = doc_positions
-    sample_idx[1:, 1] = positions - (ends[doc_positions] - doc_sizes[doc_positions])
-    return sample_idx
-
-
-def build_sample_idx_loop(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
-                          tokens_per_epoch: int) -> np.ndarray:
-    """Megatron's numpy reference `_build_sample_idx` (gpt_dataset.py; its helpers.cpp `build_sample_idx`
-    is the C++ port), line for line, one token run at a time: the plain reference of the tests and
-    the baseline of `gpt2ipu bench sample_index`."""
-    num_samples, _ = _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
-    sample_idx = np.zeros((num_samples + 1, 2), dtype=_sample_idx_dtype(doc_idx))
-    doc_idx_index, doc_offset = 0, 0
-    for sample_index in range(1, num_samples + 1):
-        remaining_seq_length = seq_length + 1
-        while remaining_seq_length != 0:
-            doc_length = int(sizes[doc_idx[doc_idx_index]]) - doc_offset
-            remaining_seq_length -= doc_length
-            if remaining_seq_length <= 0:
-                # -1: the sample's last token is also the next sample's first
-                doc_offset += remaining_seq_length + doc_length - 1
-                remaining_seq_length = 0
-            else:
-                doc_idx_index += 1
-                doc_offset = 0
-        sample_idx[sample_index] = (doc_idx_index, doc_offset)
-    return sample_idx
-
-
-def _num_samples(seq_length, num_epochs, tokens_per_epoch) -> int:
-    if seq_length < 1 or num_epochs < 1 or tokens_per_epoch < 1:
-        raise ValueError(f"need seq_length, num_epochs, tokens_per_epoch >= 1, got "
-                         f"{seq_length}, {num_epochs}, {tokens_per_epoch}")
-    return (num_epochs * tokens_per_epoch - 1) // seq_length
-
-
-def _sample_idx_inputs(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch):
-    num_samples = _num_samples(seq_length, num_epochs, tokens_per_epoch)
-    doc_sizes = np.asarray(sizes)[np.asarray(doc_idx)].astype(np.int64)
-    if num_samples * seq_length + 1 > int(doc_sizes.sum()):
-        raise ValueError(f"doc_idx holds {int(doc_sizes.sum())} tokens, fewer than num_epochs * "
-                         f"tokens_per_epoch = {num_epochs * tokens_per_epoch}")
-    return num_samples, doc_sizes
-
-
-def _sample_idx_dtype(doc_idx) -> np.dtype:
-    return np.dtype(np.int32 if len(doc_idx) <= _INT32_MAX else np.int64)
 
 
 def build_doc_idx(num_docs: int, num_epochs: int, seed: int) -> np.ndarray:
@@ -381,10 +251,6 @@ class MMapSamples:
         return np.concatenate(pieces).astype(np.int64)
 
 
-# ---------------------------------------------------------------------------------------------
-# Factory
-
-
 def make_train_dataset(kind: str, *, shards_dir: str | os.PathLike | None = None, split: str = "train",
                        max_len: int, vocab_size: int = 50257, seed: int = 0, num_epochs: int = 1,
                        generated_samples: int = 1024):
@@ -403,10 +269,6 @@ def make_train_dataset(kind: str, *, shards_dir: str | os.PathLike | None = None
     if kind == "tfrecord":
         return TFRecordSamples(shards_dir, split, max_len)
     return MMapSamples(Path(shards_dir) / f"{split}_text_document", max_len, num_epochs, seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Order, rank slices and resumable batches
 
 
 def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Layout of `<state_dir>/checkpoints/step-00000100/` (written atomically, the last K kept):
 
-    config.json, model.safetensors   the weights, in the Hugging Face layout (gpt2ipu.checkpoint)
+    config.json, model.safetensors   the weights, in the Hugging Face layout (gpt2ipu.model.hf)
     training_state.pt                optimizer and LR-scheduler state, grad-scaler state, the
                                      step, the data position and every RNG state: only tensors,
                                      numbers and strings, loaded with torch.load(weights_only=True)

@@ -199,12 +199,12 @@ def train_step(
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, metrics = model(input_ids, labels, **loss_chunks)
+                loss, accuracy, _ = model(input_ids, labels, **loss_chunks)
             scaled = loss / len(micro_batches)
             with stepper.during_backward(max_grad_norm is not None) if stepper else contextlib.nullcontext():
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
-        acc_sum += metrics["accuracy"].detach().float()
+        acc_sum += accuracy.detach().float()
     grad_norm = None
     if stepper:
         if max_grad_norm is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt2ipu.devices import resolve_device
 from gpt2ipu.errors import UserError
 
 
@@ -32,14 +33,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(requested)
-
-
 def init_distributed(requested_device: str, replication_factor: int) -> DistInfo:
     """Join the process group torchrun set up (or run alone), and check --replication-factor."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -51,7 +44,7 @@ def init_distributed(requested_device: str, replication_factor: int) -> DistInfo
         )
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(requested_device)
+    device = resolve_device(requested_device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -29,44 +29,20 @@ from gpt2ipu.data.tokenizer import (
     gpt2_encoding,
     load_tokenizer,
 )
+from gpt2ipu.devices import precision_dtype, resolve_device
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r}: choose auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r}: this PyTorch build or machine has no CUDA; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r}: choose auto, cpu, cuda or cuda:N")
-    return device
-
-
-def resolve_dtype(precision: str) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
+from gpt2ipu.model.hf import load_hf_dir
 
 def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "fp32"):
     """The GPT of a Hugging Face GPT-2 folder, in eval mode, on `device`, weights in `precision`."""
-    from gpt2ipu.checkpoint import load_hf_dir
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: model folder not found; train one (snakemake pretrain_small) or "
                         "point to a Hugging Face GPT-2 folder")
     device = resolve_device(device) if isinstance(device, str) else device
     model = load_hf_dir(model_dir)
-    return model.to(device=device, dtype=resolve_dtype(precision)).eval().requires_grad_(False)
+    return model.to(device=device, dtype=precision_dtype(precision)).eval().requires_grad_(False)
 
 
 class HFBPETokenizer(Tokenizer):
@@ -119,3 +95,12 @@ def check_vocab_fits(tokenizer: Tokenizer, model, model_dir: str | os.PathLike) 
         raise UserError(f"{model_dir}: the model has {model.config.vocab_size} token embeddings but its "
                         f"tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens; pass the tokenizer "
                         "the model was trained with (--bpe-tokenizer / --vocab-dir)")
+
+
+def load_pretrained(model_dir, device: str = "auto", precision: str = "fp32", vocab_dir=None, bpe_tokenizer=None):
+    """(model, tokenizer, device) for `model_dir`; the tokenizer first, since it fails fastest."""
+    tokenizer = load_model_tokenizer(model_dir, vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer)
+    device_used = resolve_device(device)
+    model = load_model(model_dir, device_used, precision)
+    check_vocab_fits(tokenizer, model, model_dir)
+    return model, tokenizer, device_used

@@ -25,39 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gpt2ipu import ops
+from gpt2ipu.model.memory import TiedGrad, compute_dtype, hand_over
+from gpt2ipu.ops import load_ops, loaded_ops, ops_reason
 
 IGNORE_INDEX = -100
-
-
-class TiedGrad:
-    """One [V, d] gradient buffer shared by the LM head and the token embedding of a tied weight.
-
-    Autograd would receive the tied weight's two gradients separately: the LM head's, dense and
-    known first (the loss is the first node of backward), and the embedding's, only the batch's
-    rows, at the very end. Its sum of a dense and a sparse gradient is out of place, a third
-    [V, d] tensor on the step's memory peak (150 MB for GPT-2 small, measured). So the loss
-    stores its scaled gradient in `grad` (returning none for the weight), and the embedding
-    lookup (`gpt2ipu.model._TiedEmbedding`) adds its rows into it in place and returns it: one
-    dense gradient, accumulated by autograd like any other. Made fresh for each forward.
-    """
-
-    def __init__(self):
-        self.grad: torch.Tensor | None = None
-
-
-def hand_over(tied: TiedGrad | None, grad_weight: torch.Tensor) -> torch.Tensor | None:
-    """The weight gradient a loss's backward returns: none when a TiedGrad takes it (the embedding returns it)."""
-    if tied is None:
-        return grad_weight
-    tied.grad = grad_weight
-    return None
-
-
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on `tensor` run in here: autocast's when it is on for its device, else its own."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 def chunks_from_flags(embedding_serialization_factor: int, sequence_serialized: bool) -> dict[str, int]:
@@ -94,8 +65,8 @@ def chunked_lm_loss(
         # recompute their logits in backward). The token chunks are as fast as the op in fp32
         # and faster and leaner under bf16 autocast (GPT-2 small step, measured: 1.77 s and
         # 2.55 GB against 1.97 s and 2.94 GB), so they stay in PyTorch.
-        if vocab_chunks > 1 and ops.fused_lm_loss_available(hidden, weight, dtype):
-            return ops.fused_lm_loss(hidden, weight, labels, dtype=dtype, tied=tied)
+        if vocab_chunks > 1 and fused_lm_loss_available(hidden, weight, dtype):
+            return fused_lm_loss(hidden, weight, labels, dtype=dtype, tied=tied)
         if vocab_chunks > 1:
             return _VocabChunkedLoss.apply(hidden, weight, labels, vocab_chunks, dtype, tied)
         if token_chunks > 1:
@@ -251,3 +222,62 @@ def _slices(length: int, n_chunks: int) -> list[tuple[int, int]]:
     n_chunks = max(1, min(n_chunks, length))
     bounds = [length * i // n_chunks for i in range(n_chunks + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled fused loss (custom_ops/lm_loss.cpp)
+
+FUSED_CHUNK_SIZE = 4096  # vocabulary columns per step of a row's online log-sum-exp (16 KB: in L1)
+FUSED_BLOCK_ELEMENTS = 1 << 25  # logits held at once (128 MB in fp32): block_tokens = FUSED_BLOCK_ELEMENTS // V
+
+
+def fused_lm_loss_available(hidden, weight, dtype=None) -> bool:
+    """Whether `fused_lm_loss` can take these tensors: ops loaded, CPU tensors, fp32/bf16 compute."""
+    return (hidden.device.type == "cpu" and weight.device.type == "cpu"
+            and (dtype or compute_dtype(hidden)) in (torch.float32, torch.bfloat16)
+            and load_ops() is not None)
+
+
+def fused_lm_loss(hidden, weight, labels, *, chunk_size: int = FUSED_CHUNK_SIZE, block_tokens: int | None = None,
+                  dtype=None, tied=None):
+    """(mean cross-entropy over labels != -100, argmax accuracy over them) of `hidden @ weight.T`.
+
+    The contract of `chunked_lm_loss` (NaN for both when every label is ignored; the gradients are
+    then zero), computed by the compiled op: `block_tokens` tokens at a time (default
+    FUSED_BLOCK_ELEMENTS // V), each token's logits swept `chunk_size` vocabulary entries at a time.
+    With gradients wanted, forward computes them (for a loss gradient of 1) and backward scales
+    them: nothing is recomputed. hidden [N, d] and weight [V, d] in fp32 or bf16; the matmuls run
+    in `dtype` (default: the autocast dtype when autocast is on, else hidden's), the softmax and
+    sums in fp32. Needs the ops loaded (see `fused_lm_loss_available`). tied: a `TiedGrad` that
+    takes the weight's gradient for the embedding lookup to complete.
+    """
+    namespace = loaded_ops()
+    if namespace is None:
+        raise RuntimeError(f"fused_lm_loss needs the compiled ops: {ops_reason()}")
+    compute = dtype or compute_dtype(hidden)
+    block = block_tokens or max(1, FUSED_BLOCK_ELEMENTS // max(1, weight.shape[0]))
+    # Decided here: inside Function.forward grad mode is always off.
+    grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _FusedLMLoss.apply(hidden, weight, labels, int(chunk_size), int(block), compute, *grads, tied)
+
+
+class _FusedLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, block_tokens, dtype, hidden_grad, weight_grad, tied):
+        loss, accuracy, grad_hidden, grad_weight = loaded_ops().lm_loss(
+            hidden, weight, labels, chunk_size, block_tokens, dtype, hidden_grad, weight_grad)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(accuracy)
+        ctx.tied = tied
+        return loss, accuracy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_accuracy):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # In place (the graph frees them after this one backward): a second [V, d] would land
+        # on the step's memory peak.
+        return (grad_hidden.mul_(grad_loss) if ctx.needs_input_grad[0] else None,
+                hand_over(ctx.tied, grad_weight.mul_(grad_loss)) if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None, None)

@@ -1,0 +1,1 @@
+"""The on-disk formats, each read and written in one module: Megatron's mmap dataset, TFRecord shards."""

@@ -1,0 +1,81 @@
+"""Fast decoding on CPU: the model's linear layers routed to the compiled decode op, or re-laid out.
+
+Decoding multiplies one token's vector by every weight matrix, a matrix-vector product whose speed
+is set by how fast the weights stream from memory (docs/generation.md has the measured rates).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt2ipu.ops import load_ops
+
+def use_decode_layout(model) -> None:
+    """Make the model's matrix products fast for decoding on CPU (same values; CUDA models are left as they are).
+
+    Decoding multiplies one token's vector by every weight matrix, a matrix-vector product whose
+    speed is set by how fast the weights stream from memory. MKL's product (what F.linear calls)
+    streams the [out, in] matrices nn.Linear keeps at about 18 GB/s here. With the compiled ops
+    (custom_ops/decode_linear.cpp) loaded and fp32 weights, every linear layer, the LM head
+    included, goes through `DecodeLinear`: the compiled op for a few rows (decode steps, about
+    2.5x F.linear), F.linear for more (the prompt). Without them, the weights are re-laid out
+    [in, out] once and handed to nn.Linear as transposed views, so F.linear(x, W_view) is x @ W
+    with W contiguous, which MKL streams about 1.5x faster. Either way the outputs may differ
+    from F.linear's in the last bits, as with any other kernel.
+    """
+    weight = model.wte.weight
+    if weight.device.type != "cpu":
+        return
+    if weight.dtype == torch.float32 and load_ops() is not None:
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, name, DecodeLinear(child))
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+                module.weight = torch.nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+        embedding = torch.nn.Parameter(model.wte.weight.t().contiguous().t(), requires_grad=False)
+        model.wte.weight = embedding
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = embedding
+        else:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.t().contiguous().t(), requires_grad=False)
+
+
+class DecodeLinear(torch.nn.Module):
+    """An nn.Linear's own weight and bias (shared, so a tied LM head stays tied), applied by the
+    compiled decode op when a call has few rows and by F.linear otherwise."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decode_linear_available(x, self.weight):
+            return decode_linear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+DECODE_MAX_ROWS = 16  # custom_ops/decode_linear.cpp's kMaxRows
+
+
+def decode_linear_available(x, weight) -> bool:
+    """Whether `decode_linear(x, weight, bias)` can take this F.linear call (loads the ops if needed)."""
+    import torch
+
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.is_contiguous() and x.numel() <= DECODE_MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no autograd here
+            and load_ops() is not None)
+
+
+def decode_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x [..., in] of at most DECODE_MAX_ROWS rows, fp32 CPU, by the compiled op.
+
+    Same values as F.linear up to the order of the sums (a different kernel: the last bits differ).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    out = load_ops().decode_linear(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
