@@ -1,5 +1,6 @@
 # gpt2ipu: GPT-2 pretraining, from a Wikipedia dump to an evaluated model.
-# Every stage is a rule whose outputs are files; see README.md for the stage graph.
+# Every stage is a rule whose outputs are files; see README.md for the stage graph. A rule, its script
+# and its library function share one name (see workflow/rules/common.smk); the rules below are targets.
 #
 #   snakemake --cores 2 data                            # shards of the embedded sample
 #   snakemake --cores 8 data --config dataset=enwiki    # the real English Wikipedia dump
@@ -54,19 +55,19 @@ rule pretrain_xl:
 
 
 rule evaluate_lambada:
-    """LAMBADA accuracy and target perplexity (last_word and last_token) of GPT-2 small."""
+    """LAMBADA accuracy and target perplexity (last_word and last_token) of GPT-2 small (rule evaluate_lambada_any)."""
     input:
         f"results/eval/{DATASET}-gpt2/lambada.json",
 
 
 rule evaluate_wiki:
-    """WikiText token-, word- and adjusted perplexity of GPT-2 small."""
+    """WikiText token-, word- and adjusted perplexity of GPT-2 small (rule evaluate_wiki_any)."""
     input:
         f"results/eval/{DATASET}-gpt2/wikitext.json",
 
 
 rule generate:
-    """Continuations of the configured prompts file by GPT-2 small."""
+    """Continuations of the configured prompts file by GPT-2 small (rule generate_any)."""
     input:
         f"results/generate/{DATASET}-gpt2/continuations.jsonl",
 

@@ -35,6 +35,27 @@ def describe_input(path: str | os.PathLike) -> dict[str, Any]:
     return entry
 
 
+def provenance_record(
+    stage: str,
+    params: Mapping[str, Any],
+    inputs: Iterable[str | os.PathLike],
+    figures: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The provenance record (see the module doc): what `write_provenance` writes for a folder and
+    what `gpt2ipu.evaluate.results` embeds in a results file (there without `figures`)."""
+    record: dict[str, Any] = {
+        "stage": stage,
+        "params": dict(params),
+        "inputs": [describe_input(p) for p in inputs],
+    }
+    if figures is not None:
+        record["figures"] = dict(figures)
+    record["gpt2ipu_version"] = __version__
+    record["python"] = platform.python_version()
+    record["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return record
+
+
 def write_provenance(
     folder: str | os.PathLike,
     stage: str,
@@ -44,15 +65,7 @@ def write_provenance(
     name: str = PROVENANCE_NAME,
 ) -> Path:
     """Write `<folder>/<name>` atomically and return its path."""
-    record = {
-        "stage": stage,
-        "params": dict(params),
-        "inputs": [describe_input(p) for p in inputs],
-        "figures": dict(figures),
-        "gpt2ipu_version": __version__,
-        "python": platform.python_version(),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    record = provenance_record(stage, params, inputs, figures)
     out = Path(folder) / name
     write_text_atomic(out, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return out

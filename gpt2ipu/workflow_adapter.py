@@ -2,6 +2,7 @@
 
 The stage's output (progress bars included) goes to the rule's `log:`; a `UserError` becomes one
 clear message in the log and on the terminal and a non-zero exit, without a traceback.
+`bpe_tokenizer` reads the optional trained-BPE input (workflow/rules/common.smk, `bpe_input`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ import sys
 from typing import Any, Callable
 
 from gpt2ipu.errors import UserError
+
+
+def bpe_tokenizer(snakemake: Any) -> str | None:
+    """The trained BPE's tokenizer.json when the rule has the `bpe` input (tokenize.tokenizer: bpe)."""
+    return f"{snakemake.input.bpe}/tokenizer.json" if "bpe" in snakemake.input.keys() else None
 
 
 def run_stage(snakemake: Any, stage: Callable[..., Any], **kwargs: Any) -> Any:

@@ -8,14 +8,11 @@ import hashlib
 import json
 import math
 import re
-import subprocess
-import sys
-import threading
 import xml.etree.ElementTree as ET
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import wikiextractor_articles
 
 from gpt2ipu.cli import main as cli_main
 from gpt2ipu.data import download, dump, sample_dump
@@ -64,11 +61,7 @@ def sample_part(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def extracted(sample_part, tmp_path_factory) -> list[dict]:
     """The sample part run through wikiextractor's own command line, as the extract stage does."""
-    out = tmp_path_factory.mktemp("extracted")
-    subprocess.run([sys.executable, "-m", "wikiextractor.WikiExtractor", "--json", "-o", str(out),
-                    "--no-templates", "--processes", "1", str(sample_part)],
-                   check=True, capture_output=True, timeout=120)
-    return [json.loads(line) for f in sorted(out.rglob("wiki_*")) for line in f.open(encoding="utf-8")]
+    return wikiextractor_articles(sample_part, tmp_path_factory.mktemp("extracted"), processes=1)
 
 
 def test_sample_is_byte_identical_for_the_same_arguments(sample_part, tmp_path):
@@ -166,6 +159,7 @@ def test_sample_rejects_bad_part_arguments(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_wikiextractor_extracts_the_articles(sample_part, extracted):
     pages = read_pages(sample_part)
     articles = {p["title"] for p in pages if p["ns"] == 0 and not p["redirect"]}
@@ -179,6 +173,7 @@ def test_wikiextractor_extracts_the_articles(sample_part, extracted):
     assert "{{" not in text and "<ref" not in text and "[[" not in text
 
 
+@pytest.mark.slow
 def test_sample_prose_is_learnable(extracted):
     """A bigram model fitted on half the articles predicts the other half much better than a
     unigram model: the text has structure a language model can learn."""
@@ -209,73 +204,11 @@ PAYLOAD = bytes(range(256)) * 1200 + b"tail"   # ~300 kB: several chunks
 PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
 
 
-class DumpServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def reset(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.ignore_range = False
-        self.truncate_first = False
-        self.requests: list[dict] = []
-
-
-class RangeHandler(BaseHTTPRequestHandler):
-    """Serves `server.files`, honouring `Range: bytes=N-` unless told not to, and logs requests."""
-
-    def do_GET(self):
-        server: DumpServer = self.server
-        body = server.files.get(self.path)
-        record = {"path": self.path, "range": self.headers.get("Range"), "status": None, "sent": 0}
-        server.requests.append(record)
-        if body is None:
-            record["status"] = 404
-            self.send_error(404)
-            return
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        start = int(match.group(1)) if match and not server.ignore_range else 0
-        if match and not server.ignore_range:
-            if start >= len(body):
-                record["status"] = 416
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            record["status"] = 206
-        else:
-            self.send_response(200)
-            record["status"] = 200
-        chunk = body[start:]
-        self.send_header("Content-Length", str(len(chunk)))
-        self.end_headers()
-        if server.truncate_first:
-            server.truncate_first = False
-            chunk = chunk[: len(chunk) // 3]   # then the connection closes: a dropped download
-        record["sent"] = len(chunk)   # before writing: the client may be done before this thread resumes
-        self.wfile.write(chunk)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def http_server():
-    server = DumpServer(("127.0.0.1", 0), RangeHandler)
-    server.reset({})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
-def served(http_server):
-    """(server, URL of PAYLOAD) with a fresh request log."""
-    http_server.reset({"/enwiki/part.bz2": PAYLOAD})
-    return http_server, f"http://127.0.0.1:{http_server.server_port}/enwiki/part.bz2"
+def served(range_server):
+    """(server, URL of PAYLOAD) with a fresh request log (conftest's RangeServer)."""
+    range_server.reset({"/enwiki/part.bz2": PAYLOAD})
+    return range_server, range_server.url("/enwiki/part.bz2")
 
 
 def fetch(url, out_dir, sha1=PAYLOAD_SHA1, **kwargs):
@@ -384,10 +317,10 @@ SHA1SUMS = """\
 
 
 @pytest.fixture
-def mirror(http_server):
+def mirror(range_server):
     text = SHA1SUMS.format(h="f" * 40, a="a" * 40, b="b" * 40)
-    http_server.reset({"/enwiki/20240601/enwiki-20240601-sha1sums.txt": text.encode()})
-    return f"http://127.0.0.1:{http_server.server_port}/"
+    range_server.reset({"/enwiki/20240601/enwiki-20240601-sha1sums.txt": text.encode()})
+    return range_server.url("/")
 
 
 def test_enwiki_manifest_lists_the_article_parts_in_order(mirror):

@@ -11,9 +11,7 @@ import io
 import json
 import math
 import re
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -22,8 +20,8 @@ from gpt2ipu.cli import main as cli_main
 from gpt2ipu.data.tokenizer import load_tokenizer
 from gpt2ipu.errors import UserError
 from gpt2ipu.evaluate import data as evaldata
-from gpt2ipu.evaluate.lambada import evaluate_lambada
-from gpt2ipu.evaluate.wiki import count_words, evaluate_wikitext, sliding_windows, wikitext_detokenize
+from gpt2ipu.evaluate.lambada import score_lambada
+from gpt2ipu.evaluate.wiki import count_words, score_wikitext, sliding_windows, wikitext_detokenize
 
 WINDOW = 64
 
@@ -152,7 +150,7 @@ def test_window_arguments_are_checked():
 
 @pytest.mark.parametrize("batch_size,stride", [(1, 32), (3, 17), (8, 63), (5, None)])
 def test_wikitext_batched_equals_one_window_at_a_time(model, tokenizer, wiki_text, batch_size, stride):
-    result = evaluate_wikitext(model, tokenizer, wiki_text, stride=stride, batch_size=batch_size)
+    result = score_wikitext(model, tokenizer, wiki_text, stride=stride, batch_size=batch_size)
     expected = reference_wiki(model, tokenizer, wiki_text, WINDOW, stride or WINDOW // 2)
     assert result["tokens"] == expected["tokens"] and result["words"] == expected["words"]
     assert result["windows"] > 10
@@ -172,7 +170,7 @@ def lambada_texts(model, tokenizer) -> list[str]:
 
 @pytest.mark.parametrize("batch_size", [1, 4, 16])
 def test_lambada_batched_equals_one_passage_at_a_time(model, tokenizer, lambada_texts, batch_size):
-    result = evaluate_lambada(model, tokenizer, lambada_texts, batch_size=batch_size)
+    result = score_lambada(model, tokenizer, lambada_texts, batch_size=batch_size)
     expected = reference_lambada(model, tokenizer, lambada_texts, WINDOW)
     for convention in ("last_word", "last_token"):
         assert result[convention]["correct"] == expected[convention]["correct"], convention
@@ -189,7 +187,7 @@ def test_lambada_on_the_real_file(model, tokenizer, shared_file):
     texts = evaldata.read_lambada(path)
     assert len(texts) == 5153
     subset = texts[:24]
-    result = evaluate_lambada(model, tokenizer, subset, batch_size=8)
+    result = score_lambada(model, tokenizer, subset, batch_size=8)
     expected = reference_lambada(model, tokenizer, subset, WINDOW)
     for convention in ("last_word", "last_token"):
         assert result[convention]["correct"] == expected[convention]["correct"]
@@ -312,74 +310,40 @@ def test_generated_sets_have_the_real_formats_and_are_deterministic(tmp_path):
     assert "@-@" not in wikitext_detokenize(text) and "well-known" in wikitext_detokenize(text)
 
 
-class FileServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-class RangeHandler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.server.files.get(self.path)
-        self.server.ranges.append(self.headers.get("Range"))
-        if body is None:
-            self.send_error(404)
-            return
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        start = int(match.group(1)) if match else 0
-        self.send_response(206 if match else 200)
-        if match:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        self.wfile.write(body[start:])
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = FileServer(("127.0.0.1", 0), RangeHandler)
-    srv.files, srv.ranges = {}, []
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
 def served(server, path: str, body: bytes) -> str:
-    server.files[path] = body
-    server.ranges.clear()
-    return f"http://127.0.0.1:{server.server_port}{path}"
+    """conftest's RangeServer serving `body` at `path` too, with a fresh request log."""
+    server.reset({**server.files, path: body})
+    return server.url(path)
 
 
-def test_download_checks_sha256_and_resumes(tmp_path, server):
+def test_download_checks_sha256_and_resumes(tmp_path, range_server):
     body = "".join(json.dumps({"text": t}) + "\n" for t in evaldata.sample_lambada_texts(20)).encode()
-    url = served(server, "/lambada_test.jsonl", body)
+    url = served(range_server, "/lambada_test.jsonl", body)
     out = tmp_path / "lambada"
     (tmp_path / "lambada.partial").write_bytes(body[:1000])   # a download cut short earlier
     figures = evaldata.prepare_eval_set("lambada", out, source="download", url=url,
                                         sha256=hashlib.sha256(body).hexdigest(), retries=0)
     assert (out / "lambada_test.jsonl").read_bytes() == body and figures["records"] == 20
-    assert server.ranges == ["bytes=1000-"] and not (tmp_path / "lambada.partial").exists()
+    assert range_server.ranges == ["bytes=1000-"] and not (tmp_path / "lambada.partial").exists()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["params"]["url"] == url and provenance["figures"]["verified"] is True
 
 
-def test_download_checksum_mismatch_leaves_nothing(tmp_path, server):
-    url = served(server, "/bad.jsonl", b'{"text": "tampered passage"}\n')
+def test_download_checksum_mismatch_leaves_nothing(tmp_path, range_server):
+    url = served(range_server, "/bad.jsonl", b'{"text": "tampered passage"}\n')
     with pytest.raises(UserError, match=r"checksum mismatch for http://.*/bad\.jsonl: expected sha256 0{64}"):
         evaldata.prepare_eval_set("lambada", tmp_path / "lambada", source="download", url=url,
                                   sha256="0" * 64, retries=0)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_of_a_zip_member_checks_the_member(tmp_path, server):
+def test_download_of_a_zip_member_checks_the_member(tmp_path, range_server):
     text = evaldata.sample_wikitext(1)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("wikitext-2/wiki.test.tokens", text)
         zf.writestr("wikitext-2/wiki.train.tokens", "not this one")
-    url = served(server, "/wikitext-2-v1.zip", archive.getvalue())
+    url = served(range_server, "/wikitext-2-v1.zip", archive.getvalue())
     sha = hashlib.sha256(text.encode()).hexdigest()
     evaldata.prepare_eval_set("wikitext-2", tmp_path / "w2", source="download", url=url, sha256=sha,
                               member="wikitext-2/wiki.test.tokens", retries=0)

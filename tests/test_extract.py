@@ -272,6 +272,7 @@ def test_real_fragment(tmp_path, shared_file):
     assert kept == [a for a in articles if len(a["text"]) >= 200]  # processes 1 and 2 agree
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
     from gpt2ipu.bench import extract as bench
 

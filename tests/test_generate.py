@@ -186,6 +186,7 @@ def start_interactive(model_dir: Path) -> subprocess.Popen:
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_interactive_loop_answers_each_prompt_and_ends_on_ctrl_d(model_dir, model):
     proc = start_interactive(model_dir)
     out, err = proc.communicate("The river\n\nOn the map\n", timeout=120)
@@ -198,6 +199,7 @@ def test_interactive_loop_answers_each_prompt_and_ends_on_ctrl_d(model_dir, mode
     assert out.split("Input: ")[1].startswith(expected + "\n[")
 
 
+@pytest.mark.slow
 def test_interactive_loop_ends_cleanly_on_ctrl_c(model_dir):
     proc = start_interactive(model_dir)
     seen, deadline = b"", time.monotonic() + 120

@@ -19,6 +19,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 def test_the_layers_hold():
     result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -30,6 +31,7 @@ def test_the_layers_hold():
     ("gpt2ipu/model/memory.py", "import gpt2ipu.model.gpt"),          # a cycle inside the model package
     ("gpt2ipu/generate/sampling.py", "import gpt2ipu.evaluate.wiki"),  # two independent siblings
 ])
+@pytest.mark.slow
 def test_an_upward_import_breaks_a_contract(tmp_path, module, upward_import):
     shutil.copytree(REPO / "gpt2ipu", tmp_path / "gpt2ipu", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")

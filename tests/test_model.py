@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from gpt2ipu.model.hf import load_hf_dir, save_hf_dir
 from gpt2ipu.errors import UserError
-from gpt2ipu.model.loss import chunked_lm_loss, chunks_from_flags
+from gpt2ipu.model.loss import chunked_lm_loss
 from gpt2ipu.model.gpt import GPT, PRESETS, config_for
 from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
 
@@ -182,9 +182,8 @@ def test_chunked_loss_single_token_and_no_grad(chunks):
     torch.testing.assert_close(loss, plain_loss(hidden, weight, labels))
 
 
-def test_chunks_from_original_flags():
-    assert chunks_from_flags(4, False) == {"vocab_chunks": 4, "token_chunks": 1}
-    assert chunks_from_flags(4, True) == {"vocab_chunks": 1, "token_chunks": 4}
+def test_loss_refuses_chunking_both_axes():
+    # The flags -> chunks translation is tested where it happens: tests/test_train.py (resolve).
     with pytest.raises(ValueError):
         chunked_lm_loss(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), vocab_chunks=2, token_chunks=2)
 
@@ -311,38 +310,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         torch.testing.assert_close(p, q)
 
 
-def test_step_in_backward_equals_a_step_after_backward():
-    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
-    runs = {}
-    for name, max_grad_norm in (("in_backward", float("inf")), ("after_backward", 1e30)):
-        model = tiny_model().train()
-        optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
-        norms = []
-        for step in range(3):
-            result = train_step(model, optimizer, [(ids, labels)], loss_chunks={"token_chunks": 2},
-                                max_grad_norm=max_grad_norm)
-            scheduler.step()
-            norms.append(float(result["grad_norm"]))
-            assert all(p.grad is None for p in model.parameters())
-        runs[name] = model, optimizer, norms
-    (fused, fused_opt, fused_norms), (plain, plain_opt, plain_norms) = runs["in_backward"], runs["after_backward"]
-    # Clipping at 1e30 never clips but needs every gradient first: the ordinary path.
-    assert hasattr(fused_opt, "_gpt2ipu_step_in_backward") and not hasattr(plain_opt, "_gpt2ipu_step_in_backward")
-    for p, q in zip(fused.parameters(), plain.parameters()):
-        assert torch.equal(p, q)
-        assert all(torch.equal(fused_opt.state[p][key], plain_opt.state[q][key]) for key in plain_opt.state[q])
-    assert fused_opt.state_dict()["param_groups"] == plain_opt.state_dict()["param_groups"]
-    torch.testing.assert_close(fused_norms, plain_norms, rtol=1e-5, atol=0)  # summed in another order
-
-
-def test_accumulation_and_clipping_step_after_backward():
-    model = tiny_model().train()
-    optimizer = make_optimizer(model, lr=1e-2)
-    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
-    train_step(model, optimizer, [(ids, labels), (ids, labels)])
-    train_step(model, optimizer, [(ids, labels)], max_grad_norm=1.0)
-    assert not hasattr(optimizer, "_gpt2ipu_step_in_backward")
+# The optimizer step inside backward (StepInBackward): tests/test_optim.py.
 
 
 def test_bf16_attention_linears_keep_no_weight_copy_and_match_autocast():
@@ -363,13 +331,3 @@ def test_bf16_attention_linears_keep_no_weight_copy_and_match_autocast():
         assert all(t.dtype != torch.bfloat16 or t.shape != linear.weight.shape for t in saved)
     for ours, autocast in zip(*results):
         torch.testing.assert_close(ours, autocast, rtol=2e-2, atol=2e-2)
-
-
-def test_a_disabled_grad_scaler_still_steps_in_backward():
-    # `gpt2ipu train` always passes a GradScaler, enabled only for fp16.
-    model = tiny_model().train()
-    optimizer = make_optimizer(model, lr=1e-2)
-    ids, labels = tokens(2, 16), tokens(2, 16, seed=2)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    result = train_step(model, optimizer, [(ids, labels)], max_grad_norm=float("inf"), scaler=scaler)
-    assert hasattr(optimizer, "_gpt2ipu_step_in_backward") and float(result["grad_norm"]) > 0

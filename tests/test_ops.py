@@ -3,7 +3,8 @@
 The ops are compiled once per test session into pytest's cache folder (.pytest_cache, keyed on the
 sources, so an unchanged checkout reuses the build across sessions; about 20 s on two cores).
 Tests that need them skip, saying why, when the build fails (no compiler); the fallback tests run
-regardless.
+regardless. The tests that use the build (the `built_ops_dir` fixture, directly or through
+`compiled`) are marked `slow` by tests/conftest.py, as are those that start a child process.
 """
 
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import plain_loss
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,7 @@ from gpt2ipu.generate import decode
 from gpt2ipu.model import loss as model_loss
 from gpt2ipu.ops import build as ops_build
 from gpt2ipu.ops import load as ops_load
+from gpt2ipu.ops import selfcheck
 from gpt2ipu.train import sample_index
 from gpt2ipu.cli import main as gpt2ipu_main
 from gpt2ipu.model.loss import chunked_lm_loss
@@ -69,15 +72,15 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
-def plain_loss(hidden, weight, labels):
-    """loss, accuracy and both gradients through PyTorch's own linear + cross_entropy."""
+def plain_loss_and_grads(hidden, weight, labels):
+    """loss, accuracy and both gradients through PyTorch's own linear + cross_entropy (conftest's plain_loss)."""
     hidden = hidden.detach().requires_grad_()
     weight = weight.detach().requires_grad_()
-    logits = F.linear(hidden, weight)
-    loss = F.cross_entropy(logits, labels, ignore_index=-100)
+    loss = plain_loss(hidden, weight, labels)
     loss.backward()
     valid = labels != -100
-    accuracy = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum()
+    with torch.no_grad():
+        accuracy = ((F.linear(hidden, weight).argmax(-1) == labels) & valid).sum() / valid.sum()
     return loss.detach(), accuracy, hidden.grad, weight.grad
 
 
@@ -117,7 +120,7 @@ SHAPES = [  # (N, V, d, chunk_size)
 def test_fused_loss_fp32_matches_pytorch(compiled, n, vocab, dim, chunk):
     hidden, weight, labels = random_problem(n * vocab, n, vocab, dim)
     ours = fused_loss(hidden, weight, labels, chunk)
-    reference = plain_loss(hidden, weight, labels)
+    reference = plain_loss_and_grads(hidden, weight, labels)
     for name, a, b in zip(("loss", "accuracy", "grad_hidden", "grad_weight"), ours, reference):
         assert a.dtype == b.dtype, name
         assert relative_error(a, b) < 1e-5 or (a == b).all(), (name, relative_error(a, b))
@@ -132,8 +135,8 @@ def test_fused_loss_bf16_matches_pytorch(compiled, n, vocab, dim, chunk):
     hidden, weight, labels = random_problem(n + vocab, n, vocab, dim, dtype=torch.bfloat16,
                                             weight_std=1 / math.sqrt(dim))
     ours = fused_loss(hidden, weight, labels, chunk)
-    exact = plain_loss(hidden.float(), weight.float(), labels)  # fp32 maths on the same bf16 values
-    plain_bf16 = plain_loss(hidden, weight, labels)
+    exact = plain_loss_and_grads(hidden.float(), weight.float(), labels)  # fp32 maths on the same bf16 values
+    plain_bf16 = plain_loss_and_grads(hidden, weight, labels)
     assert ours[2].dtype == ours[3].dtype == torch.bfloat16 and ours[0].dtype == torch.float32
     for name, a, b, c in zip(("loss", "grad_hidden", "grad_weight"), ours[::2] + ours[3:], exact[::2] + exact[3:],
                              plain_bf16[::2] + plain_bf16[3:]):
@@ -217,14 +220,25 @@ def test_train_data_dispatches_to_the_compiled_sample_index(compiled, built_ops_
     sizes = rng.integers(1, 300, 5000).astype(np.int32)
     doc_idx = build_doc_idx(len(sizes), 3, 0).astype(np.int64)  # int64 positions are accepted too
     args = (sizes, doc_idx, 128, 3, int(sizes.sum()))
-    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
-    calls = []
-    original = sample_index.compiled_sample_idx
-    monkeypatch.setattr(sample_index, "compiled_sample_idx", lambda *a: calls.append(1) or original(*a))
-    ours = build_sample_idx(*args)
-    assert calls and ours is not None
     reference = build_sample_idx_numpy(*args)
-    assert ours.dtype == reference.dtype and np.array_equal(ours, reference)
+    loop_reference = build_sample_idx_loop(*args)
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    # The numpy fallback must not answer: were the ops not loaded, the test fails here, not passes.
+    def no_fallback(*a, **k):
+        raise AssertionError("build_sample_idx fell back to numpy although the ops are built")
+    monkeypatch.setattr(sample_index, "build_sample_idx_numpy", no_fallback)
+    op_calls, returned = [], []
+    op = compiled.build_sample_idx
+    monkeypatch.setattr(compiled, "build_sample_idx", lambda *a: op_calls.append(a) or op(*a))
+    original = sample_index.compiled_sample_idx
+    monkeypatch.setattr(sample_index, "compiled_sample_idx", lambda *a: returned.append(original(*a)) or returned[-1])
+    ours = build_sample_idx(*args)
+    assert len(op_calls) == 1, "the compiled op did not run"
+    assert len(returned) == 1 and returned[0] is not None, "compiled_sample_idx gave no array"
+    assert ours is returned[0]  # what build_sample_idx returned is the op's array
+    assert ours.dtype == reference.dtype == loop_reference.dtype == np.int32
+    np.testing.assert_array_equal(ours, loop_reference)
+    np.testing.assert_array_equal(ours, reference)
     assert ours[-1, 0] > 2 * len(sizes)  # reached the third epoch
 
 
@@ -237,6 +251,18 @@ def test_sample_index_errors_match_numpy(compiled, built_ops_dir, fresh_outcomes
         build_sample_idx_numpy(sizes, np.array([0, 1, 2], dtype=np.int32), 4, 2, 12)
     with pytest.raises(IndexError):
         build_sample_idx(sizes, np.array([0, 1, 3], dtype=np.int32), 4, 1, 12)
+
+
+def test_self_check_expectation_is_the_loop_reference():
+    """The rows the build's self-check expects, written out in gpt2ipu/ops/selfcheck.py, are Megatron's."""
+    sizes = np.array(selfcheck.SAMPLE_SIZES, dtype=np.int32)
+    doc_idx = np.array(selfcheck.SAMPLE_DOC_IDX, dtype=np.int32)
+    epochs = 2
+    assert len(doc_idx) == epochs * len(sizes) and sorted(doc_idx.tolist()) == sorted(list(range(len(sizes))) * epochs)
+    reference = build_sample_idx_loop(sizes, doc_idx, selfcheck.SAMPLE_SEQ_LENGTH, epochs, int(sizes.sum()))
+    want = np.array(selfcheck.SAMPLE_IDX, dtype=np.int32)
+    assert want.dtype == reference.dtype and want.shape == reference.shape
+    np.testing.assert_array_equal(want, reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,12 +292,13 @@ def test_unbuilt_and_failed_builds_fall_back(fresh_outcomes, tmp_path, monkeypat
     hidden, weight, labels = random_problem(6, 9, 40, 8)
     assert not model_loss.fused_lm_loss_available(hidden, weight)
     loss, _ = chunked_lm_loss(hidden, weight, labels, vocab_chunks=3)
-    assert relative_error(loss, plain_loss(hidden, weight, labels)[0]) < 1e-5
+    assert relative_error(loss, plain_loss(hidden, weight, labels)) < 1e-5
     for sizes, doc_idx, seq_length, epochs, tokens in list(sample_index_cases())[:10]:
         np.testing.assert_array_equal(build_sample_idx(sizes, doc_idx, seq_length, epochs, tokens),
                                       build_sample_idx_loop(sizes, doc_idx, seq_length, epochs, tokens))
 
 
+@pytest.mark.slow
 def test_broken_library_and_wrong_torch_fall_back(tmp_path):
     # In a fresh process: this one may already hold a good build, which would answer first.
     # Asking fused_lm_loss itself for the op there is an error that names the reason.
@@ -295,6 +322,7 @@ def test_broken_library_and_wrong_torch_fall_back(tmp_path):
     assert third.startswith("fused_lm_loss needs the compiled ops") and ops.OPS_DIR_ENV in third
 
 
+@pytest.mark.slow
 def test_failed_compilation_writes_status_and_log(tmp_path, capsys):
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler here (test_no_compiler covers that case)")

@@ -2,11 +2,10 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import wikiextractor_articles
 
 from gpt2ipu.cli import main as cli_main
 from gpt2ipu.data import tokenize as tokenize_stage
@@ -262,12 +261,10 @@ def test_train_bpe_refuses_a_too_small_vocab(tmp_path):
 # --- real text -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_wikipedia_fragment(shared_file, tmp_path, gpt2):
     dump = shared_file("enwiki-sample-206-pages.xml.bz2")
-    subprocess.run([sys.executable, "-m", "wikiextractor.WikiExtractor", "--json", "--no-templates", "--quiet",
-                    "--processes", "2", "-o", str(tmp_path / "raw"), str(dump)], check=True)
-    lines = [line for part in sorted((tmp_path / "raw").rglob("wiki_*")) for line in part.read_text().splitlines()]
-    articles = [json.loads(line) for line in lines]
+    articles = wikiextractor_articles(dump, tmp_path / "raw", processes=2)
     assert len(articles) > 50
     path = write_jsonl(tmp_path / "articles.jsonl", articles)
 

@@ -1,7 +1,9 @@
-"""The training stage: exact resume after SIGKILL, data parallelism, errors, IPU-only flags."""
+"""The training stage: exact resume after SIGKILL, data parallelism, errors, the original's flags
+(translated once by `resolve`, each with a help line), IPU-only flags."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +11,8 @@ import time
 
 import pytest
 from safetensors.numpy import load_file
+
+from gpt2ipu.errors import UserError
 
 TINY = ["--model", "gpt2-test", "--max-len", "32", "--batch-size", "4", "--gradient-accumulation", "2",
         "--generated-samples", "256", "--progress", "false", "--lr-schedule", "cosine", "--lr-warmup", "0.2",
@@ -28,6 +32,7 @@ def single_thread_env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     common = ["--max-steps", 12, "--checkpoint-every", 2]
     straight = run_train(*common, "--state-dir", tmp_path / "a", "--save-model-path", tmp_path / "a_final",
@@ -61,6 +66,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     assert steps == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # One process: micro-batch 4 x accumulation 2 = global 8. Two processes: 2 x 2 x 2 = 8.
     common = ["--max-steps", 4, "--checkpoint-every", 0, "--dropout", "0.0", "--log-every", 1]
@@ -77,24 +83,42 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert one_losses == pytest.approx(two_losses, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_replication_factor_without_torchrun_says_how_to_launch(tmp_path):
     result = run_train("--max-steps", 1, "--replication-factor", 2, "--state-dir", tmp_path / "s")
     assert result.returncode == 2
     assert "torchrun --nproc_per_node 2" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    result = run_train("--max-steps", 20, "--checkpoint-every", 2, "--learning-rate", "1e30",
+    # Step 1's loss comes from the initial weights (finite); its update at a learning rate of 1e30
+    # makes step 2's loss non-finite. A checkpoint every step, so one exists before the NaN.
+    result = run_train("--max-steps", 20, "--checkpoint-every", 1, "--learning-rate", "1e30",
                        "--lr-schedule", "constant", "--grad-clip", "0", "--state-dir", tmp_path / "s")
     assert result.returncode == 2, result.stderr
-    assert "became nan" in result.stderr.lower() or "became inf" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+    stopped = re.search(r"the training loss became (nan|inf|-inf) at step (\d+)", result.stderr)
+    assert stopped, result.stderr
+    nan_step = int(stopped.group(2))
     checkpoints = sorted((tmp_path / "s" / "checkpoints").glob("step-*"))
+    assert checkpoints, "the NaN came before any checkpoint: the test would check nothing"
+    last_good = checkpoints[-1]
+    assert f"last good checkpoint is {last_good}" in result.stderr
+    assert last_good.name == f"step-{nan_step - 1:08d}"   # every finite step was saved, none after
+
+    from gpt2ipu.model.hf import load_hf_dir
+    from gpt2ipu.train.state import load_training_state
+
+    assert load_training_state(last_good)["step"] == nan_step - 1
+    model = load_hf_dir(last_good)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
     for checkpoint in checkpoints:  # none of the kept checkpoints holds non-finite weights
         weights = load_file(str(checkpoint / "model.safetensors"))
         assert all(abs(w).max() < float("inf") for w in weights.values())
 
 
+@pytest.mark.slow
 def test_ipu_only_flags_are_explained_not_ignored(tmp_path):
     result = run_train("--max-steps", 1, "--checkpoint-every", 0, "--layers-per-ipu", "1", "1",
                        "--device-iterations", "8", "--matmul-proportion", "0.2", "--remap-logit", "true",
@@ -105,6 +129,7 @@ def test_ipu_only_flags_are_explained_not_ignored(tmp_path):
         assert flag in result.stderr and "no effect here" in result.stderr
 
 
+@pytest.mark.slow
 def test_outputs_metrics_tensorboard_and_plot(tmp_path):
     result = run_train("--max-steps", 3, "--eval-every", 2, "--state-dir", tmp_path / "s", "--save-model-path",
                        tmp_path / "final")
@@ -118,6 +143,7 @@ def test_outputs_metrics_tensorboard_and_plot(tmp_path):
     assert (tmp_path / "final" / "config.json").is_file() and (tmp_path / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_unknown_config_key_names_the_file(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("max_len: 32\nlearning_rat: 0.1\n")
@@ -126,8 +152,59 @@ def test_unknown_config_key_names_the_file(tmp_path):
     assert result.returncode == 2 and "learning_rat" in result.stderr and str(config) in result.stderr
 
 
+def resolved_flags(*flags):
+    """The command line `gpt2ipu train FLAGS`, read and resolved as the command does."""
+    from gpt2ipu.cli import build_parser
+    from gpt2ipu.train.config import config_from_args, resolve
+
+    return resolve(config_from_args(build_parser("train").parse_args(["train", *map(str, flags)])))
+
+
+def test_original_loss_flags_become_loss_chunks():
+    assert resolved_flags().loss_chunks.for_tokens(4 * 128) == {"vocab_chunks": 1, "token_chunks": 1}
+    vocab = resolved_flags("--embedding-serialization-factor", 4).loss_chunks
+    assert vocab.for_tokens(4 * 128) == {"vocab_chunks": 4, "token_chunks": 1}
+    # Sequence serialization: chunks of --serialized-seq-len tokens, so the count follows the batch
+    # (rounded up), and the embedding factor is not used.
+    tokens = resolved_flags("--embedding-serialization-factor", 4, "--enable-sequence-serialized", "true",
+                            "--serialized-seq-len", 16).loss_chunks
+    assert tokens.for_tokens(64) == {"vocab_chunks": 1, "token_chunks": 4}
+    assert tokens.for_tokens(65) == {"vocab_chunks": 1, "token_chunks": 5}
+    assert tokens.for_tokens(10) == {"vocab_chunks": 1, "token_chunks": 1}
+    assert resolved_flags("--enable-sequence-serialized").loss_chunks.for_tokens(4 * 128)["token_chunks"] == 4
+
+
+def test_half_partials_become_fp16_once_without_changing_the_given_config():
+    from gpt2ipu.train.config import TrainConfig, resolve
+
+    given = TrainConfig(enable_half_partials=True)
+    resolved = resolve(given)
+    assert resolved.config.precision == "fp16" and given.precision == "fp32"
+    assert any("--enable-half-partials" in note for note in resolved.notes)
+    kept = resolved_flags("--enable-half-partials", "--precision", "bf16")
+    assert kept.config.precision == "bf16" and not kept.notes
+    ipu = resolved_flags("--device-iterations", 8, "--layers-per-ipu", 1, 1).notes
+    assert [note.split()[0] for note in ipu] == ["--layers-per-ipu", "--device-iterations"]
+    assert all("no effect here" in note for note in ipu)
+    with pytest.raises(UserError, match="serialized_seq_len"):
+        resolved_flags("--enable-sequence-serialized", "--serialized-seq-len", 0)
+
+
+def test_every_train_flag_says_what_it_does():
+    import argparse
+
+    from gpt2ipu.train.config import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    bare = [action.option_strings[0] for action in parser._actions
+            if action.option_strings and (not action.help or action.help.startswith("(default"))]
+    assert not bare, f"flags without a help line: {bare}"
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.slow
 def test_trains_on_cuda(tmp_path, precision):
     command = [arg if arg != "cpu" else "cuda" for arg in train_command(
         "--max-steps", 4, "--precision", precision, "--state-dir", tmp_path / "s", "--save-model-path", tmp_path / "final")]
@@ -155,6 +232,7 @@ print(applied, libc.mallinfo2().hblkhd)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
                     reason="glibc only")
+@pytest.mark.slow
 def test_keep_freed_memory_serves_large_tensors_from_the_heap():
     def probe(mode):
         out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], capture_output=True, text=True, check=True)

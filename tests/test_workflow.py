@@ -5,6 +5,7 @@ and runs `snakemake` there, with a small sample so the whole chain takes seconds
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -230,9 +231,29 @@ def test_evaluation_and_generation_targets_run_on_the_trained_model(built):
     outputs = ["results/eval/sample-gpt2-test/lambada.json", "results/eval/sample-gpt2-test/wikitext.json",
                "results/generate/sample-gpt2-test/continuations.jsonl"]
     snakemake(workdir, *outputs)
+    config = json.loads((workdir / "results/models/sample-gpt2-test/final/config.json").read_text())
+    vocab_size = config["vocab_size"]
     lambada = json.loads((workdir / outputs[0]).read_text())
-    assert {"last_word", "last_token"} <= lambada.keys() and lambada["last_word"]["samples"] > 0
+    assert lambada["provenance"]["stage"] == "evaluate_lambada"
+    for convention in ("last_word", "last_token"):
+        figures = lambada[convention]
+        assert figures["samples"] == lambada["samples"] > 0 and 0 <= figures["correct"] <= figures["samples"]
+        assert 0.0 <= figures["accuracy"] <= 1.0 and figures["accuracy"] == figures["correct"] / figures["samples"]
+        # Per target token. Six training steps leave the model near the uniform guess, whose perplexity is
+        # the vocabulary size (measured: 0.8-1.02x of it), so that is the scale, within a factor of 2.
+        assert 1.0 < figures["token_perplexity"] < 2 * vocab_size, (convention, figures)
+        # Per passage (a target word may be several tokens), so at least the per-token figure.
+        assert math.isfinite(figures["perplexity"]) and figures["perplexity"] >= figures["token_perplexity"] * (1 - 1e-12)
+    assert math.isclose(lambada["last_token"]["perplexity"], lambada["last_token"]["token_perplexity"])
     wikitext = json.loads((workdir / outputs[1]).read_text())
-    assert json.dumps(wikitext).count("perplexity") >= 2
+    assert wikitext["provenance"]["stage"] == "evaluate_wiki"
+    assert wikitext["scored_tokens"] == wikitext["tokens"] - 1 > 0 and wikitext["words"] > 0
+    assert 1.0 < wikitext["token_perplexity"] < 2 * vocab_size, wikitext
+    assert 0.0 <= wikitext["token_accuracy"] <= 1.0
+    # Per word and adjusted (Megatron's): the same NLL over the words, and over the words less one.
+    assert math.isclose(math.log(wikitext["word_perplexity"]), wikitext["nll"] / wikitext["words"])
+    assert math.isclose(math.log(wikitext["adjusted_perplexity"]), wikitext["nll"] / (wikitext["words"] - 1))
+    for key in ("word_perplexity", "adjusted_perplexity"):
+        assert math.isfinite(wikitext[key]) and wikitext[key] > 1.0, (key, wikitext)
     lines = (workdir / outputs[2]).read_text().splitlines()
     assert lines and all("continuation" in json.loads(line) for line in lines)

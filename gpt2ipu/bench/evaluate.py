@@ -4,7 +4,7 @@ One random-weight model (GPT-2 small architecture by default: speed does not dep
 weights' values) scores the same passages (a subset of the real LAMBADA test file when
 ../shared/data has it, else the generated sample) under both conventions, three ways:
 
-- ours: `evaluate_lambada`, the function `gpt2ipu evaluate lambada` runs (length-sorted batches,
+- ours: `score_lambada`, the scoring `gpt2ipu evaluate lambada` runs (length-sorted batches,
   LM head on the target positions only, one forward pass for both conventions when their token
   sequences agree);
 - one_at_a_time: the plain loop: per passage and convention, one forward pass with full logits
@@ -67,7 +67,7 @@ def plain_lambada(model, tokenizer, texts, window: int) -> dict[str, int]:
 def run(args: argparse.Namespace) -> dict:
     from gpt2ipu.data.tokenizer import load_tokenizer
     from gpt2ipu.evaluate.data import read_lambada, sample_lambada_texts
-    from gpt2ipu.evaluate.lambada import evaluate_lambada
+    from gpt2ipu.evaluate.lambada import score_lambada
     from gpt2ipu.devices import resolve_device
     from gpt2ipu.model import GPT, config_for
 
@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer()
     window = model.config.n_positions
 
-    ours = evaluate_lambada(model, tokenizer, texts, batch_size=args.batch_size)
+    ours = score_lambada(model, tokenizer, texts, batch_size=args.batch_size)
     plain = plain_lambada(model, tokenizer, texts, window)
-    batch_1 = evaluate_lambada(model, tokenizer, texts, batch_size=1)
+    batch_1 = score_lambada(model, tokenizer, texts, batch_size=1)
     identical = all(ours[c]["correct"] == plain["correct"][c] == batch_1[c]["correct"]
                     and math.isclose(ours[c]["nll"], plain["nll"][c], rel_tol=1e-6)
                     for c in ("last_word", "last_token"))
@@ -97,9 +97,9 @@ def run(args: argparse.Namespace) -> dict:
         return result
 
     seconds = interleaved_median_seconds({
-        "ours": lambda: sync(evaluate_lambada(model, tokenizer, texts, batch_size=args.batch_size)),
+        "ours": lambda: sync(score_lambada(model, tokenizer, texts, batch_size=args.batch_size)),
         "one_at_a_time": lambda: sync(plain_lambada(model, tokenizer, texts, window)),
-        "ours_batch_1": lambda: sync(evaluate_lambada(model, tokenizer, texts, batch_size=1)),
+        "ours_batch_1": lambda: sync(score_lambada(model, tokenizer, texts, batch_size=1)),
     }, args.repeats)
     n = len(texts)
     return report(

@@ -5,8 +5,9 @@ Three sources (config key `dataset`):
   enwiki  the real English Wikipedia dump, one part per numbered pages-articles file
   local   MediaWiki XML dumps (.xml or .xml.bz2) already on disk, used in place
 
-The manifest (`results/data/{dataset}/dump/manifest.json`) lists the parts; the workflow reads
-it as a checkpoint and makes one `{part}/pages.xml.bz2` per part (sample, enwiki).
+The manifest (`results/data/{dataset}/dump/manifest.json`, `dump_manifest`) lists the parts; the
+workflow reads it as a checkpoint and makes one `{part}/pages.xml.bz2` per part (`dump_part`:
+sample, enwiki). The functions are named as the rules and scripts that run them.
 
     gpt2ipu dump manifest --dataset sample --sample-parts 2 --out manifest.json
     gpt2ipu dump sample --out-dir dump/part1 --part 1 --parts 2 --pages 3000 --seed 1234
@@ -19,7 +20,7 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import write_text_atomic
@@ -53,8 +54,8 @@ def local_parts(paths: list[str]) -> list[dict[str, str]]:
     return parts
 
 
-def write_manifest(out_path: str | Path, *, dataset: str, sample_parts: int, local_paths: list[str],
-                   enwiki_mirror: str, enwiki_date: str, enwiki_max_parts: int | None) -> list[dict[str, Any]]:
+def dump_manifest(out_path: str | Path, *, dataset: str, sample_parts: int, local_paths: list[str],
+                  enwiki_mirror: str, enwiki_date: str, enwiki_max_parts: int | None) -> list[dict[str, Any]]:
     """Write `{"dataset": ..., "parts": [{"name": ...}, ...]}` to `out_path`; return the parts."""
     if dataset == "sample":
         from gpt2ipu.data.sample_dump import sample_part_names
@@ -68,6 +69,34 @@ def write_manifest(out_path: str | Path, *, dataset: str, sample_parts: int, loc
         raise UserError(f"config key dataset is {dataset!r}; it must be one of: {', '.join(DATASETS)}")
     write_text_atomic(out_path, json.dumps({"dataset": dataset, "parts": parts}, indent=2, ensure_ascii=False) + "\n")
     return parts
+
+
+# The former name, still called by tests/test_dump.py.
+write_manifest = dump_manifest
+
+
+def manifest_part(manifest_path: str | Path, part: str) -> tuple[dict[str, Any], int, int]:
+    """(entry, 1-based number, number of parts) of the part named `part` in a manifest file."""
+    manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    names = [entry["name"] for entry in manifest["parts"]]
+    if part not in names:
+        raise UserError(f"{manifest_path}: has no part {part!r} (parts: {', '.join(names)})")
+    index = names.index(part)
+    return manifest["parts"][index], index + 1, len(names)
+
+
+def dump_part(manifest_path: str | Path, part: str, out_dir: str | Path, *, dataset: str,
+              sample: Mapping[str, Any] | None = None, retries: int = 5) -> dict[str, Any]:
+    """Make the dump part named `part` of the manifest in `out_dir`: generated (`dataset` sample,
+    with the `sample` config's pages and seed) or downloaded and sha1-checked (enwiki)."""
+    entry, number, parts = manifest_part(manifest_path, part)
+    if dataset == "sample":
+        from gpt2ipu.data.sample_dump import write_sample_part
+        return write_sample_part(out_dir, part=number, parts=parts, pages=sample["pages"], seed=sample["seed"])
+    if dataset == "enwiki":
+        from gpt2ipu.data.download import download_part
+        return download_part(entry["url"], out_dir, sha1=entry["sha1"], retries=retries)
+    raise UserError(f"dataset {dataset!r}: its dump parts are used in place, not made")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,9 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.dump_action == "manifest":
-        result: Any = write_manifest(args.out, dataset=args.dataset, sample_parts=args.sample_parts,
-                                     local_paths=args.local_path, enwiki_mirror=args.mirror,
-                                     enwiki_date=args.date, enwiki_max_parts=args.max_parts)
+        result: Any = dump_manifest(args.out, dataset=args.dataset, sample_parts=args.sample_parts,
+                                    local_paths=args.local_path, enwiki_mirror=args.mirror,
+                                    enwiki_date=args.date, enwiki_max_parts=args.max_parts)
     elif args.dump_action == "sample":
         from gpt2ipu.data.sample_dump import write_sample_part
         result = write_sample_part(args.out_dir, part=args.part, parts=args.parts, pages=args.pages, seed=args.seed)

@@ -12,8 +12,9 @@ another vocabulary. Encoding runs on tiktoken (Rust, releases the GIL) built fro
 with no network access; `hf_gpt2_tokenizer_fast` builds the equivalent Hugging Face tokenizer
 from the same files for code that needs the `transformers` interface.
 
-`load_tokenizer(bpe_tokenizer=path)` wraps instead a fresh byte-level BPE trained by
-`gpt2ipu.data.bpe` (the original's `--use-bpe`).
+`load_tokenizer` is the one place that decides which tokenizer is used, for the data stages and
+for a model folder alike (its docstring gives the order): GPT-2's, a fresh byte-level BPE trained
+by `gpt2ipu.data.bpe` (the original's `--use-bpe`), or the vocabulary a model folder carries.
 
 Documents are plain text: a literal "<|endoftext|>" inside an article is encoded as ordinary
 text, never as the end-of-text id, so every document ends with exactly one EOS.
@@ -339,9 +340,57 @@ class TrainedBPETokenizer(Tokenizer):
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
 
+class HFBPETokenizer(Tokenizer):
+    """A byte-level BPE given as vocab.json + merges.txt that are not GPT-2's own files."""
+
+    def __init__(self, vocab: Path, merges: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        try:
+            backend = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        except Exception as err:  # the library raises a bare Exception on malformed files
+            raise UserError(f"{vocab.parent}: vocab.json + merges.txt cannot be read as a BPE ({err})") from None
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        eos_id = backend.token_to_id(EOT)
+        if eos_id is None:
+            raise UserError(f"{vocab}: has no {EOT} token, which generation and evaluation need")
+        self.backend, self.name, self.eos_id = backend, f"bpe:{vocab.parent.name}", eos_id
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+
 def load_tokenizer(vocab_dir: str | os.PathLike | None = None,
-                   bpe_tokenizer: str | os.PathLike | None = None) -> Tokenizer:
-    """GPT-2's tokenizer (vocab found offline, see the module doc), or a trained BPE's tokenizer.json."""
+                   bpe_tokenizer: str | os.PathLike | None = None,
+                   model_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer to use; the first that applies wins:
+
+    1. `bpe_tokenizer` when given (a `tokenizer.json` from `gpt2ipu train-bpe`, for data tokenized
+       and a model trained with `tokenize.tokenizer: bpe`);
+    2. `model_dir`'s own `vocab.json` + `merges.txt` (what `save_pretrained` writes): through
+       tiktoken when they are GPT-2's official files (checked by sha256), else through the
+       `tokenizers` library, since they are then the model's own vocabulary;
+    3. `model_dir`'s own `tokenizer.json`;
+    4. GPT-2's vocabulary, found offline: `vocab_dir`, else the search in the module doc.
+    """
     if bpe_tokenizer is not None:
         return TrainedBPETokenizer(bpe_tokenizer)
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            if sha256_file(vocab) == VOCAB_SHA256 and sha256_file(merges) == MERGES_SHA256:
+                return TiktokenTokenizer(gpt2_encoding(model_dir))
+            return HFBPETokenizer(vocab, merges)
+        if (model_dir / "tokenizer.json").is_file():
+            return TrainedBPETokenizer(model_dir / "tokenizer.json")
     return TiktokenTokenizer(gpt2_encoding(vocab_dir))

@@ -2,11 +2,11 @@
 
 - `data`: the evaluation sets, downloaded by URL and checked by sha256, or generated offline in
   the real files' exact formats (the embedded default);
-- `wiki`: WikiText perplexity (detokenized text, sliding windows; token, word and Megatron's
+- `wiki`: `evaluate_wiki` (the target of that name): WikiText perplexity (detokenized text, sliding windows; token, word and Megatron's
   adjusted perplexity);
-- `lambada`: LAMBADA accuracy and target perplexity, `last_word` (strict) and `last_token`;
+- `lambada`: `evaluate_lambada` (the target of that name): LAMBADA accuracy and target perplexity, `last_word` (strict) and `last_token`;
 - `scoring`: the batched teacher-forced scorer both use;
-- `loading`: a model folder -> model on a device in a precision, and its tokenizer;
+- `results`: the results file, its provenance record from `gpt2ipu.provenance`;
 - `cli`: `gpt2ipu evaluate {wiki,lambada,data}`.
 
 See docs/evaluation.md for the definitions.

@@ -65,17 +65,17 @@ def run(args: argparse.Namespace) -> int:
                                   lambada_records=args.lambada_records,
                                   wikitext_articles=args.wikitext_articles, seed=args.seed)
     elif args.task == "wiki":
-        from gpt2ipu.evaluate.wiki import run_wiki
+        from gpt2ipu.evaluate.wiki import evaluate_wiki
 
-        result = run_wiki(args.model_dir, args.data, args.out, stride=args.stride, window=args.window,
-                          batch_size=args.batch_size, device=args.device, precision=args.precision,
-                          vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
+        result = evaluate_wiki(args.model_dir, args.data, args.out, stride=args.stride, window=args.window,
+                               batch_size=args.batch_size, device=args.device, precision=args.precision,
+                               vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
     else:
-        from gpt2ipu.evaluate.lambada import run_lambada
+        from gpt2ipu.evaluate.lambada import evaluate_lambada
 
-        result = run_lambada(args.model_dir, args.data, args.out, batch_size=args.batch_size,
-                             device=args.device, precision=args.precision,
-                             conventions=[c.strip() for c in args.conventions.split(",") if c.strip()],
-                             limit=args.limit, vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
+        result = evaluate_lambada(args.model_dir, args.data, args.out, batch_size=args.batch_size,
+                                  device=args.device, precision=args.precision,
+                                  conventions=[c.strip() for c in args.conventions.split(",") if c.strip()],
+                                  limit=args.limit, vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

@@ -24,6 +24,8 @@ import os
 import time
 from typing import Any, Sequence
 
+import torch
+
 from gpt2ipu.evaluate.data import LAMBADA_NAME, data_file, read_lambada
 from gpt2ipu.evaluate.scoring import score_requests
 from gpt2ipu.errors import UserError
@@ -67,7 +69,7 @@ def summarize(nll_per_sample: Sequence[float], target_tokens: Sequence[int], cor
     }
 
 
-def evaluate_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequence[str] = CONVENTIONS,
+def score_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequence[str] = CONVENTIONS,
                      batch_size: int = 8) -> dict[str, dict[str, Any]]:
     """{convention: figures} for the passages `texts` (see the module doc)."""
     window = model.config.n_positions
@@ -98,14 +100,20 @@ def evaluate_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Seq
     return results
 
 
-def run_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
-                batch_size: int = 8, device: str = "auto", precision: str = "fp32",
-                conventions: Sequence[str] = CONVENTIONS, limit: int | None = None,
-                vocab_dir: str | None = None, bpe_tokenizer: str | None = None) -> dict[str, Any]:
-    """Evaluate `model_dir` on the LAMBADA file `data`; write the results JSON `out` atomically."""
+def evaluate_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                     batch_size: int = 8, device: str = "auto", precision: str = "fp32",
+                     conventions: Sequence[str] = CONVENTIONS, limit: int | None = None,
+                     vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
+                     threads: int | None = None) -> dict[str, Any]:
+    """Evaluate `model_dir` on the LAMBADA file `data`; write the results JSON `out` atomically.
+
+    threads: CPU threads for torch (default: torch's own choice).
+    """
     from gpt2ipu.evaluate.results import write_results
     from gpt2ipu.pretrained import load_pretrained
 
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     for convention in conventions:
         if convention not in CONVENTIONS:
@@ -113,7 +121,7 @@ def run_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
     data_path = data_file(data, LAMBADA_NAME)
     texts = read_lambada(data_path)[:limit]
     model, tokenizer, device_used = load_pretrained(model_dir, device, precision, vocab_dir, bpe_tokenizer)
-    figures = evaluate_lambada(model, tokenizer, texts, conventions=conventions, batch_size=batch_size)
+    figures = score_lambada(model, tokenizer, texts, conventions=conventions, batch_size=batch_size)
     params = {"batch_size": batch_size, "device": str(device_used), "precision": precision,
               "conventions": list(conventions), "limit": limit, "tokenizer": tokenizer.name}
     result = {"task": "lambada", "model_dir": str(model_dir), "data": str(data_path), "samples": len(texts),

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gpt2ipu.evaluate.data import WIKITEXT_NAME, data_file, read_wikitext
 from gpt2ipu.evaluate.scoring import score_requests
 from gpt2ipu.errors import UserError
@@ -102,8 +104,8 @@ def perplexities(nll: float, num_tokens: int, num_words: int) -> dict[str, float
     }
 
 
-def evaluate_wikitext(model, tokenizer, word_level_text: str, *, window: int | None = None,
-                      stride: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+def score_wikitext(model, tokenizer, word_level_text: str, *, window: int | None = None,
+                   stride: int | None = None, batch_size: int = 8) -> dict[str, Any]:
     """The perplexities of `model` on a WikiText word-level text (see the module doc).
 
     window: tokens per window (default: the model's context); stride: new tokens scored per
@@ -134,19 +136,24 @@ def evaluate_wikitext(model, tokenizer, word_level_text: str, *, window: int | N
     }
 
 
-def run_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
-             stride: int | None = None, window: int | None = None, batch_size: int = 8, device: str = "auto",
-             precision: str = "fp32", vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
-             dataset_name: str | None = None) -> dict[str, Any]:
-    """Evaluate `model_dir` on the WikiText file `data`; write the results JSON `out` atomically."""
+def evaluate_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                  stride: int | None = None, window: int | None = None, batch_size: int = 8, device: str = "auto",
+                  precision: str = "fp32", vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
+                  dataset_name: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Evaluate `model_dir` on the WikiText file `data`; write the results JSON `out` atomically.
+
+    threads: CPU threads for torch (default: torch's own choice).
+    """
     from gpt2ipu.evaluate.results import write_results
     from gpt2ipu.pretrained import load_pretrained
 
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     data_path = data_file(data, WIKITEXT_NAME)
     text = read_wikitext(data_path)
     model, tokenizer, device_used = load_pretrained(model_dir, device, precision, vocab_dir, bpe_tokenizer)
-    figures = evaluate_wikitext(model, tokenizer, text, window=window, stride=stride, batch_size=batch_size)
+    figures = score_wikitext(model, tokenizer, text, window=window, stride=stride, batch_size=batch_size)
     params = {"stride": figures["stride"], "window": figures["window"], "batch_size": batch_size, "device": str(device_used),
               "precision": precision, "tokenizer": tokenizer.name}
     result = {"task": "wikitext", "dataset": dataset_name or Path(data_path).parent.name,

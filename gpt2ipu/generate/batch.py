@@ -1,4 +1,8 @@
-"""Batch generation: a prompts file (text, or JSON lines) in, one JSON line per prompt out (the target `generate`)."""
+"""Batch generation: a prompts file (text, or JSON lines) in, one JSON line per prompt out.
+
+`generate` is what the target, rule and script `generate` run; `sampling.generate` is the
+token-level loop it calls.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ from tqdm import tqdm
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import parse_json_record
 from gpt2ipu.generate.decode import use_decode_layout
-from gpt2ipu.generate.sampling import SamplingConfig, generate
+from gpt2ipu.generate import sampling
+from gpt2ipu.generate.sampling import SamplingConfig
 from gpt2ipu.pretrained import load_pretrained
+
 
 def load_for_generation(model_dir, device: str = "auto", precision: str = "fp32", vocab_dir=None,
                         bpe_tokenizer=None):
@@ -87,7 +93,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], config: SamplingCon
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             # Each prompt samples with seed + its index in the file, whatever batch it lands in.
-            generations = generate(model, [encoded[i][0] for i in rows], config, pad_id=tokenizer.eos_id,
+            generations = sampling.generate(model, [encoded[i][0] for i in rows], config, pad_id=tokenizer.eos_id,
                                    seeds=[config.seed + i for i in rows], vocab_limit=tokenizer.vocab_size)
             for index, gen in zip(rows, generations):
                 records[index] = {
@@ -100,14 +106,26 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], config: SamplingCon
     return records
 
 
-def run_batch(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, out: str | os.PathLike,
-              config: SamplingConfig, *, stop_token: str | None = "<|endoftext|>", batch_size: int = 8,
-              device: str = "auto", precision: str = "fp32", vocab_dir: str | None = None,
-              bpe_tokenizer: str | None = None, provenance_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Continue every prompt of `prompts_path`; write the JSON lines `out` (and provenance) atomically."""
+def generate(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, out: str | os.PathLike,
+             config: SamplingConfig, *, stop_token: str | None = "<|endoftext|>", batch_size: int = 8,
+             device: str = "auto", precision: str = "fp32", vocab_dir: str | None = None,
+             bpe_tokenizer: str | None = None, provenance_path: str | os.PathLike | None = None,
+             threads: int | None = None, ops_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Continue every prompt of `prompts_path`; write the JSON lines `out` (and provenance) atomically.
+
+    threads: CPU threads for torch (default: torch's own choice); ops_dir: build folder of the
+    compiled ops, whose decode op speeds up CPU decoding (default: $GPT2IPU_OPS_DIR).
+    """
     from gpt2ipu.fsutil import atomic_file
+    from gpt2ipu.ops import OPS_DIR_ENV
     from gpt2ipu.provenance import write_provenance
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if ops_dir:
+        os.environ[OPS_DIR_ENV] = str(ops_dir)
     started = time.perf_counter()
     prompts = read_prompts(prompts_path)
     config.check()

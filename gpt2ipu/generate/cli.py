@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.generate.batch import load_for_generation, max_prompt_tokens, prompt_ids, run_batch, stop_token_id
+from gpt2ipu.generate import batch
+from gpt2ipu.generate.batch import load_for_generation, max_prompt_tokens, prompt_ids, stop_token_id
 from gpt2ipu.generate.sampling import Generation, SamplingConfig, generate
+
 
 class _Printer:
     """Streams one row's continuation as it grows, holding back a trailing partial UTF-8 character."""
@@ -103,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
         os.environ[OPS_DIR_ENV] = args.ops_dir
     if args.prompts:
         out = args.out or str(Path(args.prompts).with_suffix("")) + ".continuations.jsonl"
-        figures = run_batch(args.model_dir, args.prompts, out, config, stop_token=args.stop_token,
-                            batch_size=args.batch_size, device=args.device, precision=args.precision,
-                            vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
+        figures = batch.generate(args.model_dir, args.prompts, out, config, stop_token=args.stop_token,
+                                 batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                 vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
         print(json.dumps({"out": out, **figures}))
         return 0
     model, tokenizer, _ = load_for_generation(args.model_dir, args.device, args.precision, args.vocab_dir,

@@ -1,7 +1,7 @@
 """Fast decoding on CPU: the model's linear layers routed to the compiled decode op, or re-laid out.
 
 Decoding multiplies one token's vector by every weight matrix, a matrix-vector product whose speed
-is set by how fast the weights stream from memory (docs/generation.md has the measured rates).
+is set by how fast the weights stream from memory (measured rates: docs/design-measurements.md).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ def use_decode_layout(model) -> None:
 
     Decoding multiplies one token's vector by every weight matrix, a matrix-vector product whose
     speed is set by how fast the weights stream from memory. MKL's product (what F.linear calls)
-    streams the [out, in] matrices nn.Linear keeps at about 18 GB/s here. With the compiled ops
-    (custom_ops/decode_linear.cpp) loaded and fp32 weights, every linear layer, the LM head
-    included, goes through `DecodeLinear`: the compiled op for a few rows (decode steps, about
-    2.5x F.linear), F.linear for more (the prompt). Without them, the weights are re-laid out
-    [in, out] once and handed to nn.Linear as transposed views, so F.linear(x, W_view) is x @ W
-    with W contiguous, which MKL streams about 1.5x faster. Either way the outputs may differ
-    from F.linear's in the last bits, as with any other kernel.
+    streams the [out, in] matrices nn.Linear keeps well below the memory's speed. With the
+    compiled ops (custom_ops/decode_linear.cpp) loaded and fp32 weights, every linear layer, the
+    LM head included, goes through `DecodeLinear`: the compiled op, which streams them near
+    memory speed, for a few rows (decode steps), F.linear for more (the prompt). Without them,
+    the weights are re-laid out [in, out] once and handed to nn.Linear as transposed views, so
+    F.linear(x, W_view) is x @ W with W contiguous, a layout MKL streams faster. (Measured rates:
+    docs/design-measurements.md.) Either way the outputs may differ from F.linear's in the last
+    bits, as with any other kernel.
     """
     weight = model.wte.weight
     if weight.device.type != "cpu":
@@ -45,8 +46,14 @@ def use_decode_layout(model) -> None:
 
 
 class DecodeLinear(torch.nn.Module):
-    """An nn.Linear's own weight and bias (shared, so a tied LM head stays tied), applied by the
-    compiled decode op when a call has few rows and by F.linear otherwise."""
+    """An nn.Linear for decoding on CPU: the compiled decode op for calls of few rows, F.linear otherwise.
+
+    What: it holds the nn.Linear's own weight and bias (shared, not copied, so a tied LM head
+    stays tied and no memory is added) and computes the same x W^T + b. Why: a decode step feeds
+    one row per sequence, a matrix-vector product bound by how fast the weights stream from
+    memory, which the compiled op does faster than MKL's F.linear; the prompt's many rows are a
+    matrix product, where F.linear is the right kernel. See `use_decode_layout`.
+    """
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()

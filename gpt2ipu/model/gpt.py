@@ -2,7 +2,7 @@
 
 The architecture is exactly GPT-2's (pre-LayerNorm blocks, GELU with the tanh approximation that
 Hugging Face calls "gelu_new", learned positions, LM head tied to the token embedding), so our
-checkpoints load in `transformers.GPT2LMHeadModel` and the reverse (see gpt2ipu/checkpoint.py).
+checkpoints load in `transformers.GPT2LMHeadModel` and the reverse (see gpt2ipu/model/hf.py).
 Linear layers keep PyTorch's [out, in] layout; the checkpoint code transposes to and from
 Hugging Face's Conv1D [in, out] layout.
 
@@ -10,7 +10,11 @@ Training-specific pieces (the original's IPU flags, translated):
   * `GPTConfig.recompute` -> activation checkpointing per block (`--recompute-checkpoint-every-layer`).
   * `forward(..., labels, vocab_chunks=, token_chunks=)` -> the loss is computed in chunks, so the
     [tokens, vocab] logits tensor never exists (`--embedding-serialization-factor`,
-    `--enable-sequence-serialized`); see gpt2ipu/loss.py.
+    `--enable-sequence-serialized`); see gpt2ipu/model/loss.py.
+
+Entry points: `forward` (the training loss, an `LMLoss`), `logits`, `hidden_states` and
+`new_cache` (evaluation and decoding). Shapes: B batch, T positions of this call, C = n_embd,
+H = n_head, D = C // H, V = vocab_size.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ class LMLoss(NamedTuple):
 
 
 class KVCache:
-    """Keys and values of every layer, [B, n_head, length, head_dim] each, updated in place.
+    """The keys and values of every layer's past positions, for decoding one token at a time.
 
-    A step writes its keys and values into spare room at the end (doubling the room when it is
-    full) instead of concatenating them to the whole past, which copied every layer's cache at
-    every generated token (docs/generation.md has the measured cost). `GPT.new_cache()` makes
-one; each `GPT.logits(..., cache=)` / `hidden_states(..., cache=)` call appends its positions in
-place, so an old cache is not a snapshot.
+    What: per layer, keys and values [B, H, length, D], updated in place. `GPT.new_cache()`
+    makes one; each `GPT.logits(..., cache=)` / `hidden_states(..., cache=)` call appends its
+    positions in place, so an old cache is not a snapshot.
+    Why this way: a step writes its keys and values into spare room at the end (doubling the
+    room when it is full) instead of concatenating them to the whole past, which copied every
+    layer's cache at every generated token (measured: docs/design-measurements.md).
     """
 
     def __init__(self, n_layer: int):
@@ -58,7 +63,7 @@ place, so an old cache is not a snapshot.
         return self.lengths[-1]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add this step's k, v [B, n_head, T, head_dim] to `layer`; returns all of its keys and values so far."""
+        """Add this step's k, v [B, H, T, D] to `layer`; returns all its keys and values so far, [B, H, past + T, D]."""
         start, T = self.lengths[layer], k.shape[2]
         room = self.keys[layer]
         if room is None or start + T > room.shape[2]:
@@ -76,6 +81,9 @@ place, so an old cache is not a snapshot.
 
 @dataclass
 class GPTConfig:
+    """A GPT-2 model's sizes and options: Hugging Face's GPT2Config fields (the names match, so
+    config.json maps over; see gpt2ipu/model/hf.py) plus our two memory options for training."""
+
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -88,8 +96,8 @@ class GPTConfig:
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     recompute: bool = False  # activation checkpointing per block (--recompute-checkpoint-every-layer)
-    # Recompute GELU in backward instead of keeping its output: as fast in fp32 and under bf16
-    # autocast (measured on CPU, GPT-2 small: 4.2 s and 1.61 s a step either way), 45-100 MB less.
+    # Recompute GELU in backward instead of keeping its output (memory.FeatureMajorMLP): the same
+    # step time in fp32 and under bf16 autocast, and less memory (measured: docs/design-measurements.md).
     recompute_gelu: bool = True
 
     def to_dict(self) -> dict:
@@ -117,6 +125,15 @@ def config_for(preset: str, max_len: int, vocab_size: int = 50257, **overrides) 
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: each position attends to itself and the positions before it.
+
+    One [C, 3C] projection for queries, keys and values together, PyTorch's
+    scaled_dot_product_attention (which picks the best kernel it has for the device), then the
+    output projection. Under autocast the projections keep no low-precision weight copy for
+    backward (memory.recast_linear). When decoding, the keys and values of earlier positions
+    come from a KVCache.
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
@@ -127,22 +144,30 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, mask=None, cache: tuple[KVCache, int] | None = None):
         """cache: (the KV cache, this block's layer index) when decoding; it is updated in place."""
-        B, T, C = x.shape
-        q, k, v = recast_linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        B, T, C = x.shape   # [B, T, C]
+        qkv = recast_linear(x, self.c_attn)   # [B, T, 3C]
+        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)   # each [B, H, T, D]
         if cache is not None:
-            k, v = cache[0].append(cache[1], k, v)
-        y = F.scaled_dot_product_attention(
+            k, v = cache[0].append(cache[1], k, v)   # [B, H, past + T, D]
+        y = F.scaled_dot_product_attention(   # [B, H, T, D]
             q, k, v,
             attn_mask=mask,
             dropout_p=self.attn_pdrop if self.training else 0.0,
             # Without an explicit mask the only case is plain causal attention over this window.
             is_causal=mask is None and k.shape[2] == T and T > 1,
         )
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(recast_linear(y, self.c_proj))
+        y = y.transpose(1, 2).reshape(B, T, C)   # heads side by side again: [B, T, C]
+        return self.resid_dropout(recast_linear(y, self.c_proj))   # [B, T, C]
 
 
 class MLP(nn.Module):
+    """The feed-forward half of a block: c_proj(gelu(c_fc(x))), widening to 4 * n_embd and back.
+
+    Training (gradients on) with `recompute_gelu` goes through memory.FeatureMajorMLP, the same
+    math in one autograd Function that keeps the hidden layer once instead of twice (GELU is
+    recomputed in backward); otherwise the plain layers.
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
@@ -150,15 +175,20 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop) if config.resid_pdrop else nn.Identity()
         self.recompute_gelu = config.recompute_gelu
 
-    def forward(self, x):
+    def forward(self, x):   # x [B, T, C]
         if self.recompute_gelu and torch.is_grad_enabled():
             y = FeatureMajorMLP.apply(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
         else:
-            y = self.c_proj(gelu_new(self.c_fc(x)))
-        return self.dropout(y)
+            y = self.c_proj(gelu_new(self.c_fc(x)))   # [B, T, 4C] -> [B, T, C]
+        return self.dropout(y)   # [B, T, C]
 
 
 class Block(nn.Module):
+    """One transformer layer, GPT-2's pre-LayerNorm form: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    The residual stream x keeps its shape [B, T, C] through every block.
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -166,13 +196,23 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
-        x = x + self.mlp(self.ln_2(x))
+    def forward(self, x, mask=None, cache=None):   # x [B, T, C]
+        x = x + self.attn(self.ln_1(x), mask, cache)   # [B, T, C]
+        x = x + self.mlp(self.ln_2(x))   # [B, T, C]
         return x
 
 
 class GPT(nn.Module):
+    """GPT-2: token and position embeddings, n_layer Blocks, a final LayerNorm, and an LM head
+    (tied to the token embedding unless the config says otherwise).
+
+    Four entry points, one kind of value each: `forward(input_ids, labels)` the training loss (an
+    `LMLoss`; the module's forward so that DDP and other wrappers see the training computation),
+    `logits` the next-token logits, `hidden_states` the final-LayerNorm outputs, `new_cache` an
+    empty KVCache for decoding. Parameter names and initialisation are GPT-2's, so Hugging Face
+    checkpoints map onto it name for name (gpt2ipu/model/hf.py).
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.n_embd % config.n_head:
@@ -223,7 +263,7 @@ class GPT(nn.Module):
         positions then count real tokens only, as in Hugging Face's generate().
         tied: the chunked loss's gradient buffer for the tied embedding (see `forward`).
         """
-        B, T = input_ids.shape
+        B, T = input_ids.shape   # [B, T]
         past_len = 0 if cache is None else cache.length
         if position_ids is None:
             position_ids = _positions(attention_mask, past_len, T, input_ids.device)
@@ -233,21 +273,21 @@ class GPT(nn.Module):
                 f"({self.config.n_positions})"
             )
         if tied is not None:   # the chunked loss's weight gradient completes in the lookup's backward
-            tokens = TiedEmbedding.apply(input_ids, self.wte.weight, tied)
+            tokens = TiedEmbedding.apply(input_ids, self.wte.weight, tied)   # [B, T, C]
         else:
             # A sparse gradient (this batch's rows only) rather than a second dense [V, d] one
             # for the LM head's to meet. (Not under torch.compile, whose backend has no sparse tensors.)
             sparse = self.config.tie_word_embeddings and not torch.compiler.is_compiling()
-            tokens = F.embedding(input_ids, self.wte.weight, sparse=sparse)
-        x = self.drop(tokens + self.wpe(position_ids))   # [B, T, n_embd]
-        mask = _attention_mask(attention_mask, past_len, T, input_ids.device)
+            tokens = F.embedding(input_ids, self.wte.weight, sparse=sparse)   # [B, T, C]
+        x = self.drop(tokens + self.wpe(position_ids))   # [B, T, C]; positions [B or 1, T]
+        mask = _attention_mask(attention_mask, past_len, T, input_ids.device)   # [B or 1, 1, T, past + T] or None
         for i, block in enumerate(self.h):
             layer_cache = None if cache is None else (cache, i)
             if self.config.recompute and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, layer_cache, use_reentrant=False)
             else:
-                x = block(x, mask, layer_cache)
-        return self.ln_f(x)
+                x = block(x, mask, layer_cache)   # [B, T, C]
+        return self.ln_f(x)   # [B, T, C]
 
     def logits(
         self,
@@ -259,7 +299,7 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Next-token logits [B, T, vocab] of input_ids [B, T] (arguments as in `hidden_states`)."""
         hidden = self.hidden_states(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
-        return self.lm_head(hidden)
+        return self.lm_head(hidden)   # [B, T, C] -> [B, T, V]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_chunks: int = 1,
                 token_chunks: int = 1) -> LMLoss:
@@ -273,11 +313,11 @@ class GPT(nn.Module):
         chunked = max(vocab_chunks, token_chunks) > 1
         tied = TiedGrad() if chunked and self.config.tie_word_embeddings and self.wte.weight.requires_grad \
             and torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
-        hidden = self.hidden_states(input_ids, tied=tied)   # [B, T, n_embd]
-        loss, accuracy = chunked_lm_loss(
-            hidden.reshape(-1, hidden.shape[-1]),
-            self.lm_head.weight,
-            labels.reshape(-1),
+        hidden = self.hidden_states(input_ids, tied=tied)   # [B, T, C]
+        loss, accuracy = chunked_lm_loss(   # scalars: the mean over counted labels
+            hidden.reshape(-1, hidden.shape[-1]),   # [B*T, C]
+            self.lm_head.weight,   # [V, C]
+            labels.reshape(-1),   # [B*T]
             vocab_chunks=vocab_chunks,
             token_chunks=token_chunks,
             tied=tied,

@@ -8,8 +8,8 @@ become the two ways of chunking:
 
   * vocab_chunks=F (`--embedding-serialization-factor F`): the vocabulary in F slices, with an
     online log-sum-exp across slices; backward recomputes each slice's logits.
-  * token_chunks=F (`--embedding-serialization-factor F --enable-sequence-serialized`): the tokens
-    in F slices, each against the whole vocabulary. Each slice's gradient is computed right away
+  * token_chunks=F (`--enable-sequence-serialized`, chunks of `--serialized-seq-len` tokens; the
+    training config turns that into F): the tokens in F slices, each against the whole vocabulary. Each slice's gradient is computed right away
     in forward (the loss is the last node of the graph, so its gradient is known up to the scalar
     that backward multiplies in), so nothing is recomputed: as fast as the plain loss, and leaner.
 
@@ -29,12 +29,6 @@ from gpt2ipu.model.memory import TiedGrad, compute_dtype, hand_over
 from gpt2ipu.ops import load_ops, loaded_ops, ops_reason
 
 IGNORE_INDEX = -100
-
-
-def chunks_from_flags(embedding_serialization_factor: int, sequence_serialized: bool) -> dict[str, int]:
-    """The original's two IPU flags -> keyword arguments of `chunked_lm_loss` / `GPT.forward`."""
-    factor = max(1, int(embedding_serialization_factor))
-    return {"vocab_chunks": 1, "token_chunks": factor} if sequence_serialized else {"vocab_chunks": factor, "token_chunks": 1}
 
 
 def chunked_lm_loss(
@@ -61,10 +55,10 @@ def chunked_lm_loss(
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device, enabled=False):
         # The compiled fused op (custom_ops/, when built and loaded) computes the same loss and
-        # gradients in bounded memory, 1.37x faster than the vocabulary chunks below (which
-        # recompute their logits in backward). The token chunks are as fast as the op in fp32
-        # and faster and leaner under bf16 autocast (GPT-2 small step, measured: 1.77 s and
-        # 2.55 GB against 1.97 s and 2.94 GB), so they stay in PyTorch.
+        # gradients in bounded memory, faster than the vocabulary chunks below (which recompute
+        # their logits in backward), so it takes their place. The token chunks measured as fast
+        # as the op in fp32 and faster and leaner under bf16 autocast, so they stay in PyTorch
+        # (measured: docs/design-measurements.md).
         if vocab_chunks > 1 and fused_lm_loss_available(hidden, weight, dtype):
             return fused_lm_loss(hidden, weight, labels, dtype=dtype, tied=tied)
         if vocab_chunks > 1:
@@ -109,8 +103,8 @@ class _TokenChunkedLoss(torch.autograd.Function):
         loss_sum = hidden.new_zeros((), dtype=acc)
         correct = hidden.new_zeros((), dtype=torch.long)
         # One logits buffer for all chunks (and one in the matmul dtype under autocast): a fresh
-        # [chunk, V] tensor per chunk is a fresh mmap the kernel must fault in and zero, about
-        # 20 ms per 51 MB chunk here.
+        # [chunk, V] tensor per chunk is a fresh mmap the kernel must fault in and zero
+        # (measured: docs/design-measurements.md).
         slices = _slices(hidden.shape[0], n_chunks)
         rows = max(hi - lo for lo, hi in slices)
         logits_buffer = hidden.new_empty((rows, w.shape[0]), dtype=acc)
@@ -150,8 +144,8 @@ class _TokenChunkedLoss(torch.autograd.Function):
         # once_differentiable, and the graph frees these after one backward.
         # A bf16 (autocast) weight gradient is cast to the weight's dtype now, at the start of
         # backward: when the optimizer steps after backward, the end of backward (every gradient
-        # alive) is the step's memory peak, and a cast there held both copies at once (GPT-2
-        # small, bf16: peak RSS 2460-2500 MB against 2540-2555 MB with the cast at the end).
+        # alive) is the step's memory peak, and a cast there held both copies at once
+        # (measured: docs/design-measurements.md).
         grad_weight = hand_over(ctx.tied, grad_weight.mul_(grad_loss).to(ctx.weight_dtype))
         return grad_hidden.mul_(grad_loss), grad_weight, None, None, None, None, None
 

@@ -7,7 +7,7 @@
   * `TiedGrad` + `TiedEmbedding`: the tied embedding's one gradient buffer, which the chunked LM-head
     loss (gpt2ipu/model/loss.py) fills and the token-embedding lookup completes in place.
 
-docs/training.md gives the memory each one saves, as measured.
+What each one saves was measured: docs/design-measurements.md.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ class TiedGrad:
     Autograd would receive the tied weight's two gradients separately: the LM head's, dense and
     known first (the loss is the first node of backward), and the embedding's, only the batch's
     rows, at the very end. Its sum of a dense and a sparse gradient is out of place, a third
-    [V, d] tensor on the step's memory peak (150 MB for GPT-2 small, measured). So the loss
+    [V, d] tensor on the step's memory peak (measured: docs/design-measurements.md). So the loss
     stores its scaled gradient in `grad` (returning none for the weight), and the embedding
-    lookup (`gpt2ipu.model.TiedEmbedding`) adds its rows into it in place and returns it: one
+    lookup (`TiedEmbedding` below) adds its rows into it in place and returns it: one
     dense gradient, accumulated by autograd like any other. Made fresh for each forward.
     """
 
@@ -94,11 +94,10 @@ class FeatureMajorMLP(torch.autograd.Function):
     Autograd would keep both the hidden layer h (for GELU's backward) and gelu(h) (for c_proj's
     weight gradient): two [tokens, 4*n_embd] tensors per block, the biggest activations of the
     model. Recomputing GELU costs one elementwise pass and halves that memory.
-    Feature-major: MKL's fp32 matmuls run about 7% faster when the product's longer side is its
-    rows (measured alone on this project's CPU: 211-215 against 197-202 GFLOP/s for these shapes;
-    whole training steps measured equal either way, within noise), so
-    h^T = W_fc x^T and c_proj's input gradient (W_proj^T dy^T) are computed in that layout and
-    GELU and its backward run on it in place of [tokens, 4*n_embd].
+    Feature-major: MKL's fp32 matmuls ran faster for these shapes when the product's longer side
+    is its rows (measured alone; whole training steps measured equal either way, within noise:
+    docs/design-measurements.md), so h^T = W_fc x^T and c_proj's input gradient (W_proj^T dy^T)
+    are computed in that layout and GELU and its backward run on it in place of [tokens, 4*n_embd].
     Under autocast the weights are cast here and again in backward instead of being saved (or
     held by autocast's cache until backward reaches them): 9.4 MB a block for GPT-2 small in bf16,
     on the step's memory peak.

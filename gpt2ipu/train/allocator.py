@@ -4,11 +4,11 @@ PyTorch's CPU tensors come from malloc. By default glibc serves every allocation
 with a fresh mmap and unmaps it on free, and returns free memory at the top of its heap to the
 kernel (trimming). A training step allocates and frees the same large tensors every time (GPT-2
 small: the loss's 154 MB tied-weight gradient, its logits buffer, activations), so each step
-the kernel maps those pages again and zeroes them on first touch: 50,000-140,000 page faults a
-step, 0.3 s of system time on the 2-core development machine. `keep_freed_memory()` serves every
-allocation from the heap (M_MMAP_MAX 0) and never trims it (M_TRIM_THRESHOLD at its maximum), so
-after the first step the same pages are reused. Measured (GPT-2 small, len 256, batch 4, median
-of 6 steps): fp32 4.43 -> 4.20 s a step at +1% peak RSS; bf16 1.62 -> 1.46 s at +4%.
+the kernel maps those pages again and zeroes them on first touch: tens of thousands of page
+faults a step, paid in system time. `keep_freed_memory()` serves every allocation from the heap
+(M_MMAP_MAX 0) and never trims it (M_TRIM_THRESHOLD at its maximum), so after the first step the
+same pages are reused: shorter steps for a slightly higher peak RSS (measured:
+docs/design-measurements.md).
 
 Written with ctypes because neither PyTorch nor the standard library exposes mallopt; jemalloc or
 tcmalloc would do the same through LD_PRELOAD, which needs a library outside the Python packages

@@ -1,16 +1,26 @@
-"""`gpt2ipu train`: the command around `gpt2ipu.train.loop.train`."""
+"""`gpt2ipu train`: the command around `gpt2ipu.train.loop.train`.
+
+Process-level choices belong here, not in the library's `train()`: this command owns its process,
+while `train()` may be called from one that has its own (tests, notebooks, benchmarks).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from gpt2ipu.train.allocator import keep_freed_memory
 from gpt2ipu.train.config import add_arguments, config_from_args
-from gpt2ipu.train.loop import train
 
 __all__ = ["add_arguments", "run"]
 
+
 def run(args: argparse.Namespace) -> int:
-    result = train(config_from_args(args))
+    """Train with the flags' config; print the last step's metrics as one JSON line on stdout."""
+    from gpt2ipu.train.loop import train   # torch is imported only once a run starts, not for --help
+
+    cfg = config_from_args(args)
+    keep_freed_memory()   # each step reuses the last step's pages (gpt2ipu/train/allocator.py)
+    result = train(cfg)
     print(json.dumps(result, sort_keys=True))
     return 0

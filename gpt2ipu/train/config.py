@@ -1,13 +1,17 @@
-"""The training run's one typed configuration, `TrainConfig`, and how it is read (file, flags, workflow recipe).
+"""The training run's one typed configuration, `TrainConfig`, how it is read (file, flags, workflow
+recipe), and `resolve`: the one place the original IPU flags are translated into our terms.
 
-The original IPU flags keep their names; what each becomes here is decided in this module, once,
-so the training loop sees only our terms. README.md ("Training flags") has the table.
+The original's flags keep their names so its command lines and recipes still parse. `resolve`
+checks a config and turns those flags into what this implementation does with them (a precision,
+a way of chunking the loss, notes for the IPU-only flags), so the training loop reads only our
+terms. README.md ("Training flags") has the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,70 +33,124 @@ IPU_ONLY_FLAGS = {
 }
 
 
+def _flag(default: Any, help_text: str) -> Any:
+    """A TrainConfig field whose `gpt2ipu train --help` line is `help_text` (what the setting does)."""
+    return field(default=default, metadata={"help": help_text})
+
+
+def _ipu_only(name: str) -> Any:
+    return _flag(None, f"the original's IPU-only flag: {IPU_ONLY_FLAGS[name]}. Accepted; it has no effect "
+                       "here, and the run says so")
+
+
 @dataclass
 class TrainConfig:
+    """Everything one training run is given: one field per `gpt2ipu train` flag and `--config` key.
+
+    Why one dataclass: the command line, a `--config` file and the Snakemake recipe
+    (gpt2ipu.train.launch) all become this one typed value, checked the same way, and a copy is
+    saved with every checkpoint (train_config.json) as the record of the run. Field names are the
+    original IPU implementation's flag names where one exists, so its command lines still parse;
+    `resolve` says what those flags become here. Each field's `help` metadata is its flag's help.
+    """
+
     # model
-    model: str = "gpt2-test"
-    max_len: int = 128
-    dropout: float = 0.0
-    recompute_checkpoint_every_layer: bool = False
-    embedding_serialization_factor: int = 1   # vocabulary chunks of the LM-head loss
-    enable_sequence_serialized: bool = False  # chunk the loss over tokens instead
-    serialized_seq_len: int = 128             # tokens per chunk with --enable-sequence-serialized
-    checkpoint_input_dir: str | None = None   # start from a Hugging Face GPT-2 directory
+    model: str = _flag("gpt2-test", "GPT-2 size preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl (12/24/36/48 layers) "
+                                    "or gpt2-test (tiny, for tests); the original's --model")
+    max_len: int = _flag(128, "tokens per training sample (the context length); the original's --max-len")
+    dropout: float = _flag(0.0, "dropout probability of the embeddings, attention and residual paths (0 = none)")
+    recompute_checkpoint_every_layer: bool = _flag(
+        False, "recompute each transformer block's activations in the backward pass instead of keeping them "
+               "(activation checkpointing: less memory, more compute); the original's flag of the same name")
+    embedding_serialization_factor: int = _flag(
+        1, "compute the LM-head loss in N vocabulary chunks, so the full logits tensor is never held; "
+           "the original's flag of the same name (there: the embedding split into N serial IPU passes)")
+    enable_sequence_serialized: bool = _flag(
+        False, "chunk the LM-head loss over the tokens (chunks of --serialized-seq-len) instead of over the "
+               "vocabulary (--embedding-serialization-factor is then not used); the original's flag of the same name")
+    serialized_seq_len: int = _flag(128, "tokens per loss chunk with --enable-sequence-serialized; "
+                                         "the original's flag of the same name")
+    checkpoint_input_dir: str | None = _flag(
+        None, "start from the weights in this Hugging Face GPT-2 directory (ours, or one saved by transformers) "
+              "instead of a fresh initialization; the original's --pretrained-checkpoint")
     # data
-    dataset: str = "generated"                # generated | tfrecord | mmap
-    shards_dir: str | None = None
-    vocab_size: int = 50257
-    generated_samples: int = 4096
-    num_workers: int = 0
+    dataset: str = _flag("generated", "where training samples come from: generated (random tokens, the original's "
+                                      "mock data), tfrecord (the shards' TFRecord files) or mmap (Megatron-style "
+                                      "document sampling over the shards' mmap files); the original's --train-path")
+    shards_dir: str | None = _flag(None, "the shards stage's output folder; needed by --dataset tfrecord and mmap")
+    vocab_size: int = _flag(50257, "vocabulary size of the model (and the token range of --dataset generated)")
+    generated_samples: int = _flag(4096, "training samples in --dataset generated")
+    num_workers: int = _flag(0, "DataLoader worker processes reading samples (0 = read in the training process)")
     # optimization
-    batch_size: int = 4                       # micro-batch per process
-    gradient_accumulation: int = 1
-    epochs: int = 1
-    max_steps: int | None = None              # stop after this many optimizer steps (<= epochs)
-    optimizer: str = "AdamW"                  # AdamW | Adam | LAMB
-    learning_rate: float = 1.5e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    lr_schedule: str = "constant"             # constant | linear | cosine
-    lr_warmup: float | None = None            # warmup as a fraction of all steps
-    lr_warmup_steps: int | None = None
-    grad_clip: float = 1.0                    # 0 disables clipping (the norm is still logged)
-    seed: int = 42
-    precision: str = "fp32"                   # fp32 | bf16 | fp16
-    compile: bool = False
-    device: str = "auto"
+    batch_size: int = _flag(4, "micro-batch: samples per process in one forward/backward pass; "
+                               "the original's --batch-size")
+    gradient_accumulation: int = _flag(1, "micro-batches whose gradients are summed into one optimizer step (the "
+                                          "global batch is batch size x this x processes); the original's flag "
+                                          "of the same name")
+    epochs: int = _flag(1, "passes over the training data; the original's --epochs")
+    max_steps: int | None = _flag(None, "stop after this many optimizer steps even if the epochs are not done "
+                                        "(none = no cap)")
+    optimizer: str = _flag("AdamW", "AdamW, Adam or LAMB; the original's --optimizer")
+    learning_rate: float = _flag(1.5e-4, "peak learning rate, reached after the warmup; the original's "
+                                         "--learning-rate")
+    weight_decay: float = _flag(0.0, "weight decay of the weight matrices (never of biases or LayerNorm); "
+                                     "the original's --weight-decay")
+    adam_beta1: float = _flag(0.9, "beta1 of Adam, AdamW and LAMB (decay of the gradient's running mean)")
+    adam_beta2: float = _flag(0.999, "beta2 of Adam, AdamW and LAMB (decay of the squared gradient's running mean)")
+    adam_eps: float = _flag(1e-8, "epsilon of Adam, AdamW and LAMB (added to the denominator)")
+    lr_schedule: str = _flag("constant", "learning-rate schedule after the warmup: constant, linear or cosine "
+                                         "(decay to 0 at the last step); the original's --lr-schedule")
+    lr_warmup: float | None = _flag(None, "linear warmup from 0, as a fraction of all steps, in [0, 1); "
+                                          "the original's --lr-warmup")
+    lr_warmup_steps: int | None = _flag(None, "linear warmup from 0, in optimizer steps (takes precedence over "
+                                              "--lr-warmup); the original's --lr-warmup-steps")
+    grad_clip: float = _flag(1.0, "clip the gradients' global norm to this (0 = no clipping; the norm is logged "
+                                  "either way)")
+    seed: int = _flag(42, "seed of the initialization, dropout and the data order")
+    precision: str = _flag("fp32", "fp32, bf16 or fp16: bf16 and fp16 run the matmuls under autocast (fp16 with a "
+                                   "grad scaler), the weights and optimizer stay fp32")
+    compile: bool = _flag(False, "run the model through torch.compile")
+    device: str = _flag("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     # parallelism
-    replication_factor: int = 1
-    replicated_tensor_sharding: bool = False
+    replication_factor: int = _flag(1, "data-parallel processes (DDP); must equal the number torchrun launched; "
+                                       "the original's --replication-factor")
+    replicated_tensor_sharding: bool = _flag(
+        False, "shard the optimizer state over the data-parallel processes (ZeRO-1, ZeroRedundancyOptimizer); "
+               "the original's flag of the same name")
     # bookkeeping
-    state_dir: str = "train_state"            # checkpoints, metrics.jsonl, tensorboard/
-    save_model_path: str | None = None        # the final Hugging Face directory
-    resume_training_from_checkpoint: str | None = "auto"  # auto = latest in state_dir, none = fresh
-    log_every: int = 1
-    eval_every: int = 0                       # 0 = only at the end
-    eval_batches: int = 8
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    progress: bool = True
-    # IPU-only flags, accepted and explained (see IPU_ONLY_FLAGS)
-    layers_per_ipu: list[int] | None = None
-    ipus_per_replica: int | None = None
-    matmul_proportion: list[float] | None = None
-    device_iterations: int | None = None
-    remap_logit: bool | None = None
-    enable_half_partials: bool = False
+    state_dir: str = _flag("train_state", "folder of the run's checkpoints, metrics.jsonl, loss.png and "
+                                          "tensorboard/; a rerun with the same folder resumes")
+    save_model_path: str | None = _flag(None, "after the last step, write the weights to this Hugging Face GPT-2 "
+                                              "directory; the original's --save-model-path")
+    resume_training_from_checkpoint: str | None = _flag(
+        "auto", "auto: resume from the latest checkpoint in --state-dir if there is one; none: start fresh; "
+                "or a checkpoint folder to resume from; the original's flag of the same name")
+    log_every: int = _flag(1, "write a metrics line every N steps (steps with a validation loss and the last "
+                              "step are always written)")
+    eval_every: int = _flag(0, "compute the validation loss every N steps (0 = only after the last step)")
+    eval_batches: int = _flag(8, "validation micro-batches per evaluation")
+    checkpoint_every: int = _flag(50, "save a resumable checkpoint every N steps (0 = only after the last step)")
+    keep_checkpoints: int = _flag(2, "checkpoints kept in --state-dir, the newest; older ones are deleted (0 = keep all)")
+    progress: bool = _flag(True, "show a progress bar on stderr")
+    # the original's IPU-only flags, accepted and explained (see IPU_ONLY_FLAGS)
+    layers_per_ipu: list[int] | None = _ipu_only("layers_per_ipu")
+    ipus_per_replica: int | None = _ipu_only("ipus_per_replica")
+    matmul_proportion: list[float] | None = _ipu_only("matmul_proportion")
+    device_iterations: int | None = _ipu_only("device_iterations")
+    remap_logit: bool | None = _ipu_only("remap_logit")
+    enable_half_partials: bool = _flag(False, "the original's half-precision matmul partials: here it makes "
+                                              "--precision fp32 into fp16 (autocast with a grad scaler)")
+    # Free-form keys a recipe may carry along; saved in train_config.json, not read by training (not a flag).
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def global_batch(self) -> int:
+        """Samples per optimizer step over all processes: micro-batch x accumulation x processes."""
         return self.batch_size * self.gradient_accumulation * self.replication_factor
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str) -> "TrainConfig":
+        """A config from `--config`/flag values (strings are converted); unknown keys name `source`."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
@@ -121,6 +179,7 @@ def _typed(key: str, value: Any, annotation: str, source: str) -> Any:
 
 
 def check_config(cfg: TrainConfig) -> None:
+    """Refuse values training cannot run with, naming the key, before anything is built."""
     choices = {"dataset": ("generated", "tfrecord", "mmap"), "optimizer": ("AdamW", "Adam", "LAMB"),
                "lr_schedule": ("constant", "linear", "cosine"), "precision": ("fp32", "bf16", "fp16")}
     for key, allowed in choices.items():
@@ -129,44 +188,98 @@ def check_config(cfg: TrainConfig) -> None:
     for key in ("batch_size", "gradient_accumulation", "epochs", "max_len", "embedding_serialization_factor"):
         if getattr(cfg, key) < 1:
             raise UserError(f"training key '{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.enable_sequence_serialized and cfg.serialized_seq_len < 1:
+        raise UserError(f"training key 'serialized_seq_len' must be at least 1, got {cfg.serialized_seq_len}")
     if cfg.dataset != "generated" and not cfg.shards_dir:
         raise UserError(f"--dataset {cfg.dataset} needs --shards-dir (the shards stage's output folder)")
     if cfg.lr_warmup is not None and not 0 <= cfg.lr_warmup < 1:
         raise UserError(f"--lr-warmup is a fraction of the steps in [0, 1), got {cfg.lr_warmup}")
 
 
-def explain_ipu_flags(cfg: TrainConfig, say) -> None:
-    for name, meaning in IPU_ONLY_FLAGS.items():
-        if getattr(cfg, name) not in (None, False):
-            say(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {meaning}; it has no effect here.")
-    if cfg.enable_half_partials and cfg.precision == "fp32":
-        cfg.precision = "fp16"
-        say("--enable-half-partials: half-precision matmul partials become --precision fp16 (autocast "
-            "with a grad scaler); use --precision bf16 on GPUs that support it.")
+@dataclass(frozen=True)
+class LossChunks:
+    """How the LM-head loss is split, so the full [tokens, vocabulary] logits are never held at once.
+
+    Our terms for the original's `--embedding-serialization-factor` / `--enable-sequence-serialized`
+    / `--serialized-seq-len`: a number of vocabulary chunks, or a number of tokens per chunk. The
+    token-chunk count depends on the batch (the last chunk may be short), hence `for_tokens`.
+    """
+
+    vocab_chunks: int = 1
+    tokens_per_chunk: int | None = None   # None: the tokens are not chunked
+
+    def for_tokens(self, n_tokens: int) -> dict[str, int]:
+        """The `vocab_chunks`/`token_chunks` keyword arguments of `GPT.forward` for n_tokens positions."""
+        token_chunks = 1 if self.tokens_per_chunk is None else max(1, math.ceil(n_tokens / self.tokens_per_chunk))
+        return {"vocab_chunks": self.vocab_chunks, "token_chunks": token_chunks}
+
+
+def loss_chunks_from_flags(embedding_serialization_factor: int, enable_sequence_serialized: bool,
+                           serialized_seq_len: int) -> LossChunks:
+    """The original's three loss-serialization flags in our terms.
+
+    Sequence serialization wins: chunks of `serialized_seq_len` tokens and the whole vocabulary
+    (the embedding factor is then unused); otherwise `embedding_serialization_factor` vocabulary chunks.
+    """
+    if enable_sequence_serialized:
+        return LossChunks(vocab_chunks=1, tokens_per_chunk=serialized_seq_len)
+    return LossChunks(vocab_chunks=embedding_serialization_factor)
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A checked TrainConfig in our terms: what the training loop reads.
+
+    `config.precision` already is what `--enable-half-partials` asked for; `loss_chunks` replaces the
+    three serialization flags; `notes` say what the original's IPU flags became, printed once by
+    the main process (the rank is only known once the processes have joined).
+    """
+
+    config: TrainConfig
+    loss_chunks: LossChunks
+    notes: tuple[str, ...]
+
+
+def resolve(cfg: TrainConfig) -> ResolvedConfig:
+    """Check `cfg` and translate the original's IPU flags, once; `cfg` itself is not changed."""
+    check_config(cfg)
+    notes = [f"--{name.replace('_', '-')} {getattr(cfg, name)}: {meaning}; it has no effect here."
+             for name, meaning in IPU_ONLY_FLAGS.items() if getattr(cfg, name) not in (None, False)]
+    precision = cfg.precision
+    if cfg.enable_half_partials and precision == "fp32":
+        precision = "fp16"
+        notes.append("--enable-half-partials: half-precision matmul partials become --precision fp16 (autocast "
+                     "with a grad scaler); use --precision bf16 on GPUs that support it.")
+    chunks = loss_chunks_from_flags(cfg.embedding_serialization_factor, cfg.enable_sequence_serialized,
+                                    cfg.serialized_seq_len)
+    return ResolvedConfig(dataclasses.replace(cfg, precision=precision), chunks, tuple(notes))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `gpt2ipu train` flags: one per TrainConfig field (its help from the field), plus aliases."""
     parser.add_argument("--config", help="JSON or YAML file of training keys (the flags below override it)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default {getattr(defaults, f.name)})"
         if f.type in ("bool", "bool | None"):
-            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS)
+            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                                help=help_text)
         elif f.name in ("layers_per_ipu", "matmul_proportion"):
-            parser.add_argument(flag, nargs="+", type=float, default=argparse.SUPPRESS)
+            parser.add_argument(flag, nargs="+", type=float, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
-                                help=f"(default {default})")
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
     parser.add_argument("--train-path", dest="dataset", default=argparse.SUPPRESS,
                         help="the original's name for --dataset (dynamic -> generated)")
-    parser.add_argument("--pretrained-checkpoint", dest="checkpoint_input_dir", default=argparse.SUPPRESS)
+    parser.add_argument("--pretrained-checkpoint", dest="checkpoint_input_dir", default=argparse.SUPPRESS,
+                        help="the original's name for --checkpoint-input-dir")
 
 
 def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case), as boolean flags accept them."""
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -175,6 +288,7 @@ def parse_bool(text: str) -> bool:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The `--config` file's keys, overridden by the flags given; not yet checked (see `resolve`)."""
     values: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)

@@ -1,12 +1,15 @@
 """`gpt2ipu train`: GPT-2 pretraining on CPU or CUDA, one process or many (torchrun).
 
-Reads top to bottom like nanoGPT's train.py: config, data, model, optimizer, then the loop of
-optimizer steps (micro-batches with gradient accumulation, clipping, the LR schedule), metrics,
-validation and checkpoints. Resume is exact: the checkpoint holds weights, optimizer, scheduler,
-scaler, RNG states and the data position, and the data order is a pure function of
-(seed, epoch), so a run killed at any point and started again reaches the same weights.
+Reads top to bottom like nanoGPT's train.py: `train` resolves the config, builds the run (data,
+model, optimizer, schedule: `build_run`), resumes it (`resume`), then loops over optimizer steps
+(micro-batches with gradient accumulation, clipping, the LR schedule), logging metrics, validating
+(`evaluate`) and saving checkpoints (`save_checkpoint`). Resume is exact: the checkpoint holds
+weights, optimizer, scheduler, scaler, RNG states and the data position, and the data order is a
+pure function of (seed, epoch), so a run killed at any point and started again reaches the same
+weights.
 
-The original's flags keep their names; README.md ("Training flags") says what each became.
+The original's flags keep their names; `gpt2ipu.train.config.resolve` translates them, and
+README.md ("Training flags") says what each became.
 """
 
 from __future__ import annotations
@@ -16,13 +19,159 @@ import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
+
+from gpt2ipu.devices import autocast_dtype, precision_dtype
 from gpt2ipu.errors import UserError
-from gpt2ipu.train.config import TrainConfig, check_config, explain_ipu_flags
+from gpt2ipu.model import GPT, config_for
+from gpt2ipu.model.hf import load_hf_dir, save_hf_dir, write_hf_files
+from gpt2ipu.train import parallel
+from gpt2ipu.train.config import LossChunks, TrainConfig, resolve
+from gpt2ipu.train.data import ResumableBatches, make_train_dataset
+from gpt2ipu.train.metrics import MetricsLog, plot_loss_curve
+from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
+from gpt2ipu.train.state import (latest_checkpoint, load_training_state, restore_rng_states, rng_states,
+                                 save_training_checkpoint)
+
+Say = Callable[[str], None]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) the run `cfg` describes; returns the last step's metrics and `steps`.
+
+    Called once per process: alone, or as one rank of a torchrun launch (--replication-factor).
+    """
+    resolved = resolve(cfg)
+    cfg = resolved.config
+    info = parallel.init_distributed(cfg.device, cfg.replication_factor)
+    say = make_say(info.is_main)
+    for note in resolved.notes:
+        say(note)
+    if info.device.type == "cpu" and cfg.precision != "fp32":
+        say(f"--precision {cfg.precision} on CPU: this CPU may have no fast {cfg.precision} path (fp32 is the default here).")
+
+    run = build_run(cfg, resolved.loss_chunks, info, say)
+    start_step = resume(run, say)
+    if cfg.compile:
+        run.model = torch.compile(run.model)
+    run.model = parallel.apply_data_parallel(run.model, info)
+
+    speed = Throughput.measure(run)
+    metrics = MetricsLog(cfg.state_dir, resume_step=start_step, enabled=info.is_main)
+    say(f"model {cfg.model}: {speed.n_params / 1e6:.1f}M parameters, device {info.device}, precision {cfg.precision}, "
+        f"{info.world_size} process(es), global batch {cfg.global_batch} x {cfg.max_len} tokens, "
+        f"{run.total_steps} steps ({run.batches.steps_per_epoch}/epoch); MFU against the {speed.peak_source} "
+        f"({speed.peak / 1e9:.0f} GFLOP/s)")
+    progress = make_progress(run.total_steps, start_step, enabled=info.is_main and cfg.progress)
+
+    run.model.train()
+    step, last = start_step, {}
+    steps = iter(run.batches)
+    train_chunks = run.loss_chunks.for_tokens(cfg.batch_size * cfg.max_len)   # every training micro-batch's shape
+    max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    while step < run.total_steps:
+        start = time.perf_counter()
+        lr = run.scheduler.get_last_lr()[0]
+        micro_batches = [inputs_and_labels(batch, info.device) for batch in next(steps).micro_batches]
+        result = train_step(run.model, run.optimizer, micro_batches, loss_chunks=train_chunks,
+                            autocast_dtype=run.autocast_dtype, scaler=run.scaler, max_grad_norm=max_grad_norm)
+        run.scheduler.step()
+        step += 1
+
+        stats = parallel.all_reduce_mean(torch.stack([result["loss"], result["accuracy"]]), info)
+        loss_value, acc_value = stats[0].item(), stats[1].item()   # .item() waits for the step
+        seconds = time.perf_counter() - start
+        if not math.isfinite(loss_value):
+            raise non_finite_loss(loss_value, step, cfg.state_dir)
+        record = {"step": step, "epoch": run.batches.epoch, "loss": loss_value, "accuracy": acc_value, "lr": lr,
+                  "grad_norm": float(result["grad_norm"]), **speed.rates(seconds)}
+        if step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            record.update(evaluate(run))
+        if step % cfg.log_every == 0 or "valid_loss" in record or step == run.total_steps:
+            metrics.log(record)
+        last = record
+        progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        progress.update(1)
+        if step == run.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save_checkpoint(run, step)
+    progress.close()
+    metrics.close()
+    run.batches.close()
+
+    finish(run)
+    return {"steps": step, **last}
+
+
+@dataclass
+class Run:
+    """The built pieces of one training run, passed to the functions the loop calls.
+
+    `model` is what the loop calls (compiled and/or wrapped for data parallelism once resumed);
+    `raw_model` is the bare GPT inside it: what checkpoints save and resume loads into.
+    """
+
+    cfg: TrainConfig
+    info: parallel.DistInfo
+    model: torch.nn.Module
+    raw_model: GPT
+    optimizer: torch.optim.Optimizer
+    scheduler: Any               # a torch LR scheduler (transformers' schedules)
+    scaler: torch.amp.GradScaler  # enabled only for fp16
+    batches: ResumableBatches     # the training data, resumable at any step
+    valid_data: Any               # the validation dataset
+    total_steps: int
+    loss_chunks: LossChunks
+    autocast_dtype: torch.dtype | None   # None: fp32, no autocast
+
+
+def build_run(cfg: TrainConfig, loss_chunks: LossChunks, info: parallel.DistInfo, say: Say) -> Run:
+    """Seed torch, then build the data, the model (fresh or from --checkpoint-input-dir), the
+    optimizer (sharded with --replicated-tensor-sharding), the LR schedule and the grad scaler.
+
+    The order is fixed: the model's initialization draws from the seeded RNG.
+    """
+    torch.manual_seed(cfg.seed)
+    train_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="train", max_len=cfg.max_len,
+                                    vocab_size=cfg.vocab_size, seed=cfg.seed, num_epochs=cfg.epochs,
+                                    generated_samples=cfg.generated_samples)
+    valid_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="valid", max_len=cfg.max_len,
+                                    vocab_size=cfg.vocab_size, seed=cfg.seed + 1, num_epochs=1,
+                                    generated_samples=max(cfg.eval_batches * cfg.batch_size * info.world_size, 1))
+    # Megatron-style mmap data already holds `epochs` shuffled passes over the documents.
+    data_epochs = 1 if cfg.dataset == "mmap" else cfg.epochs
+    batches = ResumableBatches(train_data, micro_batch=cfg.batch_size, grad_accum=cfg.gradient_accumulation,
+                               world_size=info.world_size, rank=info.rank, seed=cfg.seed, num_epochs=data_epochs,
+                               num_workers=cfg.num_workers, persistent_workers=True)
+    total_steps = batches.total_steps if cfg.max_steps is None else min(batches.total_steps, cfg.max_steps)
+
+    if cfg.checkpoint_input_dir:
+        model = load_hf_dir(cfg.checkpoint_input_dir)
+        say(f"starting from the weights in {cfg.checkpoint_input_dir}")
+    else:
+        model = GPT(config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, embd_pdrop=cfg.dropout,
+                               attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout,
+                               recompute=cfg.recompute_checkpoint_every_layer))
+    model.to(info.device)
+    optimizer = make_optimizer(model, kind=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if cfg.replicated_tensor_sharding and info.world_size > 1:
+        optimizer = parallel.shard_optimizer(parameter_groups(model, cfg.weight_decay), type(optimizer),
+                                             **{k: v for k, v in optimizer.defaults.items() if k != "weight_decay"})
+    elif cfg.replicated_tensor_sharding:
+        say("--replicated-tensor-sharding with one process: nothing to shard over; the plain optimizer is used.")
+    return Run(cfg=cfg, info=info, model=model, raw_model=model, optimizer=optimizer,
+               scheduler=make_scheduler(optimizer, cfg, total_steps),
+               scaler=torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"),
+               batches=batches, valid_data=valid_data, total_steps=total_steps, loss_chunks=loss_chunks,
+               autocast_dtype=autocast_dtype(cfg.precision))
+
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Warmup in steps: --lr-warmup-steps, else --lr-warmup as a fraction of total_steps, else none."""
     if cfg.lr_warmup_steps is not None:
         return cfg.lr_warmup_steps
     if cfg.lr_warmup is not None:
@@ -31,6 +180,7 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    """The LR schedule of --lr-schedule with its warmup, stepped once per optimizer step."""
     # transformers' schedules are the ones the original used (linear/cosine decay to 0 after warmup).
     from transformers import get_scheduler
 
@@ -39,25 +189,152 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
                          num_training_steps=total_steps)
 
 
+def checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint folder --resume-training-from-checkpoint names (auto: the latest in --state-dir), or None."""
+    if cfg.resume_training_from_checkpoint == "auto":
+        return latest_checkpoint(cfg.state_dir)
+    if cfg.resume_training_from_checkpoint in (None, "none"):
+        return None
+    folder = Path(cfg.resume_training_from_checkpoint)
+    if not (folder / "training_state.pt").is_file():
+        raise UserError(f"--resume-training-from-checkpoint {folder}: no training_state.pt there")
+    return folder
+
+
+def resume(run: Run, say: Say) -> int:
+    """Load the checkpoint to resume from, if any, into the (not yet wrapped) run: weights,
+    optimizer, scheduler, scaler, this rank's RNG states and the data position. The step to start at.
+    """
+    folder = checkpoint_to_resume(run.cfg)
+    if folder is None:
+        return 0
+    state = load_training_state(folder)
+    run.raw_model.load_state_dict(load_hf_dir(folder).state_dict())
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    rank = run.info.rank
+    restore_rng_states(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], run.info.device)
+    say(f"resuming from {folder} at step {int(state['step'])}")
+    run.batches.load_state_dict(state["data"])
+    return int(state["step"])
+
+
+def inputs_and_labels(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [batch, max_len + 1] token batch -> (inputs, next-token labels) on the device."""
+    batch = batch.to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean loss over up to --eval-batches validation micro-batches, averaged over the processes."""
+    cfg, info, model = run.cfg, run.info, run.model
+    model.eval()
+    batch_size = min(cfg.batch_size, len(run.valid_data) // info.world_size)
+    total = torch.zeros(2, device=info.device)
+    if batch_size > 0:
+        with ResumableBatches(run.valid_data, micro_batch=batch_size, grad_accum=1, rank=info.rank,
+                              world_size=info.world_size, seed=cfg.seed, shuffle=False) as valid_batches:
+            for i, valid_step in enumerate(valid_batches):
+                if i >= cfg.eval_batches:
+                    break
+                inputs, labels = inputs_and_labels(valid_step.micro_batches[0], info.device)
+                with autocast(info.device, run.autocast_dtype):
+                    loss, _, _ = model(inputs, labels, **run.loss_chunks.for_tokens(inputs.numel()))
+                total += torch.stack([loss.detach().float(), torch.ones((), device=info.device)])
+    model.train()
+    total = parallel.all_reduce_mean(total, info)
+    mean = (total[0] / total[1].clamp(min=1)).item()
+    return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0))}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast in `dtype`, or nothing for fp32 (dtype None)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Write the resumable checkpoint of `step` (rank 0 writes; every rank contributes its RNG state)."""
+    cfg, info = run.cfg, run.info
+    if cfg.replicated_tensor_sharding and info.world_size > 1:
+        run.optimizer.consolidate_state_dict(to=0)
+    all_rng = gather_rng(rng_states(info.device), info)
+    if info.is_main:
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict(), "step": step, "data": run.batches.state_dict(), "rng": all_rng}
+        save_training_checkpoint(cfg.state_dir, step, lambda folder: write_hf_files(run.raw_model, folder), state,
+                                 dataclasses.asdict(cfg), keep=cfg.keep_checkpoints)
+    parallel.barrier(info)
+
+
+def non_finite_loss(loss_value: float, step: int, state_dir: str) -> UserError:
+    """The error that stops a run whose loss became NaN or infinite, naming the checkpoint to resume from."""
+    last_good = latest_checkpoint(state_dir)
+    return UserError(f"the training loss became {loss_value} at step {step}; stopping. The last good "
+                     f"checkpoint is {last_good or '(none yet)'}; lower --learning-rate, raise warmup, "
+                     "or use --precision fp32, then rerun to resume from it")
+
+
+def finish(run: Run) -> None:
+    """Write the final Hugging Face directory and the loss plot (--save-model-path), then leave the process group."""
+    cfg, info = run.cfg, run.info
+    if info.is_main and cfg.save_model_path:
+        save_hf_dir(run.raw_model, cfg.save_model_path)
+        metrics_path = Path(cfg.state_dir) / "metrics.jsonl"
+        if metrics_path.exists():
+            plot_loss_curve(metrics_path, Path(cfg.state_dir) / "loss.png")
+    parallel.barrier(info)
+    parallel.shutdown(info)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Turns a step's wall time into tokens/s, samples/s and MFU (model FLOPs utilization)."""
+
+    n_params: int
+    tokens_per_step: int
+    samples_per_step: int
+    flops_per_token: float
+    peak: float          # one device's matmul peak, FLOP/s
+    peak_source: str     # where `peak` comes from, for the run's summary line
+    world_size: int
+
+    @classmethod
+    def measure(cls, run: Run) -> "Throughput":
+        """The run's model size, step size and device peak (the peak probe runs here, once)."""
+        cfg, mcfg = run.cfg, run.raw_model.config
+        n_params = sum(p.numel() for p in run.raw_model.parameters())
+        peak, source = peak_flops(run.info.device, cfg.precision)
+        return cls(n_params=n_params, tokens_per_step=cfg.global_batch * cfg.max_len,
+                   samples_per_step=cfg.global_batch,
+                   flops_per_token=flops_per_token(n_params, mcfg.n_layer, mcfg.n_embd, cfg.max_len),
+                   peak=peak, peak_source=source, world_size=run.info.world_size)
+
+    def rates(self, seconds: float) -> dict[str, float]:
+        """tokens_per_s, samples_per_s and mfu of one optimizer step that took `seconds`."""
+        return {"tokens_per_s": self.tokens_per_step / seconds, "samples_per_s": self.samples_per_step / seconds,
+                "mfu": self.flops_per_token * self.tokens_per_step / seconds / (self.peak * self.world_size)}
+
+
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 N for the matmuls (forward 2N, backward 4N) plus attention."""
     return 6 * n_params + 12 * n_layer * n_embd * seq_len
 
 
-def peak_flops(device, precision: str) -> tuple[float, str]:
-    """The device's matmul peak: stated for known GPUs, otherwise measured with a large matmul."""
-    import torch
+# Vendors' stated dense bf16/fp16 matmul peaks (FLOP/s), by a substring of the CUDA device name.
+STATED_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """The device's matmul peak: stated for known GPUs, otherwise measured with a large matmul."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        stated = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-        for key, value in stated.items():
+        for key, value in STATED_PEAKS.items():
             if key in name and precision in ("bf16", "fp16"):
                 return value, f"stated dense {precision} peak of {name}"
     size = 2048
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if device.type == "cpu":
-        dtype = torch.float32
+    dtype = torch.float32 if device.type == "cpu" else precision_dtype(precision)
     # A private generator: the probe must not move the training RNG (exact resume depends on it).
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
@@ -76,205 +353,7 @@ def peak_flops(device, precision: str) -> tuple[float, str]:
     return 2 * size ** 3 / best, f"measured {size}x{size} {dtype} matmul (best of 5)"
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    import torch
-
-    from gpt2ipu.train import parallel
-    from gpt2ipu.train.allocator import keep_freed_memory
-    from gpt2ipu.model.hf import load_hf_dir, save_hf_dir, write_hf_files
-    from gpt2ipu.train.metrics import MetricsLog, plot_loss_curve
-    from gpt2ipu.model import GPT, config_for
-    from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
-    from gpt2ipu.train.state import (latest_checkpoint, load_training_state, restore_rng_states,
-                                          rng_states, save_training_checkpoint)
-    from gpt2ipu.train.data import ResumableBatches, make_train_dataset
-
-    check_config(cfg)
-    keep_freed_memory()   # each step reuses the last step's pages (gpt2ipu/allocator.py)
-    info = parallel.init_distributed(cfg.device, cfg.replication_factor)
-    say = (lambda msg: print(f"[gpt2ipu train] {msg}", file=sys.stderr, flush=True)) if info.is_main else (lambda msg: None)
-    explain_ipu_flags(cfg, say)
-    device = info.device
-    if device.type == "cpu" and cfg.precision != "fp32":
-        say(f"--precision {cfg.precision} on CPU: this CPU may have no fast {cfg.precision} path (fp32 is the default here).")
-    torch.manual_seed(cfg.seed)
-
-    # -- data
-    train_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="train", max_len=cfg.max_len,
-                                    vocab_size=cfg.vocab_size, seed=cfg.seed, num_epochs=cfg.epochs,
-                                    generated_samples=cfg.generated_samples)
-    valid_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="valid", max_len=cfg.max_len,
-                                    vocab_size=cfg.vocab_size, seed=cfg.seed + 1, num_epochs=1,
-                                    generated_samples=max(cfg.eval_batches * cfg.batch_size * info.world_size, 1))
-    # Megatron-style mmap data already holds `epochs` shuffled passes over the documents.
-    data_epochs = 1 if cfg.dataset == "mmap" else cfg.epochs
-    batches = ResumableBatches(train_data, micro_batch=cfg.batch_size, grad_accum=cfg.gradient_accumulation,
-                               world_size=info.world_size, rank=info.rank, seed=cfg.seed, num_epochs=data_epochs,
-                               num_workers=cfg.num_workers, persistent_workers=True)
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = batches.total_steps
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    # -- model
-    if cfg.checkpoint_input_dir:
-        model = load_hf_dir(cfg.checkpoint_input_dir)
-        say(f"starting from the weights in {cfg.checkpoint_input_dir}")
-    else:
-        model = GPT(config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, embd_pdrop=cfg.dropout,
-                               attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout,
-                               recompute=cfg.recompute_checkpoint_every_layer))
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    mcfg = model.config
-    optimizer = make_optimizer(model, kind=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    if cfg.replicated_tensor_sharding and info.world_size > 1:
-        optimizer = parallel.shard_optimizer(parameter_groups(model, cfg.weight_decay), type(optimizer),
-                                             **{k: v for k, v in optimizer.defaults.items() if k != "weight_decay"})
-    elif cfg.replicated_tensor_sharding:
-        say("--replicated-tensor-sharding with one process: nothing to shard over; the plain optimizer is used.")
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-
-    # -- resume
-    start_step, data_state = 0, None
-    resume_from = None
-    if cfg.resume_training_from_checkpoint == "auto":
-        resume_from = latest_checkpoint(cfg.state_dir)
-    elif cfg.resume_training_from_checkpoint not in (None, "none"):
-        resume_from = Path(cfg.resume_training_from_checkpoint)
-        if not (resume_from / "training_state.pt").is_file():
-            raise UserError(f"--resume-training-from-checkpoint {resume_from}: no training_state.pt there")
-    if resume_from is not None:
-        state = load_training_state(resume_from)
-        model.load_state_dict(load_hf_dir(resume_from).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, data_state = int(state["step"]), state["data"]
-        restore_rng_states(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0], device)
-        say(f"resuming from {resume_from} at step {start_step}")
-
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    model = parallel.apply_data_parallel(model, info)
-
-    if data_state is not None:
-        batches.load_state_dict(data_state)
-
-    vocab_chunks = cfg.embedding_serialization_factor if not cfg.enable_sequence_serialized else 1
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-
-    def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
-    def loss_chunks(n_tokens: int) -> dict[str, int]:
-        token_chunks = max(1, math.ceil(n_tokens / cfg.serialized_seq_len)) if cfg.enable_sequence_serialized else 1
-        return {"vocab_chunks": vocab_chunks, "token_chunks": token_chunks}
-
-    def inputs_and_labels(batch):
-        batch = batch.to(device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
-
-    def loss_of(batch):
-        inputs, labels = inputs_and_labels(batch)
-        with autocast():
-            loss, accuracy, _ = model(inputs, labels, **loss_chunks(inputs.numel()))
-        return loss, accuracy
-
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        batch_size = min(cfg.batch_size, len(valid_data) // info.world_size)
-        total = torch.zeros(2, device=device)
-        if batch_size > 0:
-            with ResumableBatches(valid_data, micro_batch=batch_size, grad_accum=1, rank=info.rank,
-                                  world_size=info.world_size, seed=cfg.seed, shuffle=False) as valid_batches:
-                for i, valid_step in enumerate(valid_batches):
-                    if i >= cfg.eval_batches:
-                        break
-                    loss, _ = loss_of(valid_step.micro_batches[0])
-                    total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-        model.train()
-        total = parallel.all_reduce_mean(total, info)
-        mean = (total[0] / total[1].clamp(min=1)).item()
-        return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0))}
-
-    peak, peak_source = peak_flops(device, cfg.precision)
-    flops_tok = flops_per_token(n_params, mcfg.n_layer, mcfg.n_embd, cfg.max_len)
-    metrics = MetricsLog(cfg.state_dir, resume_step=start_step, enabled=info.is_main)
-    say(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, device {device}, precision {cfg.precision}, "
-        f"{info.world_size} process(es), global batch {cfg.global_batch} x {cfg.max_len} tokens, "
-        f"{total_steps} steps ({steps_per_epoch}/epoch); MFU against the {peak_source} ({peak / 1e9:.0f} GFLOP/s)")
-
-    def save_checkpoint(step: int) -> None:
-        if cfg.replicated_tensor_sharding and info.world_size > 1:
-            optimizer.consolidate_state_dict(to=0)
-        all_rng = gather_rng(rng_states(device), info)
-        if info.is_main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "data": batches.state_dict(), "rng": all_rng}
-            save_training_checkpoint(cfg.state_dir, step, lambda d: write_hf_files(raw_model, d), state,
-                                     dataclasses.asdict(cfg), keep=cfg.keep_checkpoints)
-        parallel.barrier(info)
-
-    progress = make_progress(total_steps, start_step, enabled=info.is_main and cfg.progress)
-    model.train()
-    step, last = start_step, {}
-    tokens_per_step = cfg.global_batch * cfg.max_len
-    steps = iter(batches)
-    train_chunks = loss_chunks(cfg.batch_size * cfg.max_len)   # every training micro-batch has this shape
-    while step < total_steps:
-        start = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        result = train_step(model, optimizer, [inputs_and_labels(b) for b in next(steps).micro_batches],
-                            loss_chunks=train_chunks, autocast_dtype=autocast_dtype, scaler=scaler,
-                            max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        scheduler.step()
-        step += 1
-
-        stats = parallel.all_reduce_mean(torch.stack([result["loss"], result["accuracy"]]), info)
-        loss_value, acc_value = stats[0].item(), stats[1].item()   # .item() waits for the step
-        seconds = time.perf_counter() - start
-        if not math.isfinite(loss_value):
-            last_good = latest_checkpoint(cfg.state_dir)
-            raise UserError(f"the training loss became {loss_value} at step {step}; stopping. The last good "
-                            f"checkpoint is {last_good or '(none yet)'}; lower --learning-rate, raise warmup, "
-                            "or use --precision fp32, then rerun to resume from it")
-        record = {"step": step, "epoch": batches.epoch, "loss": loss_value, "accuracy": acc_value, "lr": lr,
-                  "grad_norm": float(result["grad_norm"]), "tokens_per_s": tokens_per_step / seconds,
-                  "samples_per_s": cfg.global_batch / seconds,
-                  "mfu": flops_tok * tokens_per_step / seconds / (peak * info.world_size)}
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            record.update(evaluate())
-        if step == total_steps:
-            record.update(evaluate())
-        if step % cfg.log_every == 0 or "valid_loss" in record or step == total_steps:
-            metrics.log(record)
-        last = record
-        progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        progress.update(1)
-        if step == total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            save_checkpoint(step)
-    progress.close()
-    metrics.close()
-    batches.close()
-
-    if info.is_main and cfg.save_model_path:
-        save_hf_dir(raw_model, cfg.save_model_path)
-        metrics_path = Path(cfg.state_dir) / "metrics.jsonl"
-        if metrics_path.exists():
-            plot_loss_curve(metrics_path, Path(cfg.state_dir) / "loss.png")
-    parallel.barrier(info)
-    parallel.shutdown(info)
-    return {"steps": step, **last}
-
-
-def gather_rng(states: dict, info) -> list[dict]:
+def gather_rng(states: dict, info: parallel.DistInfo) -> list[dict]:
     """Every rank's RNG states (dropout differs per rank), gathered to rank 0 for the checkpoint."""
     if info.world_size == 1:
         return [states]
@@ -285,7 +364,15 @@ def gather_rng(states: dict, info) -> list[dict]:
     return gathered
 
 
+def make_say(enabled: bool) -> Say:
+    """Print `[gpt2ipu train] msg` to stderr on the main process; a no-op on the others."""
+    if not enabled:
+        return lambda msg: None
+    return lambda msg: print(f"[gpt2ipu train] {msg}", file=sys.stderr, flush=True)
+
+
 def make_progress(total: int, initial: int, enabled: bool):
+    """The tqdm step bar on stderr (disabled off the main process or with --progress false)."""
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled,

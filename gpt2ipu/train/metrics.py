@@ -17,6 +17,16 @@ from gpt2ipu.fsutil import atomic_file
 
 
 class MetricsLog:
+    """Where a training run's per-step records go: `metrics.jsonl` and TensorBoard, from rank 0 only.
+
+    `log(record)` appends one JSON line (record["step"] required) and the record's finite numbers
+    as TensorBoard scalars. Made with the step a run resumes from, it first drops the lines of
+    later steps (written after the checkpoint it resumes from) and tells TensorBoard to purge
+    them too, so the log of a resumed run reads as one uninterrupted run. Disabled (other ranks)
+    it writes nothing. A missing tensorboard package leaves the JSON lines only: metrics must
+    not stop a run.
+    """
+
     def __init__(self, folder: str | os.PathLike, resume_step: int, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(folder) / "metrics.jsonl"

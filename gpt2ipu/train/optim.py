@@ -14,6 +14,7 @@ complete, and frees the gradient there (`StepInBackward`).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterable, Sequence
 
 import torch
@@ -40,6 +41,14 @@ def make_optimizer(
     eps: float = 1e-8,
     kind: str = "adamw",
 ) -> torch.optim.Optimizer:
+    """The training optimizer named by `kind` (the original's --optimizer: adamw, adam, lamb) over `model`.
+
+    Two parameter groups (`parameter_groups`): weight decay on matrices only, as in the original
+    and GPT-2 practice. AdamW and Adam are PyTorch's, with the fused kernel where the device has
+    one (`_fastest_kernel`): one pass over each parameter, no full-size temporaries; LAMB is
+    `Lamb` below. A plain torch.optim.Optimizer either way, so schedulers and checkpoints
+    (state_dict) take it as it is. An unknown kind is a UserError.
+    """
     kind = kind.lower()
     groups = parameter_groups(model, weight_decay)
     if kind in ("adamw", "adam"):
@@ -103,41 +112,63 @@ class Lamb(torch.optim.Optimizer):
 class StepInBackward:
     """Adam/AdamW's update of each parameter run inside backward, the moment its gradient is complete.
 
-    PyTorch's recipe for this (`Tensor.register_post_accumulate_grad_hook`, as in its "optimizer
-    step in backward" tutorial): the hook updates the parameter and drops its gradient, so the
-    gradients of the whole model never exist at once. Their sum is what sits on a training step's
-    memory peak at the end of backward (GPT-2 small: 497 MB of fp32 gradients). Each update is
-    the optimizer's own `step()` over a one-parameter view of the parameter's group: the same
-    kernel, hyperparameters (a scheduler's current lr included) and state entries as a full step,
-    so checkpoints, schedulers and resume see no difference.
+    Why: the gradients of the whole model then never exist at once. Their sum is what sits on a
+    training step's memory peak at the end of backward (GPT-2 small: 124 M fp32 gradients, 497 MB),
+    so updating each parameter and dropping its gradient as soon as it is complete lowers the peak.
 
-    Only for steps where nothing needs all gradients first: one micro-batch (no accumulation), no
-    clipping (it needs the global norm before any update; the norm alone can still be measured
-    here, as `grad_norm`), no fp16 loss scaling, no DDP/FSDP (their reducers own the gradients).
+    How, on PyTorch's public API, as in its "optimizer step in backward" tutorial: a
+    `Tensor.register_post_accumulate_grad_hook` per parameter, and one optimizer per parameter,
+    of the training optimizer's class, built with that parameter's group options (so the same
+    kernel: fused or foreach, the same betas, eps, weight decay). What the training optimizer's
+    users see stays the training optimizer's, so checkpoints, schedulers and resume see no
+    difference:
+
+      * hyperparameters: before each update the parameter's group options are read again from
+        `optimizer.param_groups` (a scheduler's current lr included; looked up by index, so a
+        `load_state_dict`, which replaces the group dicts, is followed too);
+      * state: the per-parameter optimizer updates the training optimizer's own
+        `optimizer.state[param]` entry, lent to it for the one step and taken back
+        (`_step_with_state_of`, the one place that relies on how `torch.optim` keeps state; the
+        entry is passed by reference, never copied). `optimizer.state_dict()` is thus exactly
+        the ordinary step's, in the same format;
+      * `train_step` still calls `optimizer.step()` once after backward: every gradient is gone
+        by then, so it updates nothing (PyTorch skips parameters whose grad is None), but an LR
+        scheduler's "optimizer.step() before scheduler.step()" check and any step hooks see the
+        one step per training step they expect.
+
+    Bitwise equal to the ordinary step after backward (tests/test_optim.py): parameters,
+    optimizer state and lr. Only for steps where nothing needs all gradients first: one
+    micro-batch (no accumulation), no clipping (it needs the global norm before any update; the
+    norm alone can still be measured here, as `grad_norm`), no fp16 loss scaling, no DDP/FSDP
+    (their reducers own the gradients); `can_step_in_backward` checks that.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+        # Weakly: the registry below maps the optimizer to this object, which must not keep it alive.
+        self._optimizer = weakref.ref(optimizer)
         self.armed = False
         self.measure_norm = False
         self.sq_norm: torch.Tensor | None = None
-        for group in optimizer.param_groups:
+        for index, group in enumerate(optimizer.param_groups):
             for param in group["params"]:
-                param.register_post_accumulate_grad_hook(self._make_hook(group))
+                single = type(optimizer)([{**_options(group), "params": [param]}])
+                param.register_post_accumulate_grad_hook(self._make_hook(index, single))
 
-    def _make_hook(self, group: dict):
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The training optimizer whose parameters this updates (None once it is gone)."""
+        return self._optimizer()
+
+    def _make_hook(self, index: int, single: torch.optim.Optimizer):
         def hook(param: torch.Tensor) -> None:
-            if not self.armed:
+            optimizer = self._optimizer()
+            if not self.armed or optimizer is None:
                 return
             if self.measure_norm:
                 sq = param.grad.detach().float().square().sum()
                 self.sq_norm = sq if self.sq_norm is None else self.sq_norm + sq
-            groups = self.optimizer.param_groups
-            self.optimizer.param_groups = [{**group, "params": [param]}]
-            try:
-                self.optimizer.step()
-            finally:
-                self.optimizer.param_groups = groups
+            single.param_groups[0].update(_options(optimizer.param_groups[index]))
+            _step_with_state_of(optimizer, single, param)
             param.grad = None
         return hook
 
@@ -150,13 +181,45 @@ class StepInBackward:
             self.armed = False
 
 
+def _options(group: dict) -> dict:
+    """A param group's options (lr, betas, eps, weight_decay, fused, ...): everything but its params."""
+    return {key: value for key, value in group.items() if key != "params"}
+
+
+def _step_with_state_of(optimizer: torch.optim.Optimizer, single: torch.optim.Optimizer,
+                        param: torch.Tensor) -> None:
+    """`single.step()` (an optimizer over `param` alone) on `optimizer`'s state entry for `param`.
+
+    The seam with `torch.optim`'s internals: it relies on an optimizer keeping a parameter's
+    state in `self.state[param]` (the mapping `state_dict()` saves and `load_state_dict()`
+    replaces) and reading it there at each step. The entry is lent by reference and taken back
+    after the step, whether the step filled it in place (PyTorch's Adam does) or stored a new
+    dict; `single` keeps nothing between steps. tests/test_optim.py checks this against the
+    installed PyTorch.
+    """
+    single.state[param] = optimizer.state[param]
+    try:
+        single.step()
+    finally:
+        optimizer.state[param] = single.state.pop(param)
+
+
+# Each optimizer's StepInBackward, made on its first step in backward. Weak keys: an optimizer
+# that is gone takes its entry with it.
+_STEPPERS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, StepInBackward]" = weakref.WeakKeyDictionary()
+
+
 def step_in_backward_for(optimizer: torch.optim.Optimizer) -> StepInBackward:
     """The optimizer's StepInBackward, its hooks registered on the first call."""
-    stepper = getattr(optimizer, "_gpt2ipu_step_in_backward", None)
+    stepper = _STEPPERS.get(optimizer)
     if stepper is None:
-        stepper = StepInBackward(optimizer)
-        optimizer._gpt2ipu_step_in_backward = stepper
+        stepper = _STEPPERS[optimizer] = StepInBackward(optimizer)
     return stepper
+
+
+def has_stepped_in_backward(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `train_step` has updated this optimizer's parameters inside backward (see StepInBackward)."""
+    return optimizer in _STEPPERS
 
 
 def can_step_in_backward(model, optimizer, n_micro_batches: int, max_grad_norm: float | None, scaler) -> bool:
@@ -209,6 +272,7 @@ def train_step(
     if stepper:
         if max_grad_norm is not None:
             grad_norm = stepper.sq_norm.sqrt() if stepper.sq_norm is not None else torch.zeros((), device=device)
+        optimizer.step()   # no gradient is left: updates nothing, but schedulers and step hooks see the step
     else:
         if max_grad_norm is not None:
             if scaler is not None:

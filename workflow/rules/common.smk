@@ -1,4 +1,11 @@
-# Shared helpers for the workflow files: config validation, the active dataset, and the part list.
+# Shared helpers for the workflow files: config validation, the active dataset, the part list, and the
+# optional BPE tokenizer input.
+#
+# Naming: a rule, its script (workflow/scripts/<rule>.py) and the library function the script runs
+# share one name. The user-facing targets in the Snakefile (data, pretrain_small, evaluate_lambada,
+# evaluate_wiki, generate, ...) pick the outputs of one dataset and model size; a wildcard rule cannot
+# be a named target, so where a target's name is also its script's and function's, the rule that does
+# the work for any {dataset}-{model} is <target>_any.
 
 import json
 
@@ -46,11 +53,13 @@ def all_extract_dirs(wc):
     return expand(f"{DATA}/extract/{{part}}", dataset=wc.dataset, part=part_names(wc.dataset))
 
 
-def tokenize_inputs(wc):
-    inputs = {"articles": f"results/data/{wc.dataset}/extract/{wc.part}"}
+def bpe_input(wc):
+    """{"bpe": the dataset's trained BPE folder} with tokenize.tokenizer: bpe, else {} (for unpack).
+
+    The scripts pass it on with gpt2ipu.workflow_adapter.bpe_tokenizer(snakemake)."""
     if config["tokenize"]["tokenizer"] == "bpe":
-        inputs["bpe"] = f"results/data/{wc.dataset}/bpe"
-    return inputs
+        return {"bpe": f"results/data/{wc.dataset}/bpe"}
+    return {}
 
 
 def all_token_dirs(wc):

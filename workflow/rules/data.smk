@@ -77,7 +77,8 @@ rule train_bpe:
 rule tokenize:
     """Articles -> token ids (Megatron .bin/.idx, one EOS after each article)."""
     input:
-        unpack(tokenize_inputs),
+        unpack(bpe_input),
+        articles=f"{DATA}/extract/{{part}}",
     output:
         directory(f"{DATA}/tokens/{{part}}"),
     params:

@@ -11,7 +11,7 @@ EVAL_DOWNLOADS = {
 MODEL_DIR = "results/models/{dataset}-{model}/final"
 
 
-rule eval_data:
+rule prepare_eval_set:
     """One evaluation set: generated in the real file's format (sample) or downloaded (download)."""
     output:
         directory("results/eval_data/{evalsource}/{evalset}"),
@@ -30,19 +30,15 @@ rule eval_data:
     conda:
         "../../environment.yml"
     script:
-        "../scripts/eval_data.py"
+        "../scripts/prepare_eval_set.py"
 
 
-rule eval_lambada:
+rule evaluate_lambada_any:
     """LAMBADA accuracy and target perplexity (last_word strict and last_token) of a trained model."""
     input:
-        unpack(
-            lambda wc: {
-                "model": MODEL_DIR.format(dataset=wc.dataset, model=wc.model),
-                "data": f"results/eval_data/{EVAL_SOURCE}/lambada",
-                **({"bpe": f"results/data/{wc.dataset}/bpe"} if config["tokenize"]["tokenizer"] == "bpe" else {}),
-            }
-        ),
+        unpack(bpe_input),
+        model=MODEL_DIR,
+        data=f"results/eval_data/{EVAL_SOURCE}/lambada",
     output:
         "results/eval/{dataset}-{model}/lambada.json",
     params:
@@ -59,16 +55,12 @@ rule eval_lambada:
         "../scripts/evaluate_lambada.py"
 
 
-rule eval_wikitext:
+rule evaluate_wiki_any:
     """WikiText token, word and adjusted perplexity of a trained model (sliding windows)."""
     input:
-        unpack(
-            lambda wc: {
-                "model": MODEL_DIR.format(dataset=wc.dataset, model=wc.model),
-                "data": f"results/eval_data/{EVAL_SOURCE}/{EVAL['wikitext']['variant']}",
-                **({"bpe": f"results/data/{wc.dataset}/bpe"} if config["tokenize"]["tokenizer"] == "bpe" else {}),
-            }
-        ),
+        unpack(bpe_input),
+        model=MODEL_DIR,
+        data=f"results/eval_data/{EVAL_SOURCE}/{EVAL['wikitext']['variant']}",
     output:
         "results/eval/{dataset}-{model}/wikitext.json",
     params:
@@ -87,17 +79,13 @@ rule eval_wikitext:
         "../scripts/evaluate_wiki.py"
 
 
-rule generate_text:
+rule generate_any:
     """Continuations of every prompt in generate.prompts, sampled from a trained model."""
     input:
-        unpack(
-            lambda wc: {
-                "model": MODEL_DIR.format(dataset=wc.dataset, model=wc.model),
-                "prompts": config["generate"]["prompts"],
-                "ops": OPS_DIR,  # the compiled decode op (a failed build falls back to PyTorch)
-                **({"bpe": f"results/data/{wc.dataset}/bpe"} if config["tokenize"]["tokenizer"] == "bpe" else {}),
-            }
-        ),
+        unpack(bpe_input),
+        model=MODEL_DIR,
+        prompts=config["generate"]["prompts"],
+        ops=OPS_DIR,  # the compiled decode op (a failed build falls back to PyTorch)
     output:
         continuations="results/generate/{dataset}-{model}/continuations.jsonl",
         provenance="results/generate/{dataset}-{model}/provenance.json",
