@@ -343,9 +343,9 @@ def test_enwiki_manifest_errors(mirror):
         download.enwiki_manifest(mirror, "20240601", 0)
 
 
-def test_write_manifest_enwiki(mirror, tmp_path):
+def test_dump_manifest_enwiki(mirror, tmp_path):
     out = tmp_path / "dump" / "manifest.json"
-    dump.write_manifest(out, dataset="enwiki", sample_parts=1, local_paths=[], enwiki_mirror=mirror,
+    dump.dump_manifest(out, dataset="enwiki", sample_parts=1, local_paths=[], enwiki_mirror=mirror,
                         enwiki_date="20240601", enwiki_max_parts=1)
     manifest = json.loads(out.read_text())
     assert manifest["dataset"] == "enwiki"
@@ -357,16 +357,16 @@ def manifest_of(out, **kwargs):
     settings = dict(dataset="sample", sample_parts=1, local_paths=[], enwiki_mirror="http://unused",
                     enwiki_date="latest", enwiki_max_parts=None)
     settings.update(kwargs)
-    dump.write_manifest(out, **settings)
+    dump.dump_manifest(out, **settings)
     return json.loads(Path(out).read_text())
 
 
-def test_write_manifest_sample(tmp_path):
+def test_dump_manifest_sample(tmp_path):
     manifest = manifest_of(tmp_path / "m.json", sample_parts=3)
     assert manifest == {"dataset": "sample", "parts": [{"name": "part1"}, {"name": "part2"}, {"name": "part3"}]}
 
 
-def test_write_manifest_local(tmp_path):
+def test_dump_manifest_local(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     files = [tmp_path / "a" / "my dump (1).xml.bz2", tmp_path / "b" / "my dump (1).xml", tmp_path / "a" / "plain.xml"]
@@ -380,7 +380,7 @@ def test_write_manifest_local(tmp_path):
     ]
 
 
-def test_write_manifest_errors(tmp_path):
+def test_dump_manifest_errors(tmp_path):
     out = tmp_path / "m.json"
     missing = str(tmp_path / "missing.xml.bz2")
     with pytest.raises(UserError, match=re.escape(missing) + r".*local\.paths"):

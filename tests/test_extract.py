@@ -13,7 +13,7 @@ import pytest
 
 from gpt2ipu import cli
 from gpt2ipu.data import extract
-from gpt2ipu.data.extract import ARTICLES_NAME, run_extract
+from gpt2ipu.data.extract import ARTICLES_NAME
 from gpt2ipu.errors import UserError
 
 MINI = Path(__file__).parent / "data" / "extract" / "mini.xml"
@@ -72,7 +72,7 @@ def run_with_deadline(fn, seconds: float = 30):
 @pytest.fixture(scope="module")
 def mini_default(tmp_path_factory):
     out = tmp_path_factory.mktemp("mini") / "out"
-    figures = run_extract(MINI, out, processes=1)
+    figures = extract.extract(MINI, out, processes=1)
     return out, figures
 
 
@@ -122,7 +122,7 @@ def test_non_ascii_kept_as_utf8(mini_default):
 
 
 def test_table_dropped_and_min_chars(tmp_path):
-    run_extract(MINI, tmp_path / "all", processes=1, min_chars=0)
+    extract.extract(MINI, tmp_path / "all", processes=1, min_chars=0)
     articles = {a["title"]: a["text"] for a in read_articles(tmp_path / "all")}
     assert list(articles) == ["Alpha", "Gamma", "Zürich", "Tiny", "Delta", "Kappa"]
     gamma = articles["Gamma"]
@@ -133,14 +133,14 @@ def test_table_dropped_and_min_chars(tmp_path):
         "fusion in stars like the Sun.",
     ]
     assert articles["Tiny"] == "Tiny is a short stub about nothing much."
-    run_extract(MINI, tmp_path / "long", processes=1, min_chars=300)
+    extract.extract(MINI, tmp_path / "long", processes=1, min_chars=300)
     assert all(len(a["text"]) >= 300 for a in read_articles(tmp_path / "long"))
     assert [a["title"] for a in read_articles(tmp_path / "long")] == ["Alpha", "Zürich", "Kappa"]
 
 
 def test_template_expansion_is_optional(tmp_path):
-    run_extract(MINI, tmp_path / "plain", processes=1, min_chars=0)
-    run_extract(MINI, tmp_path / "expanded", processes=1, min_chars=0, expand_templates=True)
+    extract.extract(MINI, tmp_path / "plain", processes=1, min_chars=0)
+    extract.extract(MINI, tmp_path / "expanded", processes=1, min_chars=0, expand_templates=True)
     delta = {a["title"]: a["text"] for a in read_articles(tmp_path / "plain")}["Delta"]
     delta_expanded = {a["title"]: a["text"] for a in read_articles(tmp_path / "expanded")}["Delta"]
     assert "hello from the greeting template" not in delta
@@ -150,9 +150,9 @@ def test_template_expansion_is_optional(tmp_path):
 
 def test_same_bytes_whatever_the_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "CHUNK_PAGES", 1)  # one page per task, so workers really interleave
-    run_extract(MINI, tmp_path / "p1", processes=1, min_chars=0)
-    run_extract(MINI, tmp_path / "p2", processes=2, min_chars=0)
-    run_extract(MINI, tmp_path / "p2-again", processes=2, min_chars=0)
+    extract.extract(MINI, tmp_path / "p1", processes=1, min_chars=0)
+    extract.extract(MINI, tmp_path / "p2", processes=2, min_chars=0)
+    extract.extract(MINI, tmp_path / "p2-again", processes=2, min_chars=0)
     first = (tmp_path / "p1" / ARTICLES_NAME).read_bytes()
     assert first == (tmp_path / "p2" / ARTICLES_NAME).read_bytes()
     assert first == (tmp_path / "p2-again" / ARTICLES_NAME).read_bytes()
@@ -162,16 +162,16 @@ def test_same_bytes_whatever_the_processes(tmp_path, monkeypatch):
 def test_compressed_input_same_as_xml(tmp_path, suffix, compress):
     packed = tmp_path / f"mini.xml{suffix}"
     packed.write_bytes(compress(MINI.read_bytes()))
-    run_extract(MINI, tmp_path / "xml", processes=1, min_chars=0)
-    run_extract(packed, tmp_path / "packed", processes=2, min_chars=0)
+    extract.extract(MINI, tmp_path / "xml", processes=1, min_chars=0)
+    extract.extract(packed, tmp_path / "packed", processes=2, min_chars=0)
     assert (tmp_path / "xml" / ARTICLES_NAME).read_bytes() == (tmp_path / "packed" / ARTICLES_NAME).read_bytes()
 
 
 def test_rerun_replaces_output(tmp_path):
     out = tmp_path / "out"
-    run_extract(MINI, out, processes=1)
+    extract.extract(MINI, out, processes=1)
     first = (out / ARTICLES_NAME).read_bytes()
-    run_extract(MINI, out, processes=2)
+    extract.extract(MINI, out, processes=2)
     assert (out / ARTICLES_NAME).read_bytes() == first
     assert leftovers(tmp_path) == ["out"]
 
@@ -179,7 +179,7 @@ def test_rerun_replaces_output(tmp_path):
 def expect_user_error(dump: Path, out: Path, *fragments: str, **kwargs) -> None:
     kwargs.setdefault("processes", 2)
     with pytest.raises(UserError) as info:
-        run_with_deadline(lambda: run_extract(dump, out, **kwargs))
+        run_with_deadline(lambda: extract.extract(dump, out, **kwargs))
     message = str(info.value)
     assert dump.name in message
     for fragment in fragments:
@@ -238,11 +238,11 @@ def test_only_redirects_and_templates(tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(UserError, match="absent.xml.bz2"):
-        run_extract(tmp_path / "absent.xml.bz2", tmp_path / "out", processes=1)
+        extract.extract(tmp_path / "absent.xml.bz2", tmp_path / "out", processes=1)
     with pytest.raises(UserError, match="processes"):
-        run_extract(MINI, tmp_path / "out", processes=0)
+        extract.extract(MINI, tmp_path / "out", processes=0)
     with pytest.raises(UserError, match="min_chars"):
-        run_extract(MINI, tmp_path / "out", processes=1, min_chars=-1)
+        extract.extract(MINI, tmp_path / "out", processes=1, min_chars=-1)
     assert not (tmp_path / "out").exists()
 
 
@@ -255,9 +255,10 @@ def test_cli(tmp_path, capsys):
     assert "nope.xml" in capsys.readouterr().err
 
 
+@pytest.mark.slow   # the real 206-page fragment, extracted twice, once with 2 worker processes
 def test_real_fragment(tmp_path, shared_file):
     dump = shared_file(REAL)
-    figures = run_extract(dump, tmp_path / "all", processes=2, min_chars=0)
+    figures = extract.extract(dump, tmp_path / "all", processes=2, min_chars=0)
     assert figures["pages"] == 206
     assert figures["articles"] > 100
     assert figures["skipped"]["redirect"] > 90
@@ -266,7 +267,7 @@ def test_real_fragment(tmp_path, shared_file):
     assert len({a["id"] for a in articles}) == len(articles)
     dirty = {a["title"]: debris_in(a["text"]) for a in articles if debris_in(a["text"])}
     assert dirty == {}
-    run_extract(dump, tmp_path / "default", processes=1)
+    extract.extract(dump, tmp_path / "default", processes=1)
     kept = read_articles(tmp_path / "default")
     assert len(kept) > 90 and all(len(a["text"]) >= 200 for a in kept)
     assert kept == [a for a in articles if len(a["text"]) >= 200]  # processes 1 and 2 agree
@@ -298,7 +299,7 @@ def test_a_failing_page_is_skipped_not_fatal(tmp_path, monkeypatch, capsys):
             return super().clean_text(text, **kwargs)
 
     monkeypatch.setattr(extract, "Extractor", Exploding)  # inherited by the forked worker
-    figures = run_extract(MINI, tmp_path / "out", processes=1, min_chars=0)
+    figures = extract.extract(MINI, tmp_path / "out", processes=1, min_chars=0)
     assert figures["skipped"]["extractor_error"] == 1
     assert "Gamma" not in [a["title"] for a in read_articles(tmp_path / "out")]
     assert "'Gamma': ValueError: unbalanced markup" in capsys.readouterr().err

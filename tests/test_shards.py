@@ -10,7 +10,8 @@ from tfrecord.torch.dataset import MultiTFRecordDataset, TFRecordDataset
 from gpt2ipu.bench.shards import write_with_tfrecord_package
 from gpt2ipu.cli import main
 from gpt2ipu.data.formats.megatron import MMapIndexedDataset, MMapWriter
-from gpt2ipu.data.shards import balanced_shard_sizes, run_shards
+from gpt2ipu.data import shards as shards_stage
+from gpt2ipu.data.shards import balanced_shard_sizes
 from gpt2ipu.data.formats.tfrecord import read_tfrecord_samples, write_tfrecord_shard
 from gpt2ipu.errors import UserError
 from gpt2ipu.provenance import write_provenance
@@ -106,7 +107,7 @@ def read_split(out: Path, split: str, stats: dict):
 def test_run_shards_splits_by_document_and_packs_every_token(tmp_path, parts):
     folders, all_docs = parts
     out = tmp_path / "shards"
-    stats = run_shards(folders, out, **SETTINGS)
+    stats = shards_stage.shards(folders, out, **SETTINGS)
     assert json.loads((out / "stats.json").read_text()) == stats
     assert (out / "provenance.json").is_file()
     sample_len = SETTINGS["max_len"] + 1
@@ -151,17 +152,17 @@ def test_run_shards_splits_by_document_and_packs_every_token(tmp_path, parts):
 def test_rerun_is_byte_identical_and_seed_changes_the_split(tmp_path, parts):
     folders, _ = parts
     first, second, other_seed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    run_shards(folders, first, **SETTINGS)
-    run_shards(folders, second, **SETTINGS)
+    shards_stage.shards(folders, first, **SETTINGS)
+    shards_stage.shards(folders, second, **SETTINGS)
     files = sorted(p.name for p in first.iterdir() if p.name != "provenance.json")
     assert files == sorted(p.name for p in second.iterdir() if p.name != "provenance.json")
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
-    run_shards(folders, other_seed, **{**SETTINGS, "seed": 8})
+    shards_stage.shards(folders, other_seed, **{**SETTINGS, "seed": 8})
     assert (first / "valid_text_document.bin").read_bytes() != (other_seed / "valid_text_document.bin").read_bytes()
 
-    run_shards(folders, first, **{**SETTINGS, "max_len": 15})  # replaces the folder as a whole
+    shards_stage.shards(folders, first, **{**SETTINGS, "max_len": 15})  # replaces the folder as a whole
     assert json.loads((first / "stats.json").read_text())["max_len"] == 15
     assert not list(tmp_path.glob(".a.*"))
 
@@ -169,11 +170,11 @@ def test_rerun_is_byte_identical_and_seed_changes_the_split(tmp_path, parts):
 def test_tiny_valid_fraction_still_gets_one_document_and_zero_gets_no_valid_split(tmp_path):
     docs = make_documents(3, 4) + [np.full(200, 5, dtype=np.uint16)]
     folder = make_token_part(tmp_path / "p", docs, provenance=False)
-    stats = run_shards([folder], tmp_path / "tiny", max_len=3, valid_fraction=1e-6, seed=0, samples_per_shard=10)
+    stats = shards_stage.shards([folder], tmp_path / "tiny", max_len=3, valid_fraction=1e-6, seed=0, samples_per_shard=10)
     assert stats["valid_documents"] == 1 and stats["train_documents"] == 3
     assert stats["bytes"]["dump"] is None and stats["bytes"]["extract"] is None
 
-    stats = run_shards([folder], tmp_path / "none", max_len=3, valid_fraction=0.0, seed=0, samples_per_shard=10)
+    stats = shards_stage.shards([folder], tmp_path / "none", max_len=3, valid_fraction=0.0, seed=0, samples_per_shard=10)
     assert stats["valid_samples"] == 0 and stats["train_documents"] == 4
     assert not list((tmp_path / "none").glob("valid*"))
 
@@ -182,26 +183,26 @@ def test_errors_are_user_errors_and_leave_nothing_behind(tmp_path, parts):
     folders, _ = parts
     out = tmp_path / "out"
     with pytest.raises(UserError, match="missing.*does not exist"):
-        run_shards([tmp_path / "missing"], out, **SETTINGS)
+        shards_stage.shards([tmp_path / "missing"], out, **SETTINGS)
     with pytest.raises(UserError, match="max_len"):
-        run_shards(folders, out, **{**SETTINGS, "max_len": 100_000})
+        shards_stage.shards(folders, out, **{**SETTINGS, "max_len": 100_000})
     with pytest.raises(UserError, match="valid split.*valid_fraction"):
-        run_shards(folders, out, **{**SETTINGS, "max_len": 2000, "valid_fraction": 0.01})
+        shards_stage.shards(folders, out, **{**SETTINGS, "max_len": 2000, "valid_fraction": 0.01})
     with pytest.raises(UserError, match="valid_fraction"):
-        run_shards(folders, out, **{**SETTINGS, "valid_fraction": 1.0})
+        shards_stage.shards(folders, out, **{**SETTINGS, "valid_fraction": 1.0})
 
     (folders[1] / "tokens.idx").write_bytes(b"MMIDIDX\x00\x00" + b"\x01" * 30)
     with pytest.raises(UserError, match="part1"):
-        run_shards(folders, out, **SETTINGS)
+        shards_stage.shards(folders, out, **SETTINGS)
     (folders[2] / "tokens.bin").unlink()
     with pytest.raises(UserError, match="part2"):
-        run_shards([folders[0], folders[2]], out, **SETTINGS)
+        shards_stage.shards([folders[0], folders[2]], out, **SETTINGS)
 
     provenance = json.loads((folders[0] / "provenance.json").read_text())
     provenance["figures"]["tokens"] += 1
     (folders[0] / "provenance.json").write_text(json.dumps(provenance))
     with pytest.raises(UserError, match="provenance.json says"):
-        run_shards(folders[:1], out, **SETTINGS)
+        shards_stage.shards(folders[:1], out, **SETTINGS)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 

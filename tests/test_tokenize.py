@@ -10,9 +10,9 @@ from conftest import wikiextractor_articles
 from gpt2ipu.cli import main as cli_main
 from gpt2ipu.data import tokenize as tokenize_stage
 from gpt2ipu.data import tokenizer as tok
-from gpt2ipu.data.bpe import run_train_bpe
+from gpt2ipu.data.bpe import train_bpe
 from gpt2ipu.data.formats.megatron import MMapIndexedDataset
-from gpt2ipu.data.tokenize import run_tokenize
+from gpt2ipu.data.tokenize import tokenize
 from gpt2ipu.errors import UserError
 
 VARIED_TEXTS = [
@@ -161,7 +161,7 @@ def test_encode_documents_equals_encode_per_text(gpt2, threads):
 
 def test_stage_writes_one_document_per_article_each_ending_in_one_eos(tmp_path, gpt2):
     articles = write_jsonl(tmp_path / "articles.jsonl", ARTICLES)
-    figures = run_tokenize(articles, tmp_path / "out", workers=2)
+    figures = tokenize(articles, tmp_path / "out", workers=2)
     data = MMapIndexedDataset(tmp_path / "out" / "tokens")
     assert len(data) == len(ARTICLES) == figures["articles"] and data.dtype == np.uint16
     for i, article in enumerate(ARTICLES):
@@ -179,7 +179,7 @@ def test_stage_writes_one_document_per_article_each_ending_in_one_eos(tmp_path, 
 def test_no_title_and_dump_bytes_carried_forward(tmp_path, gpt2):
     articles = write_jsonl(tmp_path / "articles.jsonl", ARTICLES)
     (tmp_path / "provenance.json").write_text(json.dumps({"stage": "extract", "figures": {"input_bytes": 12345}}))
-    figures = run_tokenize(articles, tmp_path / "out", workers=1, include_title=False)
+    figures = tokenize(articles, tmp_path / "out", workers=1, include_title=False)
     data = MMapIndexedDataset(tmp_path / "out" / "tokens")
     assert [data[i].tolist() for i in range(len(data))] == [gpt2.encode(a["text"]) + [50256] for a in ARTICLES]
     assert figures["dump_bytes"] == 12345
@@ -190,7 +190,7 @@ def test_output_is_byte_identical_for_any_workers(tmp_path, monkeypatch):
     articles = write_jsonl(tmp_path / "articles.jsonl", many)
     monkeypatch.setattr(tokenize_stage, "BATCH_BYTES", 1000)  # several batches, pipelined
     for workers in (1, 2, 3):
-        run_tokenize(articles, tmp_path / f"w{workers}", workers=workers)
+        tokenize(articles, tmp_path / f"w{workers}", workers=workers)
     for name in ("tokens.bin", "tokens.idx"):
         reference = (tmp_path / "w1" / name).read_bytes()
         assert (tmp_path / "w2" / name).read_bytes() == reference
@@ -203,7 +203,7 @@ def test_bad_line_is_named_with_its_number(tmp_path, bad_line):
     articles = tmp_path / "articles.jsonl"
     articles.write_text(json.dumps(ARTICLES[0]) + "\n\n" + json.dumps(ARTICLES[1]) + "\n" + bad_line + "\n")
     with pytest.raises(UserError, match=rf"{articles}:4: "):
-        run_tokenize(articles, tmp_path / "out", workers=2)
+        tokenize(articles, tmp_path / "out", workers=2)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["articles.jsonl"]  # no temporaries left
 
@@ -211,7 +211,7 @@ def test_bad_line_is_named_with_its_number(tmp_path, bad_line):
 def test_empty_file_is_an_error(tmp_path):
     (tmp_path / "articles.jsonl").write_text("")
     with pytest.raises(UserError, match="no articles"):
-        run_tokenize(tmp_path / "articles.jsonl", tmp_path / "out", workers=1)
+        tokenize(tmp_path / "articles.jsonl", tmp_path / "out", workers=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -231,8 +231,8 @@ def test_cli(tmp_path, capsys):
 def test_train_bpe_round_trip_and_determinism(tmp_path):
     corpus = [dict(a, id=f"{n}-{a['id']}") for n in range(20) for a in ARTICLES]
     articles = write_jsonl(tmp_path / "articles.jsonl", corpus)
-    figures = run_train_bpe([articles], tmp_path / "bpe1", vocab_size=400, min_frequency=2)
-    run_train_bpe([articles], tmp_path / "bpe2", vocab_size=400, min_frequency=2)
+    figures = train_bpe([articles], tmp_path / "bpe1", vocab_size=400, min_frequency=2)
+    train_bpe([articles], tmp_path / "bpe2", vocab_size=400, min_frequency=2)
     model = tmp_path / "bpe1" / "tokenizer.json"
     assert model.read_bytes() == (tmp_path / "bpe2" / "tokenizer.json").read_bytes()
     assert figures["articles"] == len(corpus) and figures["vocab_size"] == 400
@@ -255,7 +255,7 @@ def test_train_bpe_round_trip_and_determinism(tmp_path):
 def test_train_bpe_refuses_a_too_small_vocab(tmp_path):
     articles = write_jsonl(tmp_path / "articles.jsonl", ARTICLES)
     with pytest.raises(UserError, match="--vocab-size"):
-        run_train_bpe([articles], tmp_path / "bpe", vocab_size=100)
+        train_bpe([articles], tmp_path / "bpe", vocab_size=100)
 
 
 # --- real text -------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_real_wikipedia_fragment(shared_file, tmp_path, gpt2):
     assert len(articles) > 50
     path = write_jsonl(tmp_path / "articles.jsonl", articles)
 
-    figures = run_tokenize(path, tmp_path / "out", workers=2)
+    figures = tokenize(path, tmp_path / "out", workers=2)
     data = MMapIndexedDataset(tmp_path / "out" / "tokens")
     assert len(data) == figures["articles"] == len(articles)
     assert figures["tokens"] > 100_000

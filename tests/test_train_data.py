@@ -309,7 +309,7 @@ def test_reads_the_shards_stage_output(tmp_path):
     documents = [np.append(rng.integers(0, EOS, int(rng.integers(1, 60))), EOS) for _ in range(80)]
     write_documents(tmp_path / "part" / "tokens", documents)
     out = tmp_path / "shards"
-    shards.run_shards([tmp_path / "part"], out, max_len=MAX_LEN, valid_fraction=0.1, seed=3, samples_per_shard=40)
+    shards.shards([tmp_path / "part"], out, max_len=MAX_LEN, valid_fraction=0.1, seed=3, samples_per_shard=40)
     for split in ("train", "valid"):
         packed = make_train_dataset("tfrecord", shards_dir=out, split=split, max_len=MAX_LEN)
         dynamic = make_train_dataset("mmap", shards_dir=out, split=split, max_len=MAX_LEN, seed=1)

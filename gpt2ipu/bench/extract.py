@@ -1,8 +1,8 @@
-"""`gpt2ipu bench extract`: articles/s of `run_extract` against wikiextractor's own command line.
+"""`gpt2ipu bench extract`: articles/s of `extract` against wikiextractor's own command line.
 
 Baselines: `python -m wikiextractor.WikiExtractor --json --no-templates -o TMP --processes P DUMP`
 in a subprocess for each P in --baseline-processes, reported as `wikiextractor_p<P>`, and the
-fastest of them again as `wikiextractor_best`. Ours is `run_extract` called in-process; the same
+fastest of them again as `wikiextractor_best`. Ours is `extract` called in-process; the same
 run through our own command line (a subprocess, so it pays interpreter start-up like the
 baselines) is reported beside it as `ours_cli`.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from gpt2ipu.bench.common import report
-from gpt2ipu.data.extract import run_extract
+from gpt2ipu.data.extract import extract
 from gpt2ipu.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def converted_articles(figures: dict) -> int:
 def ours_run(dump: Path, processes: int, scratch: Path) -> Callable[[], int]:
     def run_once() -> int:
         with tempfile.TemporaryDirectory(dir=scratch) as out:
-            return converted_articles(run_extract(dump, Path(out) / "x", processes=processes, min_chars=0))
+            return converted_articles(extract(dump, Path(out) / "x", processes=processes, min_chars=0))
 
     return run_once
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         repeats=args.repeats,
         processes=args.processes,
         dump=str(dump),
-        note=("ours = run_extract in-process with min_chars=0, counting articles written plus those that came "
+        note=("ours = extract in-process with min_chars=0, counting articles written plus those that came "
               "out empty (wikiextractor writes those as empty docs); ours_cli and the wikiextractor baselines "
               "are subprocesses and include interpreter start-up"),
     )

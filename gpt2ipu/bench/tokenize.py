@@ -8,7 +8,7 @@ ids in place. Baselines, on the same document texts:
 - tiktoken_batch: `tiktoken.Encoding.encode_ordinary_batch(texts, num_threads=threads)`.
 
 All three must give identical ids. `stage_end_to_end` is extra information: the whole
-`run_tokenize` (read + parse the jsonl, encode, write tokens.bin/.idx + provenance), per MB of text.
+`tokenize` (read + parse the jsonl, encode, write tokens.bin/.idx + provenance), per MB of text.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2ipu.bench.common import interleaved_median_seconds, report
-from gpt2ipu.data.tokenize import read_document_batches, run_tokenize
+from gpt2ipu.data.tokenize import read_document_batches, tokenize
 from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,9 +39,9 @@ def extract_sample(work_dir: Path) -> Path:
     """The default real text: the shared Wikipedia fragment, extracted into `work_dir`."""
     if not DEFAULT_DUMP.is_file():
         sys.exit(f"bench tokenize: {DEFAULT_DUMP} is absent; pass --articles JSONL")
-    from gpt2ipu.data.extract import ARTICLES_NAME, run_extract
+    from gpt2ipu.data.extract import ARTICLES_NAME, extract
 
-    run_extract(DEFAULT_DUMP, work_dir / "extract", processes=2)
+    extract(DEFAULT_DUMP, work_dir / "extract", processes=2)
     return work_dir / "extract" / ARTICLES_NAME
 
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
             "ours": lambda: tokenizer.encode_documents(texts, threads),
             "hf_per_article": lambda: [hf.encode(t) for t in texts],
             "tiktoken_batch": lambda: tokenizer.encoding.encode_ordinary_batch(texts, num_threads=threads),
-            "stage_end_to_end": lambda: run_tokenize(articles, Path(tmp) / "tokens", workers=threads),
+            "stage_end_to_end": lambda: tokenize(articles, Path(tmp) / "tokens", workers=threads),
         }, repeats)
     return report(
         mb / seconds["ours"],

@@ -40,7 +40,7 @@ def new_byte_level_bpe():
     return tokenizer
 
 
-def run_train_bpe(articles_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, vocab_size: int,
+def train_bpe(articles_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, vocab_size: int,
                   min_frequency: int = 2, include_title: bool = True) -> dict[str, Any]:
     """Train a byte-level BPE of `vocab_size` ids on the articles; writes `<out_dir>/tokenizer.json`."""
     from tokenizers import pre_tokenizers, trainers
@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    figures = run_train_bpe(args.articles, args.out_dir, vocab_size=args.vocab_size,
+    figures = train_bpe(args.articles, args.out_dir, vocab_size=args.vocab_size,
                             min_frequency=args.min_frequency, include_title=args.include_title)
     print(json.dumps(figures, sort_keys=True))
     return 0

@@ -71,10 +71,6 @@ def dump_manifest(out_path: str | Path, *, dataset: str, sample_parts: int, loca
     return parts
 
 
-# The former name, still called by tests/test_dump.py.
-write_manifest = dump_manifest
-
-
 def manifest_part(manifest_path: str | Path, part: str) -> tuple[dict[str, Any], int, int]:
     """(entry, 1-based number, number of parts) of the part named `part` in a manifest file."""
     manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))

@@ -442,7 +442,7 @@ def check_arguments(dump_path: Path, processes: int, min_chars: int) -> None:
         raise UserError(f"wikiextractor {version('wikiextractor')} is too old; pip install 'wikiextractor>=3.0.8'")
 
 
-def run_extract(
+def extract(
     dump_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -535,7 +535,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    figures = run_extract(args.dump, args.out_dir, processes=args.processes,
+    figures = extract(args.dump, args.out_dir, processes=args.processes,
                           expand_templates=args.expand_templates, min_chars=args.min_chars)
     print(f"extract: {figures['articles']} articles from {figures['pages']} pages in {figures['seconds']} s "
           f"-> {args.out_dir / ARTICLES_NAME}", file=sys.stderr)

@@ -191,7 +191,7 @@ def empty_split_figures(split: str) -> dict:
     return split_figures(split, 0, 0, 0, 0, 0)
 
 
-def run_shards(token_dirs: list, out_dir, *, max_len: int, valid_fraction: float, seed: int,
+def shards(token_dirs: list, out_dir, *, max_len: int, valid_fraction: float, seed: int,
                samples_per_shard: int) -> dict:
     """Build the shards folder `out_dir` from tokenize outputs `token_dirs`; return stats.json's content."""
     started = time.perf_counter()
@@ -314,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    stats = run_shards(args.tokens, args.out_dir, max_len=args.max_len, valid_fraction=args.valid_fraction,
+    stats = shards(args.tokens, args.out_dir, max_len=args.max_len, valid_fraction=args.valid_fraction,
                        seed=args.seed, samples_per_shard=args.samples_per_shard)
     print(f"gpt2ipu shards: {stats['train_samples']} train / {stats['valid_samples']} valid samples "
           f"in {args.out_dir}", file=sys.stderr)

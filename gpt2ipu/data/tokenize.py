@@ -106,7 +106,7 @@ def tokenize_file(tokenizer: Tokenizer, articles_path: Path, writer: MMapWriter,
     return articles, tokens
 
 
-def run_tokenize(articles_path: str | os.PathLike, out_dir: str | os.PathLike, *, workers: int,
+def tokenize(articles_path: str | os.PathLike, out_dir: str | os.PathLike, *, workers: int,
                  vocab_dir: str | os.PathLike | None = None, bpe_tokenizer: str | os.PathLike | None = None,
                  include_title: bool = True) -> dict[str, Any]:
     """Tokenize `articles_path` into `<out_dir>/tokens.bin/.idx` + provenance.json; returns the figures."""
@@ -159,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    figures = run_tokenize(args.articles, args.out_dir, workers=args.workers, vocab_dir=args.vocab_dir,
+    figures = tokenize(args.articles, args.out_dir, workers=args.workers, vocab_dir=args.vocab_dir,
                            bpe_tokenizer=args.bpe_tokenizer, include_title=args.include_title)
     print(json.dumps(figures, sort_keys=True))
     return 0

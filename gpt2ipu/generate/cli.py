@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from gpt2ipu.errors import UserError
 from gpt2ipu.generate import batch
 from gpt2ipu.generate.batch import load_for_generation, max_prompt_tokens, prompt_ids, stop_token_id
 from gpt2ipu.generate.sampling import Generation, SamplingConfig, generate

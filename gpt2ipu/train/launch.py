@@ -28,7 +28,7 @@ def state_key(recipe: dict[str, Any], shards_dir: str) -> str:
     return digest.hexdigest()[:10]
 
 
-def run_pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_name: str, model_dir: str,
+def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_name: str, model_dir: str,
                  metrics_path: str, plot_path: str, threads: int, nproc_per_node: int, nnodes: int,
                  rdzv_endpoint: str, ops_dir: str | None = None) -> dict[str, Any]:
     state_dir = Path(state_root) / f"{run_name}-{state_key(recipe, shards_dir)}"

@@ -1,7 +1,7 @@
-from gpt2ipu.train.launch import run_pretrain
+from gpt2ipu.train.launch import pretrain
 from gpt2ipu.workflow_adapter import run_stage
 
-run_stage(snakemake, run_pretrain, recipe=snakemake.params.recipe, shards_dir=snakemake.input.shards,
+run_stage(snakemake, pretrain, recipe=snakemake.params.recipe, shards_dir=snakemake.input.shards,
           state_root=snakemake.params.state_root, run_name=f"{snakemake.wildcards.dataset}-{snakemake.wildcards.model}",
           model_dir=snakemake.output.model, metrics_path=snakemake.output.metrics, plot_path=snakemake.output.plot,
           threads=snakemake.threads, nproc_per_node=snakemake.params.nproc_per_node,
