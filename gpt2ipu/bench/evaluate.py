@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help=f"LAMBADA jsonl (default: {REAL_LAMBADA} if present, else the generated sample)")
     parser.add_argument("--samples", type=int, default=64, help="passages in the subset (the first N)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="passages scored together by ours")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; medians are reported")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")

@@ -31,12 +31,12 @@ CPU_BF16_NOTE = ("bf16 skipped on CPU: PyTorch's CPU bf16 matrix-vector products
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt2", help="model architecture (gpt2 = GPT-2 small)")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens")
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per prompt")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; medians are reported")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype, both sides")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--ops-dir", default=None,
                         help="build folder of the ops (default $GPT2IPU_OPS_DIR, else build into a temporary folder)")

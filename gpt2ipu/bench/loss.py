@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (median), after one warm-up")
     parser.add_argument("--ops-dir", default=None,
                         help="build folder of the ops (default $GPT2IPU_OPS_DIR, else build into a temporary folder)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random problem")
 
 
 def run(args: argparse.Namespace) -> dict:

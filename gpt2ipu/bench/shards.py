@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=2000, help="samples in the shard")
     parser.add_argument("--max-len", type=int, default=1024, help="samples hold max_len + 1 tokens")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each writer (median)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
 
 
 def write_with_tfrecord_package(path: Path, samples: np.ndarray) -> None:

@@ -52,7 +52,7 @@ DEFAULT_KNOBS = {"token_chunks": None, "vocab_chunks": 1, "optimizer": "fused", 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt2", help="model preset (gpt2-test, gpt2, gpt2-medium, ...)")
-    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--max-len", type=int, default=256, help="tokens per sample")
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per variant run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first allocates optimizer state)")
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"our loss's token chunks (default by precision: {DEFAULT_TOKEN_CHUNKS})")
     parser.add_argument("--compile", action="store_true", help="torch.compile our blocks (compile time not counted)")
     parser.add_argument("--ablations", action="store_true", help="also run ours with each choice undone: " + ", ".join(ABLATIONS))
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="cpu or cuda (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -112,17 +112,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     manifest.add_argument("--max-parts", type=int, default=None, help="enwiki: use only the first N parts")
 
     sample = actions.add_parser("sample", help="write one part of the embedded generated dump")
-    sample.add_argument("--out-dir", required=True)
+    sample.add_argument("--out-dir", required=True, help="folder to write pages.xml.bz2 and provenance.json into")
     sample.add_argument("--part", type=int, default=1, help="1-based part number")
-    sample.add_argument("--parts", type=int, default=1)
+    sample.add_argument("--parts", type=int, default=1, help="how many parts the sample is split into (default 1)")
     sample.add_argument("--pages", type=int, default=3000, help="pages in all parts together")
-    sample.add_argument("--seed", type=int, default=1234)
+    sample.add_argument("--seed", type=int, default=1234, help="generator seed: same seed, byte-identical dump (default 1234)")
 
     download = actions.add_parser("download", help="download one enwiki part, resumable, sha1-checked")
-    download.add_argument("--url", required=True)
-    download.add_argument("--sha1", required=True)
-    download.add_argument("--out-dir", required=True)
-    download.add_argument("--retries", type=int, default=5)
+    download.add_argument("--url", required=True, help="URL of one dump part (pages-articlesN.xml-pA pB.bz2)")
+    download.add_argument("--sha1", required=True, help="the part's sha1 from the mirror's sha1sums file; checked before the part appears")
+    download.add_argument("--out-dir", required=True, help="folder to write pages.xml.bz2 into (a .partial beside it resumes)")
+    download.add_argument("--retries", type=int, default=5, help="attempts per download, with backoff (default 5)")
     download.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
 
 

@@ -41,16 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     data = tasks.add_parser("data", help="download (sha256-checked) or generate an evaluation set",
                             description="Write <out-dir>/<file> + provenance.json for one evaluation set")
-    data.add_argument("--set", dest="eval_set", required=True, choices=sorted(EVAL_SETS))
+    data.add_argument("--set", dest="eval_set", required=True, choices=sorted(EVAL_SETS), help="which evaluation set")
     data.add_argument("--source", default="download", choices=["download", "sample"],
                       help="download the real set, or generate a small one in its format (offline)")
-    data.add_argument("--out-dir", required=True)
+    data.add_argument("--out-dir", required=True, help="folder to write the set and its provenance.json into")
     data.add_argument("--url", default=None,
                       help="where to download from (http(s):// or file://); default: the set's known source "
                            "with its pinned sha256: " + ", ".join(f"{k}: {v['url']}" for k, v in DEFAULT_SOURCES.items()))
     data.add_argument("--sha256", default=None, help="expected sha256 of the data file (with --url)")
     data.add_argument("--member", default=None, help="path of the data file inside a zip archive (with --url)")
-    data.add_argument("--retries", type=int, default=5)
+    data.add_argument("--retries", type=int, default=5, help="download attempts, with backoff (default 5)")
     data.add_argument("--lambada-records", type=int, default=200, help="sample size (with --source sample)")
     data.add_argument("--wikitext-articles", type=int, default=12, help="sample size (with --source sample)")
     data.add_argument("--seed", type=int, default=SAMPLE_SEED, help="sample seed (with --source sample)")

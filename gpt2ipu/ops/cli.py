@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if DIR holds a good build of the same key")
     build.add_argument("--strict", action="store_true", help="exit non-zero when the build fails")
     check = actions.add_parser("check", help=f"say whether a build folder (default ${OPS_DIR_ENV}) loads")
-    check.add_argument("dir", nargs="?", default=None)
+    check.add_argument("dir", nargs="?", default=None, help=f"build folder to load (default ${OPS_DIR_ENV})")
 
 
 def run(args: argparse.Namespace) -> int:
