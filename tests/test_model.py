@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import plain_loss
 from safetensors.torch import load_file
 
-from gpt2ipu.model.hf import load_hf_dir, save_hf_dir
 from gpt2ipu.errors import UserError
-from gpt2ipu.model.loss import chunked_lm_loss
 from gpt2ipu.model.gpt import GPT, PRESETS, config_for
+from gpt2ipu.model.hf import load_hf_dir, save_hf_dir
+from gpt2ipu.model.loss import chunked_lm_loss
 from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
 
 transformers = pytest.importorskip("transformers")
@@ -140,10 +141,6 @@ def test_save_is_atomic_and_replaces(tmp_path):
 
 
 # ---- chunked loss ---------------------------------------------------------------------------
-
-
-def plain_loss(hidden, weight, labels):
-    return F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=-100)
 
 
 @pytest.mark.parametrize("chunks", [{}, {"vocab_chunks": 3}, {"vocab_chunks": 101}, {"token_chunks": 4},
