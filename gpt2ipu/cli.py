@@ -50,8 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except UserError as err:
+    except UserError as err:  # StorageError (disk full, permission) included
         print(f"gpt2ipu {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full / permission outside an atomic writer: same message; else a bug
+        from gpt2ipu.fsutil import storage_errno, storage_error
+
+        number = storage_errno(err)
+        if number is None or err.filename is None:
+            raise
+        print(f"gpt2ipu {args.command}: error: {storage_error(number, err.filename)}", file=sys.stderr)
         return 2
 
 

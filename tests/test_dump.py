@@ -370,13 +370,14 @@ def test_dump_manifest_local(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     files = [tmp_path / "a" / "my dump (1).xml.bz2", tmp_path / "b" / "my dump (1).xml", tmp_path / "a" / "plain.xml"]
-    for f in files:
-        f.write_bytes(b"")
+    for i, f in enumerate(files):
+        f.write_bytes(f"<mediawiki>{i}</mediawiki>".encode())   # distinct: the same content twice is refused
     manifest = manifest_of(tmp_path / "m.json", dataset="local", local_paths=[str(f) for f in files])
+    sha256 = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     assert manifest["parts"] == [
-        {"name": "my_dump__1_", "path": str(files[0].resolve())},
-        {"name": "my_dump__1_-2", "path": str(files[1].resolve())},
-        {"name": "plain", "path": str(files[2].resolve())},
+        {"name": "my_dump__1_", "path": str(files[0].resolve()), "sha256": sha256[0]},
+        {"name": "my_dump__1_-2", "path": str(files[1].resolve()), "sha256": sha256[1]},
+        {"name": "plain", "path": str(files[2].resolve()), "sha256": sha256[2]},
     ]
 
 

@@ -39,14 +39,85 @@ def dump_folder_url(mirror: str, date: str) -> str:
     return f"{mirror.rstrip('/')}/enwiki/{date}"
 
 
+def offered_dates(mirror: str) -> list[str] | None:
+    """The dump dates the mirror's `enwiki/` index links to (hrefs like `20240601/`), oldest first;
+    None when the index cannot be read."""
+    index = f"{mirror.rstrip('/')}/enwiki/"
+    try:
+        response = requests.get(index, timeout=60)
+        response.raise_for_status()
+    except requests.RequestException:
+        return None
+    return sorted(set(re.findall(r"""href=["']?(?:[^"'>]*/)?(\d{8})/?["'>]""", response.text)))
+
+
+def _dates_hint(mirror: str) -> str:
+    dates = offered_dates(mirror)
+    if dates is None:
+        return f"the mirror's index {mirror.rstrip('/')}/enwiki/ could not be read to list its dates"
+    if not dates:
+        return f"the mirror's index {mirror.rstrip('/')}/enwiki/ lists no dump dates"
+    return f"the mirror offers: {', '.join(dates)}"
+
+
+def _articles_done(mirror: str, date: str) -> bool:
+    """Whether the dump `date` has its article parts finished: its dumpstatus.json says the
+    articlesdump job is done, or (no readable dumpstatus.json) its checksum list names them."""
+    folder = dump_folder_url(mirror, date)
+    try:
+        response = requests.get(f"{folder}/dumpstatus.json", timeout=60)
+        if response.status_code == 200:
+            return response.json().get("jobs", {}).get("articlesdump", {}).get("status") == "done"
+        response = requests.get(f"{folder}/enwiki-{date}-sha1sums.txt", timeout=60)
+        return response.status_code == 200 and f"enwiki-{date}-pages-articles1.xml-p" in response.text
+    except (requests.RequestException, ValueError, AttributeError):
+        return False
+
+
+def resolve_dump_date(mirror: str, date: str) -> str:
+    """`date` itself, or for `latest` the concrete date the mirror's latest dump has.
+
+    Read from `enwiki/latest/enwiki-latest-pages-articles.xml.bz2-rss.xml` (the feed the dump
+    servers and their static mirrors keep beside the `latest` links, naming `.../enwiki/DATE`),
+    else the newest date in the mirror's `enwiki/` index whose article parts are done."""
+    if date != "latest":
+        return date
+    base = mirror.rstrip("/")
+    rss_url = f"{base}/enwiki/latest/enwiki-latest-pages-articles.xml.bz2-rss.xml"
+    try:
+        response = requests.get(rss_url, timeout=60)
+        if response.status_code == 200:
+            found = re.findall(r"/enwiki/(\d{8})", response.text)
+            if found:
+                return max(found)
+    except requests.RequestException:
+        pass
+    dates = offered_dates(mirror)
+    for candidate in reversed(dates or []):
+        if _articles_done(mirror, candidate):
+            return candidate
+    raise UserError(f"enwiki.date is latest, but the mirror {mirror} does not say which date that is: "
+                    f"{rss_url} names no dump date and "
+                    + ("its enwiki/ index could not be read" if dates is None
+                       else f"no date in its enwiki/ index ({', '.join(dates) or 'none listed'}) has finished "
+                            "article parts")
+                    + "; set enwiki.date to a dump date (e.g. 20240601) or enwiki.mirror to another mirror")
+
+
 def enwiki_manifest(mirror: str, date: str, max_parts: int | None = None) -> list[dict[str, str]]:
-    """The article part files of one enwiki dump, in part order: [{"name", "url", "sha1"}]."""
+    """The article part files of one enwiki dump, in part order: [{"name", "url", "sha1"}].
+
+    `date` is a concrete dump date (resolve `latest` with `resolve_dump_date` first)."""
     if max_parts is not None and max_parts < 1:
         raise UserError(f"config key enwiki.max_parts must be at least 1, or null for all parts (got {max_parts})")
     folder = dump_folder_url(mirror, date)
     sums_url = f"{folder}/enwiki-{date}-sha1sums.txt"
     try:
         response = requests.get(sums_url, timeout=60)
+        if response.status_code == 404:
+            raise UserError(f"no dump {date} on {mirror}: {sums_url} was not found (HTTP 404); "
+                            f"{_dates_hint(mirror)}; set config key enwiki.date to one of them or to latest "
+                            "(older dumps are on archive mirrors: set enwiki.mirror, see the README)")
         response.raise_for_status()
     except requests.RequestException as err:
         raise UserError(f"cannot fetch the dump's checksum list {sums_url}: {err}; {CONFIG_HINT}") from None

@@ -23,19 +23,25 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.fsutil import write_text_atomic
+from gpt2ipu.fsutil import file_digest, write_text_atomic
 
 DATASETS = ("sample", "enwiki", "local")
 DEFAULT_MIRROR = "https://dumps.wikimedia.org"
 LOCAL_SUFFIXES = (".xml.bz2", ".xml")
+HASH_CHUNK_BYTES = 1 << 20
 
 
 def local_parts(paths: list[str]) -> list[dict[str, str]]:
-    """Manifest entries for dumps on disk: name from the file name, absolute path."""
+    """Manifest entries for dumps on disk: name from the file name, absolute path, sha256.
+
+    The same file listed twice, or two files with the same content, are refused: every document
+    would be in the corpus twice, and a document held out for validation also trained on."""
     if not paths:
         raise UserError("config key local.paths is empty: list one or more MediaWiki XML dumps (.xml or .xml.bz2)")
     parts, names = [], set()
-    for raw in paths:
+    by_path: dict[str, tuple[int, str]] = {}
+    by_sha256: dict[str, tuple[int, str]] = {}
+    for number, raw in enumerate(paths, 1):
         path = Path(raw).expanduser()
         suffix = next((s for s in LOCAL_SUFFIXES if path.name.endswith(s)), None)
         if suffix is None:
@@ -43,6 +49,20 @@ def local_parts(paths: list[str]) -> list[dict[str, str]]:
                             "the file name must end in .xml or .xml.bz2")
         if not path.is_file():
             raise UserError(f"{raw} (config key local.paths) does not exist; fix the path or remove it")
+        resolved = str(path.resolve())
+        if resolved in by_path:
+            first, first_raw = by_path[resolved]
+            raise UserError(f"config key local.paths lists the same file twice: entry {first} ({first_raw}) and "
+                            f"entry {number} ({raw}) are both {resolved}; remove one (a dump listed twice puts "
+                            "its validation documents into training too)")
+        by_path[resolved] = (number, raw)
+        sha256 = file_digest(path, "sha256", HASH_CHUNK_BYTES)
+        if sha256 in by_sha256:
+            first, first_raw = by_sha256[sha256]
+            raise UserError(f"config key local.paths lists the same dump twice: entry {first} ({first_raw}) and "
+                            f"entry {number} ({raw}) have the same content (sha256 {sha256}); remove one "
+                            "(a dump listed twice puts its validation documents into training too)")
+        by_sha256[sha256] = (number, raw)
         # Part names become folder names and wildcard values: keep them plain and unique.
         name = re.sub(r"[^A-Za-z0-9._-]", "_", path.name[: -len(suffix)]).lstrip(".") or "part"
         unique, n = name, 1
@@ -50,24 +70,48 @@ def local_parts(paths: list[str]) -> list[dict[str, str]]:
             n += 1
             unique = f"{name}-{n}"
         names.add(unique)
-        parts.append({"name": unique, "path": str(path.resolve())})
+        parts.append({"name": unique, "path": resolved, "sha256": sha256})
     return parts
 
 
+def local_stamps(paths: list[str]) -> list[list[Any]]:
+    """[path, size, mtime in ns] of each local dump (None where it is missing): a cheap key the
+    workflow passes to `dump_manifest`, so that a replaced file (any other size or mtime, older
+    too) reruns the manifest, whose sha256 then decides."""
+    stamps = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        try:
+            stat = path.stat()
+            stamps.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            stamps.append([raw, None, None])
+    return stamps
+
+
 def dump_manifest(out_path: str | Path, *, dataset: str, sample_parts: int, local_paths: list[str],
-                  enwiki_mirror: str, enwiki_date: str, enwiki_max_parts: int | None) -> list[dict[str, Any]]:
-    """Write `{"dataset": ..., "parts": [{"name": ...}, ...]}` to `out_path`; return the parts."""
+                  enwiki_mirror: str, enwiki_date: str, enwiki_max_parts: int | None,
+                  local_stamps: Any = None) -> list[dict[str, Any]]:
+    """Write `{"dataset": ..., "parts": [{"name": ...}, ...]}` to `out_path`; return the parts.
+
+    enwiki adds `mirror` and `date` (`latest` resolved to the date it named, so reruns fetch that
+    dump); local parts carry their file's `sha256`. `local_stamps` is not used: it is the
+    workflow's rerun key (see `local_stamps`)."""
+    manifest: dict[str, Any] = {"dataset": dataset}
     if dataset == "sample":
         from gpt2ipu.data.sample_dump import sample_part_names
         parts: list[dict[str, Any]] = [{"name": name} for name in sample_part_names(sample_parts)]
     elif dataset == "enwiki":
-        from gpt2ipu.data.download import enwiki_manifest
-        parts = enwiki_manifest(enwiki_mirror, enwiki_date, enwiki_max_parts)
+        from gpt2ipu.data.download import enwiki_manifest, resolve_dump_date
+        date = resolve_dump_date(enwiki_mirror, enwiki_date)
+        parts = enwiki_manifest(enwiki_mirror, date, enwiki_max_parts)
+        manifest.update(mirror=enwiki_mirror, date=date, date_requested=enwiki_date)
     elif dataset == "local":
         parts = local_parts(local_paths)
     else:
         raise UserError(f"config key dataset is {dataset!r}; it must be one of: {', '.join(DATASETS)}")
-    write_text_atomic(out_path, json.dumps({"dataset": dataset, "parts": parts}, indent=2, ensure_ascii=False) + "\n")
+    manifest["parts"] = parts
+    write_text_atomic(out_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return parts
 
 

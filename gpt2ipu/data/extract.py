@@ -89,8 +89,16 @@ class Page:
 def open_dump(path: Path) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
     """(the file as stored, its decompressed stream): the first one's position drives the progress bar."""
     with open(path, "rb") as raw:
-        magic = raw.read(3)
+        head = raw.read(64)
+        magic = head[:3]
         raw.seek(0)
+        compressed_name = path.suffix in (".bz2", ".gz")
+        if compressed_name and magic != b"BZh" and magic[:2] != b"\x1f\x8b" \
+                and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+            plain = path.name[: -len(path.suffix)]
+            plain = plain if plain.endswith(".xml") else plain + ".xml"
+            raise UserError(f"{path} is an uncompressed XML file named {path.suffix}: rename it to {plain} "
+                            f"(or compress it with {'bzip2' if path.suffix == '.bz2' else 'gzip'})")
         if magic == b"BZh" or path.suffix == ".bz2":
             stream = bz2.BZ2File(raw)
         elif magic[:2] == b"\x1f\x8b" or path.suffix == ".gz":
@@ -131,7 +139,8 @@ def read_dump(path: Path, on_progress: Callable[[int], None] | None = None) -> I
 
 def truncated(path: Path, err: Exception) -> UserError:
     return UserError(
-        f"{path} is truncated or corrupt ({err}); delete it and rerun the dump stage (or re-download it)"
+        f"{path} is truncated or corrupt ({err}); replace it with a complete copy: rerun the dump stage "
+        "(or download it again)"
     )
 
 

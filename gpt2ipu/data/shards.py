@@ -256,11 +256,18 @@ def check_parameters(token_dirs, max_len, valid_fraction, samples_per_shard) -> 
 
 
 def check_samples(split_sizes: dict, sample_len: int) -> None:
+    documents = sum(len(sizes) for sizes in split_sizes.values())
+    if "valid" in split_sizes and documents < 2:
+        raise UserError(
+            f"the tokens hold {documents} document(s): too few to split into train and valid (the split is by "
+            "document); add articles (more dump parts, a lower extract.min_chars) or set shards.valid_fraction 0 "
+            "(no validation)"
+        )
     for split, sizes in split_sizes.items():
         tokens = int(sizes.sum())
         if tokens < sample_len:
-            remedy = ("raise valid_fraction or lower max_len" if split == "valid"
-                      else "lower max_len or valid_fraction, or add data")
+            remedy = ("raise valid_fraction (more documents go to valid), lower max_len, or add articles"
+                      if split == "valid" else "lower max_len or valid_fraction, or add articles")
             raise UserError(
                 f"the {split} split gets {len(sizes)} documents of {tokens} tokens in all, less than one sample "
                 f"of max_len + 1 = {sample_len} tokens; {remedy}"

@@ -68,6 +68,13 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: prompts file not found")
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}: not UTF-8 text (byte offset {err.start}, line {line}: {err.reason}); "
+                        "save the prompts file as UTF-8") from None
     prompts = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):

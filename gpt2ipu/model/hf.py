@@ -102,6 +102,25 @@ def write_hf_files(model: GPT, folder: str | os.PathLike, eos_token_id: int | No
     config = hf_config(unwrap(model).config, eos_token_id)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file(hf_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    publish_file_modes(folder, (CONFIG_NAME, WEIGHTS_NAME))
+
+
+def publish_file_modes(folder: str | os.PathLike, names=None) -> None:
+    """Give the files of `folder` (all of them, or `names`) the mode a plain open() gives: 0666 & ~umask.
+
+    safetensors' save_file writes model.safetensors 0600, so without this another user could not
+    load a model that every other output of a run (0644 under the usual umask) lets them read."""
+    folder = Path(folder)
+    mode = 0o666 & ~_umask()
+    paths = [folder / name for name in names] if names is not None else [p for p in folder.iterdir() if p.is_file()]
+    for path in paths:
+        os.chmod(path, mode)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_hf_dir(model: GPT, out_dir: str | os.PathLike, *, eos_token_id: int | None = None, extra=None) -> Path:
@@ -187,29 +206,88 @@ def load_hf_dir(folder: str | os.PathLike, **config_overrides) -> GPT:
         raise UserError(f"{folder}: no {CONFIG_NAME}; point to a folder saved by gpt2ipu or transformers' save_pretrained")
     config = config_from_hf(config_path, **config_overrides)
     tensors = read_hf_weights(folder)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict(_to_our_names(tensors, set(model.state_dict()), config, folder), assign=True)
+    try:
+        with torch.device("meta"):
+            model = GPT(config)
+    except UserError as err:  # e.g. n_embd not a multiple of n_head: name the file it came from
+        raise UserError(f"{config_path}: {err}; fix config.json or use the one saved with these weights") from err
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    model.load_state_dict(_to_our_names(tensors, expected, config, folder), assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.wte.weight  # assign=True made two Parameters; re-tie them
     return model
 
 
-def _to_our_names(tensors: dict[str, torch.Tensor], expected: set[str], config: GPTConfig, folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in tensors.items():
+def _weights_source(folder: Path) -> str:
+    """The name of the file(s) read_hf_weights reads in `folder`, for messages."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return WEIGHTS_NAME
+    if (folder / f"{WEIGHTS_NAME}.index.json").is_file():
+        return f"the shards of {WEIGHTS_NAME}.index.json"
+    return "pytorch_model.bin"
+
+
+def _config_keys(name: str, config: GPTConfig) -> str:
+    """The config.json keys (with their values) that decide the shape of our tensor `name`."""
+    if name in ("wte.weight", "lm_head.weight"):
+        keys = ("n_embd", "vocab_size")
+    elif name == "wpe.weight":
+        keys = ("n_embd", "n_positions")
+    else:
+        keys = ("n_embd",)
+    return ", ".join(f"{key} {getattr(config, key)}" for key in keys)
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+def _to_our_names(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], config: GPTConfig,
+                  folder: Path) -> dict[str, torch.Tensor]:
+    """`tensors` (Hugging Face names and layouts) under our names and layouts, checked against the
+    names and shapes `expected` (our model's, as the config implies): a mismatch is the user's
+    (a config.json that does not belong to the weights), so it raises a UserError, not the
+    load_state_dict traceback."""
+    state, file_names = {}, {}
+    for file_name, tensor in tensors.items():
         # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (e.g. the hub's gpt2) saves "h.0...".
-        name = name.removeprefix("transformer.")
+        name = file_name.removeprefix("transformer.")
         if name.endswith(BUFFER_SUFFIXES):
             continue
         if name.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
         state[name] = tensor.contiguous()
+        file_names[name] = file_name
     if config.tie_word_embeddings and "wte.weight" in state:
         state["lm_head.weight"] = state["wte.weight"]
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        file_names["lm_head.weight"] = file_names["wte.weight"]
+    source = _weights_source(folder)
+    fix = ("the config does not belong to these weights: put back the config.json saved with them "
+           "(or point to the folder that holds both)")
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
+        def listed(names):
+            shown = ", ".join(file_names.get(n, n if n == "lm_head.weight" else f"transformer.{n}") for n in names[:5])
+            return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        found = []
+        if missing:
+            found.append(f"{len(missing)} tensor(s) missing ({listed(missing)})")
+        if unexpected:
+            found.append(f"{len(unexpected)} unexpected tensor(s) ({listed(unexpected)})")
         raise UserError(
-            f"{folder}: weights do not match its config.json (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+            f"{folder}: {source} does not hold the tensors that config.json (n_layer {config.n_layer}, "
+            f"tie_word_embeddings {config.tie_word_embeddings}) implies: {'; '.join(found)}; {fix}"
+        )
+    wrong = [name for name, shape in expected.items() if tuple(state[name].shape) != shape
+             and not (name == "lm_head.weight" and config.tie_word_embeddings)]  # tied: wte's shape, said once
+    if wrong:
+        name = wrong[0]
+        implied, found_shape = expected[name], tuple(state[name].shape)
+        if name.endswith(CONV1D_SUFFIXES):  # say both in the file's [in, out] layout
+            implied, found_shape = implied[::-1], found_shape[::-1]
+        more = f" ({len(wrong) - 1} more tensor(s) differ too)" if len(wrong) > 1 else ""
+        raise UserError(
+            f"{folder}: {file_names[name]} in {source} has shape {_shape(found_shape)} but config.json "
+            f"({_config_keys(name, config)}) implies {_shape(implied)}{more}; {fix}"
         )
     return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,10 @@ class TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise UserError(f"{source}: unknown training key(s) {unknown}; known keys: {sorted(fields)}")
+            hints = "; ".join(f"did you mean {' or '.join(repr(m) for m in close)} for {key!r}?"
+                              for key in unknown if (close := difflib.get_close_matches(key, fields, n=3)))
+            raise UserError(f"{source}: unknown training key(s) {unknown}; "
+                            f"{hints + ' ' if hints else ''}known keys: {sorted(fields)}")
         return cls(**{key: _typed(key, value, fields[key].type, source) for key, value in values.items()})
 
 
@@ -194,6 +198,26 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--dataset {cfg.dataset} needs --shards-dir (the shards stage's output folder)")
     if cfg.lr_warmup is not None and not 0 <= cfg.lr_warmup < 1:
         raise UserError(f"--lr-warmup is a fraction of the steps in [0, 1), got {cfg.lr_warmup}")
+
+
+# Keys the workflow's training job sets itself (gpt2ipu.train.launch.pretrain): a recipe's own value is replaced.
+LAUNCH_KEYS = {"shards_dir": "shards", "state_dir": "train_state", "save_model_path": "final",
+               "replication_factor": 1, "resume_training_from_checkpoint": "auto"}
+
+
+def check_recipes(recipes: dict[str, Any]) -> None:
+    """Check every workflow recipe (config key `train.recipes`) as the training job will read it.
+
+    Called by the workflow when it starts, so a misspelled or mistyped key fails before any job runs
+    (and before Snakemake removes a previous model's outputs), not inside the training job.
+    """
+    for name, recipe in recipes.items():
+        source = f"config key 'train.recipes.{name}'"
+        try:
+            check_config(TrainConfig.from_dict({**recipe, "model": "gpt2", **LAUNCH_KEYS}, source))
+        except UserError as err:
+            text = str(err) if str(err).startswith(source) else f"{source}: {err}"
+            raise UserError(f"{text}. Fix it in config/config.yaml or in --config.") from None
 
 
 @dataclass(frozen=True)

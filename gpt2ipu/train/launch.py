@@ -54,8 +54,9 @@ def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_na
     # program, and the thread count is fixed before torch starts.
     result = subprocess.run(command, env=env, stderr=sys.stderr, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        raise UserError(f"training exited with status {result.returncode}; its messages are above. "
-                        f"Rerun the same command to resume from the last checkpoint in {state_dir}")
+        raise UserError(f"training exited with status {result.returncode}; its messages are above. Once "
+                        "their cause is fixed (or if it was a crash), rerun the same command: it resumes from "
+                        f"the last checkpoint in {state_dir}, if any")
     for source, target in ((state_dir / "metrics.jsonl", metrics_path), (state_dir / "loss.png", plot_path)):
         with atomic_file(target) as tmp:
             shutil.copyfile(source, tmp)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -122,7 +123,7 @@ class Run:
     scheduler: Any               # a torch LR scheduler (transformers' schedules)
     scaler: torch.amp.GradScaler  # enabled only for fp16
     batches: ResumableBatches     # the training data, resumable at any step
-    valid_data: Any               # the validation dataset
+    valid_data: Any               # the validation dataset; None when the shards have no valid split
     total_steps: int
     loss_chunks: LossChunks
     autocast_dtype: torch.dtype | None   # None: fp32, no autocast
@@ -138,9 +139,13 @@ def build_run(cfg: TrainConfig, loss_chunks: LossChunks, info: parallel.DistInfo
     train_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="train", max_len=cfg.max_len,
                                     vocab_size=cfg.vocab_size, seed=cfg.seed, num_epochs=cfg.epochs,
                                     generated_samples=cfg.generated_samples)
-    valid_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="valid", max_len=cfg.max_len,
-                                    vocab_size=cfg.vocab_size, seed=cfg.seed + 1, num_epochs=1,
-                                    generated_samples=max(cfg.eval_batches * cfg.batch_size * info.world_size, 1))
+    if has_valid_split(cfg):
+        valid_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="valid", max_len=cfg.max_len,
+                                        vocab_size=cfg.vocab_size, seed=cfg.seed + 1, num_epochs=1,
+                                        generated_samples=max(cfg.eval_batches * cfg.batch_size * info.world_size, 1))
+    else:
+        valid_data = None
+        say("no validation split (shards.valid_fraction 0): training without validation")
     # Megatron-style mmap data already holds `epochs` shuffled passes over the documents.
     data_epochs = 1 if cfg.dataset == "mmap" else cfg.epochs
     batches = ResumableBatches(train_data, micro_batch=cfg.batch_size, grad_accum=cfg.gradient_accumulation,
@@ -168,6 +173,20 @@ def build_run(cfg: TrainConfig, loss_chunks: LossChunks, info: parallel.DistInfo
                scaler=torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"),
                batches=batches, valid_data=valid_data, total_steps=total_steps, loss_chunks=loss_chunks,
                autocast_dtype=autocast_dtype(cfg.precision))
+
+
+def has_valid_split(cfg: TrainConfig) -> bool:
+    """False only when the shards stage made no validation split: its stats.json says valid_fraction 0.
+
+    Shards without a stats.json (made elsewhere) are expected to have one; reading them says if not.
+    """
+    if cfg.dataset == "generated" or not cfg.shards_dir:
+        return True
+    try:  # the shards stage's stats.json (gpt2ipu.data.shards.STATS_NAME)
+        stats = json.loads((Path(cfg.shards_dir) / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(stats, dict) and stats.get("valid_fraction") == 0 and not stats.get("valid_documents"))
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
@@ -209,7 +228,9 @@ def resume(run: Run, say: Say) -> int:
     if folder is None:
         return 0
     state = load_training_state(folder)
-    run.raw_model.load_state_dict(load_hf_dir(folder).state_dict())
+    saved = load_hf_dir(folder).state_dict()
+    check_same_shapes(saved, run.raw_model.state_dict(), folder)
+    run.raw_model.load_state_dict(saved)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
@@ -220,6 +241,18 @@ def resume(run: Run, say: Say) -> int:
     return int(state["step"])
 
 
+def check_same_shapes(saved: dict, expected: dict, folder) -> None:
+    """Refuse, in one message, a checkpoint whose model is not the one this run builds."""
+    for name, tensor in expected.items():
+        found = saved.get(name)
+        if found is None or found.shape != tensor.shape:
+            what = "has no tensor" if found is None else f"holds shape {list(found.shape)} for"
+            raise UserError(f"{folder}: the checkpoint {what} {name}, but this run's model (--model and its "
+                            f"settings) has {list(tensor.shape)}: it was written by another run; resume with "
+                            "that run's settings, or start fresh with --resume-training-from-checkpoint none "
+                            "or another --state-dir")
+
+
 def inputs_and_labels(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A [batch, max_len + 1] token batch -> (inputs, next-token labels) on the device."""
     batch = batch.to(device, non_blocking=True)
@@ -228,8 +261,13 @@ def inputs_and_labels(batch: torch.Tensor, device: torch.device) -> tuple[torch.
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Mean loss over up to --eval-batches validation micro-batches, averaged over the processes."""
+    """Mean loss over up to --eval-batches validation micro-batches, averaged over the processes.
+
+    {} (nothing to log) when the shards have no validation split.
+    """
     cfg, info, model = run.cfg, run.info, run.model
+    if run.valid_data is None:
+        return {}
     model.eval()
     batch_size = min(cfg.batch_size, len(run.valid_data) // info.world_size)
     total = torch.zeros(2, device=info.device)

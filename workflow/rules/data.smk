@@ -1,5 +1,7 @@
 # Data stages: dump -> extract -> tokenize -> shards, one job per dump part until shards gathers.
 
+from gpt2ipu.data.dump import local_stamps
+
 
 checkpoint dump_manifest:
     """The list of dump parts: generated (sample), the mirror's checksum list (enwiki), or local.paths."""
@@ -13,6 +15,10 @@ checkpoint dump_manifest:
             enwiki_mirror=config["enwiki"]["mirror"],
             enwiki_date=config["enwiki"]["date"],
             enwiki_max_parts=config["enwiki"]["max_parts"],
+            # local: each file's path, size and mtime, so a replaced dump (even with an older mtime)
+            # changes the params and reruns the manifest, which records its sha256 (absent for the
+            # other datasets, so their params stay as they were).
+            **({"local_stamps": local_stamps(config["local"]["paths"])} if wc.dataset == "local" else {}),
         ),
     log:
         "logs/{dataset}/dump_manifest.log",
@@ -43,6 +49,9 @@ rule extract:
     """wikiextractor over one dump part -> clean JSON-lines articles."""
     input:
         dump_file,
+        # local (parts used in place): the manifest too, so a rewritten manifest (a local dump
+        # replaced) reruns the part
+        unpack(lambda wc: {"manifest": f"results/data/{wc.dataset}/dump/manifest.json"} if wc.dataset == "local" else {}),
     output:
         directory(f"{DATA}/extract/{{part}}"),
     params:

@@ -43,6 +43,7 @@ data_pattern "{}.tfrecord" / index_pattern "{}.index" convention of the tfrecord
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -150,7 +151,12 @@ def _write_records(data_file, index_lines: list[str], samples: np.ndarray, start
         record_bytes = len(prefix) + size + 4
         index_lines.append(f"{offset} {record_bytes}\n")
         offset += record_bytes
-    data_file.write(b"".join(pieces))  # one big write per chunk of records
+    chunk = memoryview(b"".join(pieces))   # one big write per chunk of records
+    while chunk:   # an unbuffered write may write part of it (a full disk, a size limit) without raising
+        written = data_file.write(chunk)
+        if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(getattr(data_file, "name", "")))
+        chunk = chunk[written:]
     return offset
 
 
