@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt2ipu {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # disk full / permission outside an atomic writer: same message; else a bug
-        from gpt2ipu.fsutil import storage_errno, storage_error
+        from gpt2ipu.fsutil import storage_error_of
 
-        number = storage_errno(err)
-        if number is None or err.filename is None:
+        message = storage_error_of(err)
+        if message is None:
             raise
-        print(f"gpt2ipu {args.command}: error: {storage_error(number, err.filename)}", file=sys.stderr)
+        print(f"gpt2ipu {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

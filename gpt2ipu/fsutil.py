@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -43,6 +44,18 @@ def _publish_mode(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _publish_file_modes(folder: Path) -> None:
+    # Files a library wrote in the folder through its own temporary (safetensors' save_file:
+    # model.safetensors comes 0600) get at least what open() gives; other bits are kept.
+    readable = 0o666 & ~_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode) and (mode | readable) != mode:
+                os.chmod(path, stat.S_IMODE(mode) | readable)
+
+
 # --- storage faults: disk full, quota, file size limit, permission, read-only filesystem ---------
 
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS})
@@ -55,9 +68,7 @@ _OPAQUE_WRITE_FAILURES = ("unexpected pos", "file write failed")
 
 
 def _mount_point(path: str | os.PathLike) -> Path:
-    p = Path(os.path.abspath(path))
-    while not p.exists() and p != p.parent:
-        p = p.parent
+    p = _nearest_existing(path)
     while not os.path.ismount(p) and p != p.parent:
         p = p.parent
     return p
@@ -75,7 +86,6 @@ def _size_text(n: int) -> str:
         if n < 1024 or unit == "TiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} bytes"
 
 
 def storage_errno(err: BaseException) -> int | None:
@@ -130,6 +140,17 @@ def storage_error(number: int, path: str | os.PathLike, written: str | os.PathLi
     return StorageError(f"{head}; {todo}", number, path, written)
 
 
+def storage_error_of(err: BaseException, fallback_path: str | os.PathLike | None = None) -> StorageError | None:
+    """The `StorageError` for a disk-full/permission OSError raised outside the atomic writers (which
+    raise it themselves), naming the file the system named, else `fallback_path`; None if `err` is
+    not one, or names no path."""
+    number = storage_errno(err) if isinstance(err, OSError) else None
+    path = getattr(err, "filename", None) or fallback_path
+    if number is None or path is None:
+        return None
+    return storage_error(number, path)
+
+
 def _translate(err: BaseException, final: Path, tmp: Path | None) -> BaseException | None:
     """The StorageError to raise instead of `err` (raised while writing `final` through `tmp`),
     naming final paths rather than the temporary's; None to re-raise `err` unchanged."""
@@ -155,6 +176,13 @@ def _translate(err: BaseException, final: Path, tmp: Path | None) -> BaseExcepti
         return None
     written = getattr(err, "filename", None) if isinstance(err, OSError) else None
     return storage_error(number, final, shown(written))
+
+
+def _raise_translated(err: BaseException, final: Path, tmp: Path | None) -> None:
+    """Raise the StorageError that stands for `err` (see `_translate`); return if there is none."""
+    translated = _translate(err, final, tmp)
+    if translated is not None:
+        raise translated from (err.__cause__ if isinstance(err, StorageError) else err)
 
 
 # --- stale temporaries of killed jobs -----------------------------------------------------------
@@ -276,10 +304,8 @@ def atomic_file(final_path: str | os.PathLike) -> Iterator[Path]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-        translated = _translate(err, final, tmp)
-        if translated is None:
-            raise
-        raise translated from (err.__cause__ if isinstance(err, StorageError) else err)
+        _raise_translated(err, final, tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -295,6 +321,7 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent))
         yield tmp
         _publish_mode(tmp, is_dir=True)
+        _publish_file_modes(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -305,10 +332,8 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        translated = _translate(err, final, tmp)
-        if translated is None:
-            raise
-        raise translated from (err.__cause__ if isinstance(err, StorageError) else err)
+        _raise_translated(err, final, tmp)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -28,12 +28,6 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
     return model.to(device=device, dtype=precision_dtype(precision)).eval().requires_grad_(False)
 
 
-def load_model_tokenizer(model_dir: str | os.PathLike, *, vocab_dir: str | os.PathLike | None = None,
-                         bpe_tokenizer: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer that goes with `model_dir` (the order: `gpt2ipu.data.tokenizer.load_tokenizer`)."""
-    return load_tokenizer(vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer, model_dir=model_dir)
-
-
 def check_vocab_fits(tokenizer: Tokenizer, model, model_dir: str | os.PathLike) -> None:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{model_dir}: the model has {model.config.vocab_size} token embeddings but its "
@@ -43,7 +37,7 @@ def check_vocab_fits(tokenizer: Tokenizer, model, model_dir: str | os.PathLike) 
 
 def load_pretrained(model_dir, device: str = "auto", precision: str = "fp32", vocab_dir=None, bpe_tokenizer=None):
     """(model, tokenizer, device) for `model_dir`; the tokenizer first, since it fails fastest."""
-    tokenizer = load_model_tokenizer(model_dir, vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer)
+    tokenizer = load_tokenizer(vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer, model_dir=model_dir)
     device_used = resolve_device(device)
     model = load_model(model_dir, device_used, precision)
     check_vocab_fits(tokenizer, model, model_dir)

@@ -19,26 +19,17 @@ def bpe_tokenizer(snakemake: Any) -> str | None:
     return f"{snakemake.input.bpe}/tokenizer.json" if "bpe" in snakemake.input.keys() else None
 
 
-def _storage_message(snakemake: Any, err: BaseException) -> str | None:
-    """One message for a disk-full/permission OSError raised outside the atomic writers (they
-    raise `StorageError` themselves), naming the file, else the rule's outputs; None if not one."""
-    from gpt2ipu.fsutil import storage_errno, storage_error
-
-    number = storage_errno(err)
-    if number is None or not isinstance(err, OSError):
-        return None
-    outputs = [str(o) for o in snakemake.output] if len(snakemake.output) else []
-    filename = err.filename if err.filename is not None else None
-    if filename is None and not outputs:
-        return None
-    path = filename if filename is not None else outputs[0]
-    return str(storage_error(number, path))
-
-
-def run_stage(snakemake: Any, stage: Callable[..., Any], **kwargs: Any) -> Any:
+def run_stage(snakemake: Any, stage: Callable[..., Any], *, torch_threads: bool = False, **kwargs: Any) -> Any:
     """Run `stage(**kwargs)` with its stderr/stdout in the rule's log. A `UserError` (a
     `StorageError` included) or a disk-full/permission `OSError` is printed as one line, to the
-    log and to the terminal, and the job exits 1 without a traceback; other exceptions traceback."""
+    log and to the terminal, and the job exits 1 without a traceback; other exceptions traceback.
+
+    torch_threads: give torch the rule's `threads:` (a choice for the job's process, made here
+    rather than inside the library function, which may run in a program with its own choice)."""
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(snakemake.threads)
     log_path = snakemake.log[0] if len(snakemake.log) else None
     terminal = sys.stderr
     with contextlib.ExitStack() as stack:
@@ -49,7 +40,10 @@ def run_stage(snakemake: Any, stage: Callable[..., Any], **kwargs: Any) -> Any:
         try:
             return stage(**kwargs)
         except (UserError, OSError) as err:
-            text = str(err) if isinstance(err, UserError) else _storage_message(snakemake, err)
+            from gpt2ipu.fsutil import storage_error_of
+
+            first_output = str(snakemake.output[0]) if len(snakemake.output) else None
+            text = err if isinstance(err, UserError) else storage_error_of(err, first_output)
             if text is None:
                 raise
             message = f"gpt2ipu rule {snakemake.rule}: error: {text}"

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gpt2ipu.bench.common import interleaved_median_seconds, report
+from gpt2ipu.devices import PRECISIONS
 
 CPU_BF16_NOTE = ("bf16 skipped on CPU: PyTorch's CPU bf16 matrix-vector products, which batch-1 decoding is "
                  "made of, are no faster than fp32 here (no bf16 GEMV fast path), so a CPU bf16 figure would "
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; medians are reported")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype, both sides")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights' dtype, both sides")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--ops-dir", default=None,
                         help="build folder of the ops (default $GPT2IPU_OPS_DIR, else build into a temporary folder)")

@@ -39,12 +39,16 @@ def dump_folder_url(mirror: str, date: str) -> str:
     return f"{mirror.rstrip('/')}/enwiki/{date}"
 
 
+def enwiki_index_url(mirror: str) -> str:
+    """The mirror's `enwiki/` folder listing: one link per dump date."""
+    return f"{mirror.rstrip('/')}/enwiki/"
+
+
 def offered_dates(mirror: str) -> list[str] | None:
     """The dump dates the mirror's `enwiki/` index links to (hrefs like `20240601/`), oldest first;
     None when the index cannot be read."""
-    index = f"{mirror.rstrip('/')}/enwiki/"
     try:
-        response = requests.get(index, timeout=60)
+        response = requests.get(enwiki_index_url(mirror), timeout=60)
         response.raise_for_status()
     except requests.RequestException:
         return None
@@ -54,9 +58,9 @@ def offered_dates(mirror: str) -> list[str] | None:
 def _dates_hint(mirror: str) -> str:
     dates = offered_dates(mirror)
     if dates is None:
-        return f"the mirror's index {mirror.rstrip('/')}/enwiki/ could not be read to list its dates"
+        return f"the mirror's index {enwiki_index_url(mirror)} could not be read to list its dates"
     if not dates:
-        return f"the mirror's index {mirror.rstrip('/')}/enwiki/ lists no dump dates"
+        return f"the mirror's index {enwiki_index_url(mirror)} lists no dump dates"
     return f"the mirror offers: {', '.join(dates)}"
 
 
@@ -82,8 +86,7 @@ def resolve_dump_date(mirror: str, date: str) -> str:
     else the newest date in the mirror's `enwiki/` index whose article parts are done."""
     if date != "latest":
         return date
-    base = mirror.rstrip("/")
-    rss_url = f"{base}/enwiki/latest/enwiki-latest-pages-articles.xml.bz2-rss.xml"
+    rss_url = f"{dump_folder_url(mirror, 'latest')}/enwiki-latest-pages-articles.xml.bz2-rss.xml"
     try:
         response = requests.get(rss_url, timeout=60)
         if response.status_code == 200:

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.fsutil import file_digest, write_text_atomic
+from gpt2ipu.fsutil import sha256_file, write_text_atomic
 
 DATASETS = ("sample", "enwiki", "local")
 DEFAULT_MIRROR = "https://dumps.wikimedia.org"
 LOCAL_SUFFIXES = (".xml.bz2", ".xml")
-HASH_CHUNK_BYTES = 1 << 20
 
 
 def local_parts(paths: list[str]) -> list[dict[str, str]]:
@@ -50,19 +49,9 @@ def local_parts(paths: list[str]) -> list[dict[str, str]]:
         if not path.is_file():
             raise UserError(f"{raw} (config key local.paths) does not exist; fix the path or remove it")
         resolved = str(path.resolve())
-        if resolved in by_path:
-            first, first_raw = by_path[resolved]
-            raise UserError(f"config key local.paths lists the same file twice: entry {first} ({first_raw}) and "
-                            f"entry {number} ({raw}) are both {resolved}; remove one (a dump listed twice puts "
-                            "its validation documents into training too)")
-        by_path[resolved] = (number, raw)
-        sha256 = file_digest(path, "sha256", HASH_CHUNK_BYTES)
-        if sha256 in by_sha256:
-            first, first_raw = by_sha256[sha256]
-            raise UserError(f"config key local.paths lists the same dump twice: entry {first} ({first_raw}) and "
-                            f"entry {number} ({raw}) have the same content (sha256 {sha256}); remove one "
-                            "(a dump listed twice puts its validation documents into training too)")
-        by_sha256[sha256] = (number, raw)
+        _refuse_repeat(by_path, resolved, number, raw, "the same file twice", f"are both {resolved}")
+        sha256 = sha256_file(path)
+        _refuse_repeat(by_sha256, sha256, number, raw, "the same dump twice", f"have the same content (sha256 {sha256})")
         # Part names become folder names and wildcard values: keep them plain and unique.
         name = re.sub(r"[^A-Za-z0-9._-]", "_", path.name[: -len(suffix)]).lstrip(".") or "part"
         unique, n = name, 1
@@ -72,6 +61,16 @@ def local_parts(paths: list[str]) -> list[dict[str, str]]:
         names.add(unique)
         parts.append({"name": unique, "path": resolved, "sha256": sha256})
     return parts
+
+
+def _refuse_repeat(seen: dict[str, tuple[int, str]], key: str, number: int, raw: str, what: str, how: str) -> None:
+    """Remember entry `number` (`raw`) under `key`; a UserError if an earlier entry had the same key."""
+    if key in seen:
+        first, first_raw = seen[key]
+        raise UserError(f"config key local.paths lists {what}: entry {first} ({first_raw}) and entry {number} "
+                        f"({raw}) {how}; remove one (a dump listed twice puts its validation documents into "
+                        "training too)")
+    seen[key] = (number, raw)
 
 
 def local_stamps(paths: list[str]) -> list[list[Any]]:

@@ -340,8 +340,9 @@ class TrainedBPETokenizer(Tokenizer):
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
 
-class HFBPETokenizer(Tokenizer):
-    """A byte-level BPE given as vocab.json + merges.txt that are not GPT-2's own files."""
+class HFBPETokenizer(TrainedBPETokenizer):
+    """A byte-level BPE given as vocab.json + merges.txt that are not GPT-2's own files (encoding
+    and decoding as TrainedBPETokenizer's, on a `tokenizers` backend built from the two files)."""
 
     def __init__(self, vocab: Path, merges: Path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -358,15 +359,6 @@ class HFBPETokenizer(Tokenizer):
             raise UserError(f"{vocab}: has no {EOT} token, which generation and evaluation need")
         self.backend, self.name, self.eos_id = backend, f"bpe:{vocab.parent.name}", eos_id
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=False)
 
 
 def load_tokenizer(vocab_dir: str | os.PathLike | None = None,

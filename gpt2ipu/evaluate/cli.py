@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from gpt2ipu.devices import PRECISIONS
 from gpt2ipu.evaluate.data import DEFAULT_SOURCES, EVAL_SETS, SAMPLE_SEED
 
 
@@ -15,7 +16,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="results JSON, written when the evaluation is complete")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights' dtype")
     parser.add_argument("--vocab-dir", default=None,
                         help="GPT-2 vocab folder, for a model folder without its own vocab.json + merges.txt")
     parser.add_argument("--bpe-tokenizer", default=None,

@@ -24,8 +24,6 @@ import os
 import time
 from typing import Any, Sequence
 
-import torch
-
 from gpt2ipu.evaluate.data import LAMBADA_NAME, data_file, read_lambada
 from gpt2ipu.evaluate.scoring import score_requests
 from gpt2ipu.errors import UserError
@@ -103,17 +101,11 @@ def score_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequen
 def evaluate_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                      batch_size: int = 8, device: str = "auto", precision: str = "fp32",
                      conventions: Sequence[str] = CONVENTIONS, limit: int | None = None,
-                     vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
-                     threads: int | None = None) -> dict[str, Any]:
-    """Evaluate `model_dir` on the LAMBADA file `data`; write the results JSON `out` atomically.
-
-    threads: CPU threads for torch (default: torch's own choice).
-    """
+                     vocab_dir: str | None = None, bpe_tokenizer: str | None = None) -> dict[str, Any]:
+    """Evaluate `model_dir` on the LAMBADA file `data`; write the results JSON `out` atomically."""
     from gpt2ipu.evaluate.results import write_results
     from gpt2ipu.pretrained import load_pretrained
 
-    if threads:
-        torch.set_num_threads(threads)
     start = time.perf_counter()
     for convention in conventions:
         if convention not in CONVENTIONS:

@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gpt2ipu.evaluate.data import WIKITEXT_NAME, data_file, read_wikitext
 from gpt2ipu.evaluate.scoring import score_requests
 from gpt2ipu.errors import UserError
@@ -139,16 +137,11 @@ def score_wikitext(model, tokenizer, word_level_text: str, *, window: int | None
 def evaluate_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                   stride: int | None = None, window: int | None = None, batch_size: int = 8, device: str = "auto",
                   precision: str = "fp32", vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
-                  dataset_name: str | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Evaluate `model_dir` on the WikiText file `data`; write the results JSON `out` atomically.
-
-    threads: CPU threads for torch (default: torch's own choice).
-    """
+                  dataset_name: str | None = None) -> dict[str, Any]:
+    """Evaluate `model_dir` on the WikiText file `data`; write the results JSON `out` atomically."""
     from gpt2ipu.evaluate.results import write_results
     from gpt2ipu.pretrained import load_pretrained
 
-    if threads:
-        torch.set_num_threads(threads)
     start = time.perf_counter()
     data_path = data_file(data, WIKITEXT_NAME)
     text = read_wikitext(data_path)

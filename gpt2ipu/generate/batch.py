@@ -117,20 +117,16 @@ def generate(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, out:
              config: SamplingConfig, *, stop_token: str | None = "<|endoftext|>", batch_size: int = 8,
              device: str = "auto", precision: str = "fp32", vocab_dir: str | None = None,
              bpe_tokenizer: str | None = None, provenance_path: str | os.PathLike | None = None,
-             threads: int | None = None, ops_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+             ops_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Continue every prompt of `prompts_path`; write the JSON lines `out` (and provenance) atomically.
 
-    threads: CPU threads for torch (default: torch's own choice); ops_dir: build folder of the
-    compiled ops, whose decode op speeds up CPU decoding (default: $GPT2IPU_OPS_DIR).
+    ops_dir: build folder of the compiled ops, whose decode op speeds up CPU decoding
+    (default: $GPT2IPU_OPS_DIR).
     """
     from gpt2ipu.fsutil import atomic_file
     from gpt2ipu.ops import OPS_DIR_ENV
     from gpt2ipu.provenance import write_provenance
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     if ops_dir:
         os.environ[OPS_DIR_ENV] = str(ops_dir)
     started = time.perf_counter()

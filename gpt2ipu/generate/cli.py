@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from gpt2ipu.devices import PRECISIONS
 from gpt2ipu.generate import batch
 from gpt2ipu.generate.batch import load_for_generation, max_prompt_tokens, prompt_ids, stop_token_id
 from gpt2ipu.generate.sampling import Generation, SamplingConfig, generate
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed; prompt i samples with seed + i (default 1234)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch mode: prompts decoded together")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype (default fp32)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights' dtype (default fp32)")
     parser.add_argument("--vocab-dir", default=None, help="GPT-2 vocab folder, for a model folder without its own")
     parser.add_argument("--bpe-tokenizer", default=None, help="tokenizer.json from `gpt2ipu train-bpe`")
     parser.add_argument("--ops-dir", default=None,

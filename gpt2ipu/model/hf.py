@@ -102,25 +102,6 @@ def write_hf_files(model: GPT, folder: str | os.PathLike, eos_token_id: int | No
     config = hf_config(unwrap(model).config, eos_token_id)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file(hf_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    publish_file_modes(folder, (CONFIG_NAME, WEIGHTS_NAME))
-
-
-def publish_file_modes(folder: str | os.PathLike, names=None) -> None:
-    """Give the files of `folder` (all of them, or `names`) the mode a plain open() gives: 0666 & ~umask.
-
-    safetensors' save_file writes model.safetensors 0600, so without this another user could not
-    load a model that every other output of a run (0644 under the usual umask) lets them read."""
-    folder = Path(folder)
-    mode = 0o666 & ~_umask()
-    paths = [folder / name for name in names] if names is not None else [p for p in folder.iterdir() if p.is_file()]
-    for path in paths:
-        os.chmod(path, mode)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read the umask is to set it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def save_hf_dir(model: GPT, out_dir: str | os.PathLike, *, eos_token_id: int | None = None, extra=None) -> Path:

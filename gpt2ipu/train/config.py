@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from gpt2ipu.devices import PRECISIONS
 from gpt2ipu.errors import UserError
 
 # Flags that only mean something on an IPU: accepted, and each says what it means here.
@@ -185,7 +186,7 @@ def _typed(key: str, value: Any, annotation: str, source: str) -> Any:
 def check_config(cfg: TrainConfig) -> None:
     """Refuse values training cannot run with, naming the key, before anything is built."""
     choices = {"dataset": ("generated", "tfrecord", "mmap"), "optimizer": ("AdamW", "Adam", "LAMB"),
-               "lr_schedule": ("constant", "linear", "cosine"), "precision": ("fp32", "bf16", "fp16")}
+               "lr_schedule": ("constant", "linear", "cosine"), "precision": PRECISIONS}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"training key '{key}': {getattr(cfg, key)!r} is not one of {list(allowed)}")
@@ -200,9 +201,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--lr-warmup is a fraction of the steps in [0, 1), got {cfg.lr_warmup}")
 
 
-# Keys the workflow's training job sets itself (gpt2ipu.train.launch.pretrain): a recipe's own value is replaced.
-LAUNCH_KEYS = {"shards_dir": "shards", "state_dir": "train_state", "save_model_path": "final",
-               "replication_factor": 1, "resume_training_from_checkpoint": "auto"}
+def workflow_run_config(recipe: dict[str, Any], *, shards_dir: str, state_dir: str, save_model_path: str,
+                        replication_factor: int) -> dict[str, Any]:
+    """A workflow recipe's training keys as the pretrain job runs them: the keys the job sets
+    itself (data, state, output, processes) replace the recipe's own."""
+    return {**recipe, "shards_dir": shards_dir, "state_dir": state_dir, "save_model_path": save_model_path,
+            "replication_factor": replication_factor, "resume_training_from_checkpoint": "auto"}
 
 
 def check_recipes(recipes: dict[str, Any]) -> None:
@@ -214,7 +218,9 @@ def check_recipes(recipes: dict[str, Any]) -> None:
     for name, recipe in recipes.items():
         source = f"config key 'train.recipes.{name}'"
         try:
-            check_config(TrainConfig.from_dict({**recipe, "model": "gpt2", **LAUNCH_KEYS}, source))
+            values = workflow_run_config({**recipe, "model": "gpt2"}, shards_dir="shards", state_dir="train_state",
+                                         save_model_path="final", replication_factor=1)
+            check_config(TrainConfig.from_dict(values, source))
         except UserError as err:
             text = str(err) if str(err).startswith(source) else f"{source}: {err}"
             raise UserError(f"{text}. Fix it in config/config.yaml or in --config.") from None

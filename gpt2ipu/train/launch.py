@@ -18,6 +18,7 @@ from typing import Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_file
+from gpt2ipu.train.config import workflow_run_config
 
 
 def state_key(recipe: dict[str, Any], shards_dir: str) -> str:
@@ -34,8 +35,8 @@ def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_na
     state_dir = Path(state_root) / f"{run_name}-{state_key(recipe, shards_dir)}"
     state_dir.mkdir(parents=True, exist_ok=True)
     world = nproc_per_node * nnodes
-    config = {**recipe, "shards_dir": shards_dir, "state_dir": str(state_dir), "save_model_path": model_dir,
-              "replication_factor": world, "resume_training_from_checkpoint": "auto"}
+    config = workflow_run_config(recipe, shards_dir=shards_dir, state_dir=str(state_dir), save_model_path=model_dir,
+                                 replication_factor=world)
     config_path = state_dir / "train_config.json"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"training state (checkpoints, metrics): {state_dir}", file=sys.stderr, flush=True)

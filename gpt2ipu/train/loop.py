@@ -30,6 +30,7 @@ from gpt2ipu.devices import autocast_dtype, precision_dtype
 from gpt2ipu.errors import UserError
 from gpt2ipu.model import GPT, config_for
 from gpt2ipu.model.hf import load_hf_dir, save_hf_dir, write_hf_files
+from gpt2ipu.data.shards import STATS_NAME
 from gpt2ipu.train import parallel
 from gpt2ipu.train.config import LossChunks, TrainConfig, resolve
 from gpt2ipu.train.data import ResumableBatches, make_train_dataset
@@ -182,8 +183,8 @@ def has_valid_split(cfg: TrainConfig) -> bool:
     """
     if cfg.dataset == "generated" or not cfg.shards_dir:
         return True
-    try:  # the shards stage's stats.json (gpt2ipu.data.shards.STATS_NAME)
-        stats = json.loads((Path(cfg.shards_dir) / "stats.json").read_text(encoding="utf-8"))
+    try:
+        stats = json.loads((Path(cfg.shards_dir) / STATS_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return True
     return not (isinstance(stats, dict) and stats.get("valid_fraction") == 0 and not stats.get("valid_documents"))

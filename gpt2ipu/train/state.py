@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from gpt2ipu.fsutil import atomic_dir
-from gpt2ipu.model.hf import publish_file_modes
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -64,7 +63,6 @@ def save_training_checkpoint(state_dir: str | os.PathLike, step: int, save_weigh
         save_weights(tmp)
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
-        publish_file_modes(tmp)  # model.safetensors comes 0600 from safetensors; all get 0666 & ~umask
     for old in checkpoint_dirs(state_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

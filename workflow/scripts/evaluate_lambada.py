@@ -4,4 +4,4 @@ from gpt2ipu.workflow_adapter import bpe_tokenizer, run_stage
 run_stage(snakemake, evaluate_lambada, model_dir=snakemake.input.model, data=snakemake.input.data,
           out=snakemake.output[0], batch_size=snakemake.params.batch_size, device=snakemake.params.device,
           precision=snakemake.params.precision, vocab_dir=snakemake.params.vocab_dir,
-          bpe_tokenizer=bpe_tokenizer(snakemake), threads=snakemake.threads)
+          bpe_tokenizer=bpe_tokenizer(snakemake), torch_threads=True)

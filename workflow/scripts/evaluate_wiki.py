@@ -5,4 +5,4 @@ run_stage(snakemake, evaluate_wiki, model_dir=snakemake.input.model, data=snakem
           out=snakemake.output[0], stride=snakemake.params.stride, window=snakemake.params.window,
           batch_size=snakemake.params.batch_size, device=snakemake.params.device,
           precision=snakemake.params.precision, vocab_dir=snakemake.params.vocab_dir,
-          bpe_tokenizer=bpe_tokenizer(snakemake), threads=snakemake.threads)
+          bpe_tokenizer=bpe_tokenizer(snakemake), torch_threads=True)

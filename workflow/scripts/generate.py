@@ -7,5 +7,5 @@ options = {key: settings.pop(key) for key in ("stop_token", "batch_size", "devic
 run_stage(snakemake, generate, model_dir=snakemake.input.model, prompts_path=snakemake.input.prompts,
           out=snakemake.output.continuations, provenance_path=snakemake.output.provenance,
           config=SamplingConfig(**settings), vocab_dir=snakemake.params.vocab_dir,
-          bpe_tokenizer=bpe_tokenizer(snakemake), threads=snakemake.threads, ops_dir=snakemake.input.ops,
+          bpe_tokenizer=bpe_tokenizer(snakemake), torch_threads=True, ops_dir=snakemake.input.ops,
           **options)
