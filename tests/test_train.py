@@ -120,12 +120,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_ipu_only_flags_are_explained_not_ignored(tmp_path):
-    result = run_train("--max-steps", 1, "--checkpoint-every", 0, "--layers-per-ipu", "1", "1",
+    result = run_train("--max-steps", 1, "--checkpoint-every", 0,
                        "--device-iterations", "8", "--matmul-proportion", "0.2", "--remap-logit", "true",
-                       "--ipus-per-replica", "2", "--state-dir", tmp_path / "s")
+                       "--state-dir", tmp_path / "s")
     assert result.returncode == 0, result.stderr
-    for flag in ("--layers-per-ipu", "--device-iterations", "--matmul-proportion", "--remap-logit",
-                 "--ipus-per-replica"):
+    for flag in ("--device-iterations", "--matmul-proportion", "--remap-logit"):
         assert flag in result.stderr and "no effect here" in result.stderr
 
 
@@ -183,8 +182,8 @@ def test_half_partials_become_fp16_once_without_changing_the_given_config():
     assert any("--enable-half-partials" in note for note in resolved.notes)
     kept = resolved_flags("--enable-half-partials", "--precision", "bf16")
     assert kept.config.precision == "bf16" and not kept.notes
-    ipu = resolved_flags("--device-iterations", 8, "--layers-per-ipu", 1, 1).notes
-    assert [note.split()[0] for note in ipu] == ["--layers-per-ipu", "--device-iterations"]
+    ipu = resolved_flags("--device-iterations", 8, "--matmul-proportion", 0.2).notes
+    assert [note.split()[0] for note in ipu] == ["--matmul-proportion", "--device-iterations"]
     assert all("no effect here" in note for note in ipu)
     with pytest.raises(UserError, match="serialized_seq_len"):
         resolved_flags("--enable-sequence-serialized", "--serialized-seq-len", 0)

@@ -226,6 +226,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
+        # Training's tied-weight gradient from the embedding: sparse (see hidden_states) unless a
+        # wrapper that reduces gradients needs them dense (FSDP: gpt2ipu/train/parallel.py).
+        self.sparse_embedding_grad = True
         self.apply(self._init_weights)
         # GPT-2's scaled init: the two residual projections per block add up over depth.
         for name, param in self.named_parameters():
@@ -272,21 +275,13 @@ class GPT(nn.Module):
                 f"sequence of {past_len + T} tokens is longer than the model's n_positions "
                 f"({self.config.n_positions})"
             )
-        if tied is not None:   # the chunked loss's weight gradient completes in the lookup's backward
-            tokens = TiedEmbedding.apply(input_ids, self.wte.weight, tied)   # [B, T, C]
-        else:
-            # A sparse gradient (this batch's rows only) rather than a second dense [V, d] one
-            # for the LM head's to meet. (Not under torch.compile, whose backend has no sparse tensors.)
-            sparse = self.config.tie_word_embeddings and not torch.compiler.is_compiling()
-            tokens = F.embedding(input_ids, self.wte.weight, sparse=sparse)   # [B, T, C]
-        x = self.drop(tokens + self.wpe(position_ids))   # [B, T, C]; positions [B or 1, T]
+        # A sparse gradient for a tied weight (this batch's rows only) rather than a second dense
+        # [V, d] one for the LM head's to meet; not when sharded (FSDP reduces dense gradients).
+        sparse = self.config.tie_word_embeddings and self.sparse_embedding_grad
+        x = embed(self, input_ids, position_ids, tied=tied, sparse=sparse)   # [B, T, C]
         mask = _attention_mask(attention_mask, past_len, T, input_ids.device)   # [B or 1, 1, T, past + T] or None
         for i, block in enumerate(self.h):
-            layer_cache = None if cache is None else (cache, i)
-            if self.config.recompute and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, layer_cache, use_reentrant=False)
-            else:
-                x = block(x, mask, layer_cache)   # [B, T, C]
+            x = run_block(block, x, mask, None if cache is None else (cache, i), self.config.recompute)   # [B, T, C]
         return self.ln_f(x)   # [B, T, C]
 
     def logits(
@@ -314,15 +309,46 @@ class GPT(nn.Module):
         tied = TiedGrad() if chunked and self.config.tie_word_embeddings and self.wte.weight.requires_grad \
             and torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
         hidden = self.hidden_states(input_ids, tied=tied)   # [B, T, C]
-        loss, accuracy = chunked_lm_loss(   # scalars: the mean over counted labels
-            hidden.reshape(-1, hidden.shape[-1]),   # [B*T, C]
-            self.lm_head.weight,   # [V, C]
-            labels.reshape(-1),   # [B*T]
-            vocab_chunks=vocab_chunks,
-            token_chunks=token_chunks,
-            tied=tied,
-        )
-        return LMLoss(loss, accuracy, (labels != IGNORE_INDEX).sum())
+        return lm_loss(hidden, self.lm_head.weight, labels, vocab_chunks=vocab_chunks, token_chunks=token_chunks,
+                       tied=tied)
+
+
+# The pieces of a forward pass that a pipeline stage (gpt2ipu/train/pipeline.py) also runs on its
+# share of the model: the embedding, one block, the LM-head loss.
+
+def embed(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, *, tied: TiedGrad | None = None,
+          sparse: bool = False) -> torch.Tensor:
+    """Token plus position embeddings of input_ids [B, T] (model's `wte`, `wpe`, `drop`), [B, T, C].
+
+    tied: the chunked loss's gradient buffer for a tied weight (the lookup's backward completes it);
+    sparse: a sparse weight gradient otherwise (not under torch.compile, which has no sparse tensors).
+    """
+    if tied is not None:
+        tokens = TiedEmbedding.apply(input_ids, model.wte.weight, tied)   # [B, T, C]
+    else:
+        tokens = F.embedding(input_ids, model.wte.weight, sparse=sparse and not torch.compiler.is_compiling())
+    return model.drop(tokens + model.wpe(position_ids))   # [B, T, C]; positions [B or 1, T]
+
+
+def run_block(block: Block, x: torch.Tensor, mask=None, cache=None, recompute: bool = False) -> torch.Tensor:
+    """One block on x [B, T, C]; with `recompute`, when training, its activations are recomputed in backward."""
+    if recompute and block.training and torch.is_grad_enabled():
+        return checkpoint(block, x, mask, cache, use_reentrant=False)
+    return block(x, mask, cache)
+
+
+def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, vocab_chunks: int = 1,
+            token_chunks: int = 1, tied: TiedGrad | None = None) -> LMLoss:
+    """The LM-head loss of final hidden states [B, T, C] against labels [B, T] (weight [V, C]), as an `LMLoss`."""
+    loss, accuracy = chunked_lm_loss(   # scalars: the mean over counted labels
+        hidden.reshape(-1, hidden.shape[-1]),   # [B*T, C]
+        weight,   # [V, C]
+        labels.reshape(-1),   # [B*T]
+        vocab_chunks=vocab_chunks,
+        token_chunks=token_chunks,
+        tied=tied,
+    )
+    return LMLoss(loss, accuracy, (labels != IGNORE_INDEX).sum())
 
 
 def _positions(attention_mask, past_len: int, T: int, device) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from gpt2ipu.train.allocator import keep_freed_memory
 from gpt2ipu.train.config import add_arguments, config_from_args
@@ -16,11 +17,12 @@ __all__ = ["add_arguments", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train with the flags' config; print the last step's metrics as one JSON line on stdout."""
+    """Train with the flags' config; print the last step's metrics as one JSON line on stdout (rank 0 only)."""
     from gpt2ipu.train.loop import train   # torch is imported only once a run starts, not for --help
 
     cfg = config_from_args(args)
     keep_freed_memory()   # each step reuses the last step's pages (gpt2ipu/train/allocator.py)
     result = train(cfg)
-    print(json.dumps(result, sort_keys=True))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result, sort_keys=True))
     return 0

@@ -24,9 +24,6 @@ from gpt2ipu.errors import UserError
 
 # Flags that only mean something on an IPU: accepted, and each says what it means here.
 IPU_ONLY_FLAGS = {
-    "layers_per_ipu": "IPU pipeline placement of layers; here every process holds the whole model",
-    "ipus_per_replica": "IPUs spanned by one replica; here a replica is one CPU process or one GPU "
-                        "(use --replication-factor for data parallelism)",
     "matmul_proportion": "IPU tile memory reserved for matmuls; no counterpart on CPU/CUDA",
     "device_iterations": "IPU steps run per host call; here every optimizer step is one host "
                          "step (use --gradient-accumulation for the same global batch)",
@@ -119,6 +116,20 @@ class TrainConfig:
     replicated_tensor_sharding: bool = _flag(
         False, "shard the optimizer state over the data-parallel processes (ZeRO-1, ZeroRedundancyOptimizer); "
                "the original's flag of the same name")
+    fsdp: bool = _flag(False, "shard parameters, gradients and optimizer state over the data-parallel processes "
+                              "(FSDP2 fully_shard per transformer block), instead of DDP's full copies")
+    pipeline_stages: int = _flag(1, "pipeline stages, one process each (torch.distributed.pipelining); the layers "
+                                    "are split evenly unless --layers-per-ipu gives the split; processes = stages x "
+                                    "--replication-factor")
+    pipeline_schedule: str = _flag("1f1b", "pipeline schedule: 1f1b (one forward, one backward: activations of at "
+                                           "most `stages` micro-batches kept) or gpipe (all forwards, then all "
+                                           "backwards); the micro-batches are --gradient-accumulation's")
+    layers_per_ipu: list[int] | None = _flag(
+        None, "transformer layers of each pipeline stage, e.g. 3 3 3 3 (-1: an even share of the rest); sets "
+              "--pipeline-stages to their number; the original's flag of the same name")
+    ipus_per_replica: int | None = _flag(
+        None, "the original's IPUs per replica: here the pipeline stages (processes) per replica, as "
+              "--pipeline-stages")
     # bookkeeping
     state_dir: str = _flag("train_state", "folder of the run's checkpoints, metrics.jsonl, loss.png and "
                                           "tensorboard/; a rerun with the same folder resumes")
@@ -135,8 +146,6 @@ class TrainConfig:
     keep_checkpoints: int = _flag(2, "checkpoints kept in --state-dir, the newest; older ones are deleted (0 = keep all)")
     progress: bool = _flag(True, "show a progress bar on stderr")
     # the original's IPU-only flags, accepted and explained (see IPU_ONLY_FLAGS)
-    layers_per_ipu: list[int] | None = _ipu_only("layers_per_ipu")
-    ipus_per_replica: int | None = _ipu_only("ipus_per_replica")
     matmul_proportion: list[float] | None = _ipu_only("matmul_proportion")
     device_iterations: int | None = _ipu_only("device_iterations")
     remap_logit: bool | None = _ipu_only("remap_logit")
@@ -147,8 +156,15 @@ class TrainConfig:
 
     @property
     def global_batch(self) -> int:
-        """Samples per optimizer step over all processes: micro-batch x accumulation x processes."""
+        """Samples per optimizer step over all replicas: micro-batch x accumulation x replicas."""
         return self.batch_size * self.gradient_accumulation * self.replication_factor
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages per replica: --layers-per-ipu's count, else --ipus-per-replica or --pipeline-stages."""
+        if self.layers_per_ipu:
+            return len(self.layers_per_ipu)
+        return self.ipus_per_replica or self.pipeline_stages
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str) -> "TrainConfig":
@@ -199,6 +215,65 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--dataset {cfg.dataset} needs --shards-dir (the shards stage's output folder)")
     if cfg.lr_warmup is not None and not 0 <= cfg.lr_warmup < 1:
         raise UserError(f"--lr-warmup is a fraction of the steps in [0, 1), got {cfg.lr_warmup}")
+    if cfg.pipeline_schedule not in ("1f1b", "gpipe"):
+        raise UserError(f"training key 'pipeline_schedule': {cfg.pipeline_schedule!r} is not one of ['1f1b', 'gpipe']")
+
+
+def check_layout(cfg: TrainConfig, world_size: int, n_layer: int) -> list[int] | None:
+    """Refuse, before any process builds the model, a parallel layout that cannot run; the layers of
+    each pipeline stage (None without stages).
+
+    world_size: the processes torchrun launched; n_layer: the model's transformer layers.
+    """
+    stages, replicas = cfg.stages, cfg.replication_factor
+    launch = (f"start the run with `torchrun --nproc_per_node {stages * replicas} -m gpt2ipu train ...` "
+              "(the Snakemake rule does this from train.nproc_per_node / train.nnodes)")
+    if stages < 1 or replicas < 1:
+        raise UserError(f"--pipeline-stages ({stages}) and --replication-factor ({replicas}) must be at least 1")
+    if cfg.layers_per_ipu and cfg.ipus_per_replica and cfg.ipus_per_replica != len(cfg.layers_per_ipu):
+        raise UserError(f"--ipus-per-replica {cfg.ipus_per_replica} but --layers-per-ipu names "
+                        f"{len(cfg.layers_per_ipu)} stages: give one layer count per stage")
+    if stages * replicas != world_size:
+        what = (f"{stages} pipeline stage(s) x {replicas} replica(s) (--replication-factor) = {stages * replicas} "
+                if stages > 1 else f"--replication-factor {replicas}: {replicas} ")
+        raise UserError(f"{what}process(es) are needed, but {world_size} were launched: {launch}")
+    if cfg.fsdp and cfg.replicated_tensor_sharding:
+        raise UserError("--fsdp and --replicated-tensor-sharding both shard the optimizer state: choose one "
+                        "(--fsdp also shards parameters and gradients)")
+    if (cfg.fsdp or stages > 1) and cfg.precision == "fp16":
+        raise UserError("--precision fp16 needs a loss scaler, which runs only without --fsdp and pipeline stages: "
+                        "use --precision bf16 (or fp32)")
+    if stages > 1 and cfg.replicated_tensor_sharding:
+        raise UserError("--replicated-tensor-sharding (ZeRO-1) does not run with pipeline stages: use --fsdp to "
+                        "shard each stage over the replicas")
+    if stages == 1:
+        return None
+    if stages > n_layer:
+        raise UserError(f"{stages} pipeline stages for a model of {n_layer} layers: use at most {n_layer} stages")
+    return [len(r) for r in stage_layers(n_layer, stages, cfg.layers_per_ipu)]
+
+
+def stage_layers(n_layer: int, stages: int, layers_per_stage: list[int] | None = None) -> list[range]:
+    """The blocks each stage runs: `layers_per_stage` (the original's --layers-per-ipu; -1 entries
+    share what the others leave), or an even split with the remainder on the first stages."""
+    if layers_per_stage is None:
+        base, extra = divmod(n_layer, stages)
+        counts = [base + (i < extra) for i in range(stages)]
+    else:
+        counts = [int(n) for n in layers_per_stage]
+        auto = [i for i, n in enumerate(counts) if n == -1]
+        if len(counts) != stages or any(n < -1 for n in counts):
+            raise UserError(f"--layers-per-ipu {layers_per_stage}: give one layer count (>= 0, or -1 for an even "
+                            f"share of the rest) per pipeline stage, {stages} stage(s)")
+        left = n_layer - sum(n for n in counts if n >= 0)
+        if auto and left >= 0:
+            for j, i in enumerate(auto):
+                counts[i] = left // len(auto) + (j < left % len(auto))
+        if sum(counts) != n_layer:
+            raise UserError(f"--layers-per-ipu {layers_per_stage} places {sum(counts)} layers, but the model has "
+                            f"{n_layer}: make the counts add up to {n_layer}")
+    starts = [sum(counts[:i]) for i in range(stages)]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
 
 
 def workflow_run_config(recipe: dict[str, Any], *, shards_dir: str, state_dir: str, save_model_path: str,
@@ -298,7 +373,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
                                 help=help_text)
         elif f.name in ("layers_per_ipu", "matmul_proportion"):
-            parser.add_argument(flag, nargs="+", type=float, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, nargs="+", type=int if f.name == "layers_per_ipu" else float,
+                                default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)

@@ -29,13 +29,16 @@ import torch
 from gpt2ipu.devices import autocast_dtype, precision_dtype
 from gpt2ipu.errors import UserError
 from gpt2ipu.model import GPT, config_for
-from gpt2ipu.model.hf import load_hf_dir, save_hf_dir, write_hf_files
+from gpt2ipu.model.gpt import GPTConfig
+from gpt2ipu.model.hf import CONFIG_NAME, config_from_hf, load_hf_dir, save_hf_dir, write_hf_files
 from gpt2ipu.data.shards import STATS_NAME
 from gpt2ipu.train import parallel
-from gpt2ipu.train.config import LossChunks, TrainConfig, resolve
+from gpt2ipu.train.config import LossChunks, TrainConfig, check_layout, resolve
 from gpt2ipu.train.data import ResumableBatches, make_train_dataset
 from gpt2ipu.train.metrics import MetricsLog, plot_loss_curve
+from gpt2ipu.train.pipeline import Pipeline, build_pipeline
 from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
+from gpt2ipu.train.sharded_state import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from gpt2ipu.train.state import (latest_checkpoint, load_training_state, restore_rng_states, rng_states,
                                  save_training_checkpoint)
 
@@ -49,23 +52,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     resolved = resolve(cfg)
     cfg = resolved.config
-    info = parallel.init_distributed(cfg.device, cfg.replication_factor)
+    model_config = model_config_of(cfg)
+    stage_sizes = check_layout(cfg, parallel.world_size_launched(), model_config.n_layer)   # before any allocation
+    info = parallel.init_distributed(cfg.device, cfg.replication_factor, cfg.stages)
+    start_memory = peak_memory_per_rank(info)   # the interpreter and imports, before data and model
     say = make_say(info.is_main)
     for note in resolved.notes:
         say(note)
     if info.device.type == "cpu" and cfg.precision != "fp32":
         say(f"--precision {cfg.precision} on CPU: this CPU may have no fast {cfg.precision} path (fp32 is the default here).")
 
-    run = build_run(cfg, resolved.loss_chunks, info, say)
+    run = build_run(cfg, model_config, stage_sizes, resolved.loss_chunks, info, say)
     start_step = resume(run, say)
     if cfg.compile:
         run.model = torch.compile(run.model)
-    run.model = parallel.apply_data_parallel(run.model, info)
+    if not run.sharded:   # DDP wraps after resume, which loads into the bare model
+        run.model = parallel.apply_data_parallel(run.model, info)
 
     speed = Throughput.measure(run)
     metrics = MetricsLog(cfg.state_dir, resume_step=start_step, enabled=info.is_main)
     say(f"model {cfg.model}: {speed.n_params / 1e6:.1f}M parameters, device {info.device}, precision {cfg.precision}, "
-        f"{info.world_size} process(es), global batch {cfg.global_batch} x {cfg.max_len} tokens, "
+        f"{describe_layout(cfg, info, stage_sizes)}, global batch {cfg.global_batch} x {cfg.max_len} tokens, "
         f"{run.total_steps} steps ({run.batches.steps_per_epoch}/epoch); MFU against the {speed.peak_source} "
         f"({speed.peak / 1e9:.0f} GFLOP/s)")
     progress = make_progress(run.total_steps, start_step, enabled=info.is_main and cfg.progress)
@@ -79,12 +86,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start = time.perf_counter()
         lr = run.scheduler.get_last_lr()[0]
         micro_batches = [inputs_and_labels(batch, info.device) for batch in next(steps).micro_batches]
-        result = train_step(run.model, run.optimizer, micro_batches, loss_chunks=train_chunks,
-                            autocast_dtype=run.autocast_dtype, scaler=run.scaler, max_grad_norm=max_grad_norm)
+        if run.pipeline is not None:
+            result = run.pipeline.train_step(run.optimizer, micro_batches, autocast_dtype=run.autocast_dtype,
+                                             max_grad_norm=max_grad_norm)
+        else:
+            result = train_step(run.model, run.optimizer, micro_batches, loss_chunks=train_chunks,
+                                autocast_dtype=run.autocast_dtype, scaler=run.scaler, max_grad_norm=max_grad_norm,
+                                clip_grad_norm=run.clip_grad_norm)
         run.scheduler.step()
         step += 1
 
-        stats = parallel.all_reduce_mean(torch.stack([result["loss"], result["accuracy"]]), info)
+        stats = parallel.mean_over_replicas(torch.stack([result["loss"], result["accuracy"]]), info)
         loss_value, acc_value = stats[0].item(), stats[1].item()   # .item() waits for the step
         seconds = time.perf_counter() - start
         if not math.isfinite(loss_value):
@@ -104,8 +116,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics.close()
     run.batches.close()
 
+    memory = {"rank_peak_memory_mb": peak_memory_per_rank(info), "rank_memory_at_start_mb": start_memory}
     finish(run)
-    return {"steps": step, **last}
+    return {"steps": step, **last, **memory}
 
 
 @dataclass
@@ -113,13 +126,18 @@ class Run:
     """The built pieces of one training run, passed to the functions the loop calls.
 
     `model` is what the loop calls (compiled and/or wrapped for data parallelism once resumed);
-    `raw_model` is the bare GPT inside it: what checkpoints save and resume loads into.
+    `raw_model` is what checkpoints save and resume loads into: the bare GPT, the FSDP-sharded GPT
+    (--fsdp), or this process's pipeline stage (`pipeline`, which then runs the steps).
     """
 
     cfg: TrainConfig
     info: parallel.DistInfo
     model: torch.nn.Module
-    raw_model: GPT
+    raw_model: torch.nn.Module
+    model_config: GPTConfig       # the whole model's, whatever share of it this process holds
+    n_params: int                 # the whole model's parameters
+    pipeline: Pipeline | None     # this process's pipeline stage and schedule (--pipeline-stages > 1)
+    clip_grad_norm: Callable      # PyTorch's, or parallel.clip_grad_norm_ over shards and stages
     optimizer: torch.optim.Optimizer
     scheduler: Any               # a torch LR scheduler (transformers' schedules)
     scaler: torch.amp.GradScaler  # enabled only for fp16
@@ -127,14 +145,23 @@ class Run:
     valid_data: Any               # the validation dataset; None when the shards have no valid split
     total_steps: int
     loss_chunks: LossChunks
-    autocast_dtype: torch.dtype | None   # None: fp32, no autocast
+    autocast_dtype: torch.dtype | None   # None: fp32 or FSDP's mixed precision, no autocast
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each process holds a share of the model (FSDP, pipeline stages): checkpoints are then DCP's."""
+        return self.cfg.fsdp or self.pipeline is not None
 
 
-def build_run(cfg: TrainConfig, loss_chunks: LossChunks, info: parallel.DistInfo, say: Say) -> Run:
-    """Seed torch, then build the data, the model (fresh or from --checkpoint-input-dir), the
-    optimizer (sharded with --replicated-tensor-sharding), the LR schedule and the grad scaler.
+def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] | None, loss_chunks: LossChunks,
+              info: parallel.DistInfo, say: Say) -> Run:
+    """Seed torch, then build the data, the model (fresh or from --checkpoint-input-dir; this
+    process's pipeline stage and/or FSDP shard of it), the optimizer (sharded with
+    --replicated-tensor-sharding), the LR schedule and the grad scaler.
 
-    The order is fixed: the model's initialization draws from the seeded RNG.
+    The order is fixed: the model's initialization draws from the seeded RNG. Every process builds
+    the whole model first (in host memory when it is then split), so that every layout starts from
+    the same weights as one process does.
     """
     torch.manual_seed(cfg.seed)
     train_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="train", max_len=cfg.max_len,
@@ -143,38 +170,88 @@ def build_run(cfg: TrainConfig, loss_chunks: LossChunks, info: parallel.DistInfo
     if has_valid_split(cfg):
         valid_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="valid", max_len=cfg.max_len,
                                         vocab_size=cfg.vocab_size, seed=cfg.seed + 1, num_epochs=1,
-                                        generated_samples=max(cfg.eval_batches * cfg.batch_size * info.world_size, 1))
+                                        generated_samples=max(cfg.eval_batches * cfg.batch_size * info.dp_size, 1))
     else:
         valid_data = None
         say("no validation split (shards.valid_fraction 0): training without validation")
     # Megatron-style mmap data already holds `epochs` shuffled passes over the documents.
     data_epochs = 1 if cfg.dataset == "mmap" else cfg.epochs
     batches = ResumableBatches(train_data, micro_batch=cfg.batch_size, grad_accum=cfg.gradient_accumulation,
-                               world_size=info.world_size, rank=info.rank, seed=cfg.seed, num_epochs=data_epochs,
+                               world_size=info.dp_size, rank=info.dp_rank, seed=cfg.seed, num_epochs=data_epochs,
                                num_workers=cfg.num_workers, persistent_workers=True)
     total_steps = batches.total_steps if cfg.max_steps is None else min(batches.total_steps, cfg.max_steps)
 
     if cfg.checkpoint_input_dir:
-        model = load_hf_dir(cfg.checkpoint_input_dir)
+        model = load_hf_dir(cfg.checkpoint_input_dir, recompute=cfg.recompute_checkpoint_every_layer)
         say(f"starting from the weights in {cfg.checkpoint_input_dir}")
     else:
-        model = GPT(config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, embd_pdrop=cfg.dropout,
-                               attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout,
-                               recompute=cfg.recompute_checkpoint_every_layer))
-    model.to(info.device)
-    optimizer = make_optimizer(model, kind=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        model = GPT(model_config)
+    n_params = sum(p.numel() for p in model.parameters())
+    model, raw_model, pipeline, autocast = parallelize(model, cfg, stage_sizes, loss_chunks, info)
+    optimizer = make_optimizer(raw_model, kind=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if cfg.replicated_tensor_sharding and info.world_size > 1:
         optimizer = parallel.shard_optimizer(parameter_groups(model, cfg.weight_decay), type(optimizer),
                                              **{k: v for k, v in optimizer.defaults.items() if k != "weight_decay"})
     elif cfg.replicated_tensor_sharding:
         say("--replicated-tensor-sharding with one process: nothing to shard over; the plain optimizer is used.")
-    return Run(cfg=cfg, info=info, model=model, raw_model=model, optimizer=optimizer,
+    sharded = cfg.fsdp or pipeline is not None
+    clip = (lambda params, max_norm: parallel.clip_grad_norm_(params, max_norm, info)) if sharded \
+        else torch.nn.utils.clip_grad_norm_
+    return Run(cfg=cfg, info=info, model=model, raw_model=raw_model, model_config=model_config, n_params=n_params,
+               pipeline=pipeline, clip_grad_norm=clip, optimizer=optimizer,
                scheduler=make_scheduler(optimizer, cfg, total_steps),
                scaler=torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"),
                batches=batches, valid_data=valid_data, total_steps=total_steps, loss_chunks=loss_chunks,
-               autocast_dtype=autocast_dtype(cfg.precision))
+               autocast_dtype=autocast)
 
+
+def model_config_of(cfg: TrainConfig) -> GPTConfig:
+    """The configuration of the model the run trains: --checkpoint-input-dir's, else the --model preset's."""
+    if cfg.checkpoint_input_dir:
+        return config_from_hf(Path(cfg.checkpoint_input_dir) / CONFIG_NAME, recompute=cfg.recompute_checkpoint_every_layer)
+    return config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, embd_pdrop=cfg.dropout,
+                      attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout, recompute=cfg.recompute_checkpoint_every_layer)
+
+
+def parallelize(model: GPT, cfg: TrainConfig, stage_sizes: list[int] | None, loss_chunks: LossChunks,
+                info: parallel.DistInfo):
+    """Apply the run's layout to the whole model: (what the loop calls, what checkpoints hold, the
+    pipeline or None, the autocast dtype or None).
+
+    Pipeline stages (each FSDP- or DDP-wrapped over the replicas), FSDP alone, or the model as it
+    is (DDP is applied after resume, see `train`). Under FSDP, bf16 is FSDP's mixed-precision
+    policy rather than autocast.
+    """
+    dtype = autocast_dtype(cfg.precision)
+    fsdp_dtype = dtype if cfg.fsdp else None
+    if stage_sizes is not None:
+        starts = [sum(stage_sizes[:i]) for i in range(len(stage_sizes))]
+        layers = [range(start, start + size) for start, size in zip(starts, stage_sizes)]
+        tokens = cfg.batch_size * cfg.max_len
+        if cfg.fsdp:
+            wrap = lambda stage: parallel.apply_fsdp(stage, stage.h.values(), info, fsdp_dtype)   # noqa: E731
+        elif info.dp_size > 1:
+            wrap = lambda stage: parallel.apply_data_parallel(stage, info)   # noqa: E731
+        else:
+            wrap = None
+        pipeline = build_pipeline(model, info, layers, loss_chunks=loss_chunks.for_tokens(tokens),
+                                  n_microbatches=cfg.gradient_accumulation, schedule=cfg.pipeline_schedule, wrap=wrap)
+        return pipeline.module, pipeline.stage_module, pipeline, None if cfg.fsdp else dtype
+    if cfg.fsdp:
+        model = parallel.apply_fsdp(model, model.h, info, fsdp_dtype).to(info.device)
+        return model, model, None, None
+    model.to(info.device)
+    return model, model, None, dtype
+
+
+def describe_layout(cfg: TrainConfig, info: parallel.DistInfo, stage_sizes: list[int] | None) -> str:
+    """The run's processes in words, for its summary line."""
+    replicas = f"{info.dp_size} replica(s) ({'FSDP' if cfg.fsdp else 'DDP' if info.dp_size > 1 else 'one process'})"
+    if stage_sizes is None:
+        return f"{info.world_size} process(es): {replicas}"
+    return (f"{info.world_size} process(es): {len(stage_sizes)} pipeline stages ({cfg.pipeline_schedule}, layers "
+            f"{'+'.join(map(str, stage_sizes))}) x {replicas}")
 
 def has_valid_split(cfg: TrainConfig) -> bool:
     """False only when the shards stage made no validation split: its stats.json says valid_fraction 0.
@@ -222,17 +299,27 @@ def checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
 
 
 def resume(run: Run, say: Say) -> int:
-    """Load the checkpoint to resume from, if any, into the (not yet wrapped) run: weights,
+    """Load the checkpoint to resume from, if any, into the run (not yet DDP-wrapped): weights,
     optimizer, scheduler, scaler, this rank's RNG states and the data position. The step to start at.
+
+    A sharded checkpoint (DCP: FSDP or pipeline runs) loads into any layout; a single-file one
+    (one process or DDP) into those layouts only.
     """
     folder = checkpoint_to_resume(run.cfg)
     if folder is None:
         return 0
-    state = load_training_state(folder)
-    saved = load_hf_dir(folder).state_dict()
-    check_same_shapes(saved, run.raw_model.state_dict(), folder)
-    run.raw_model.load_state_dict(saved)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(folder):
+        state = load_sharded_checkpoint(folder, run.raw_model, run.optimizer)
+    elif run.sharded:
+        raise UserError(f"{folder} was written by a one-process or DDP run (no sharded/ folder), and this run is "
+                        "sharded (--fsdp or pipeline stages): resume it with its own layout, or start from its "
+                        "weights with --checkpoint-input-dir and --resume-training-from-checkpoint none")
+    else:
+        state = load_training_state(folder)
+        saved = load_hf_dir(folder).state_dict()
+        check_same_shapes(saved, run.raw_model.state_dict(), folder)
+        run.raw_model.load_state_dict(saved)
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     rank = run.info.rank
@@ -270,20 +357,26 @@ def evaluate(run: Run) -> dict[str, float]:
     if run.valid_data is None:
         return {}
     model.eval()
-    batch_size = min(cfg.batch_size, len(run.valid_data) // info.world_size)
+    # Pipeline stages take the training step's micro-batches: the schedule's shapes are fixed.
+    per_step = run.pipeline.n_microbatches if run.pipeline else 1
+    batch_size = cfg.batch_size if run.pipeline else min(cfg.batch_size, len(run.valid_data) // info.dp_size)
     total = torch.zeros(2, device=info.device)
-    if batch_size > 0:
-        with ResumableBatches(run.valid_data, micro_batch=batch_size, grad_accum=1, rank=info.rank,
-                              world_size=info.world_size, seed=cfg.seed, shuffle=False) as valid_batches:
+    if batch_size > 0 and len(run.valid_data) >= batch_size * per_step * info.dp_size:
+        with ResumableBatches(run.valid_data, micro_batch=batch_size, grad_accum=per_step, rank=info.dp_rank,
+                              world_size=info.dp_size, seed=cfg.seed, shuffle=False) as valid_batches:
             for i, valid_step in enumerate(valid_batches):
-                if i >= cfg.eval_batches:
+                if i * per_step >= cfg.eval_batches:
                     break
-                inputs, labels = inputs_and_labels(valid_step.micro_batches[0], info.device)
-                with autocast(info.device, run.autocast_dtype):
-                    loss, _, _ = model(inputs, labels, **run.loss_chunks.for_tokens(inputs.numel()))
+                micro_batches = [inputs_and_labels(batch, info.device) for batch in valid_step.micro_batches]
+                if run.pipeline:
+                    loss, _ = run.pipeline.run(micro_batches, run.autocast_dtype, train=False)
+                else:
+                    inputs, labels = micro_batches[0]
+                    with autocast(info.device, run.autocast_dtype):
+                        loss, _, _ = model(inputs, labels, **run.loss_chunks.for_tokens(inputs.numel()))
                 total += torch.stack([loss.detach().float(), torch.ones((), device=info.device)])
     model.train()
-    total = parallel.all_reduce_mean(total, info)
+    total = parallel.mean_over_replicas(total, info)
     mean = (total[0] / total[1].clamp(min=1)).item()
     return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0))}
 
@@ -296,9 +389,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def save_checkpoint(run: Run, step: int) -> None:
     """Write the resumable checkpoint of `step` (rank 0 writes; every rank contributes its RNG state)."""
     cfg, info = run.cfg, run.info
+    all_rng = gather_rng(rng_states(info.device), info)
+    if run.sharded:   # every process writes its shards (sharded_state.py)
+        state = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": step,
+                 "data": run.batches.state_dict(), "rng": all_rng}
+        save_sharded_checkpoint(cfg.state_dir, step, run.raw_model, run.optimizer, state, dataclasses.asdict(cfg),
+                                keep=cfg.keep_checkpoints, is_main=info.is_main,
+                                barrier=lambda: parallel.barrier(info), model_config=run.model_config)
+        return
     if cfg.replicated_tensor_sharding and info.world_size > 1:
         run.optimizer.consolidate_state_dict(to=0)
-    all_rng = gather_rng(rng_states(info.device), info)
     if info.is_main:
         state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "scaler": run.scaler.state_dict(), "step": step, "data": run.batches.state_dict(), "rng": all_rng}
@@ -319,7 +419,9 @@ def finish(run: Run) -> None:
     """Write the final Hugging Face directory and the loss plot (--save-model-path), then leave the process group."""
     cfg, info = run.cfg, run.info
     if info.is_main and cfg.save_model_path:
-        save_hf_dir(run.raw_model, cfg.save_model_path)
+        # A sharded run's whole model is the one its last checkpoint consolidated.
+        whole = load_hf_dir(latest_checkpoint(cfg.state_dir)) if run.sharded else run.raw_model
+        save_hf_dir(whole, cfg.save_model_path)
         metrics_path = Path(cfg.state_dir) / "metrics.jsonl"
         if metrics_path.exists():
             plot_loss_curve(metrics_path, Path(cfg.state_dir) / "loss.png")
@@ -342,8 +444,7 @@ class Throughput:
     @classmethod
     def measure(cls, run: Run) -> "Throughput":
         """The run's model size, step size and device peak (the peak probe runs here, once)."""
-        cfg, mcfg = run.cfg, run.raw_model.config
-        n_params = sum(p.numel() for p in run.raw_model.parameters())
+        cfg, mcfg, n_params = run.cfg, run.model_config, run.n_params
         peak, source = peak_flops(run.info.device, cfg.precision)
         return cls(n_params=n_params, tokens_per_step=cfg.global_batch * cfg.max_len,
                    samples_per_step=cfg.global_batch,
@@ -401,6 +502,24 @@ def gather_rng(states: dict, info: parallel.DistInfo) -> list[dict]:
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, {k: v.cpu() for k, v in states.items()})
     return gathered
+
+
+def peak_memory_per_rank(info: parallel.DistInfo) -> list[float]:
+    """Every process's peak memory in MB (CUDA: allocated by torch; CPU: peak RSS), gathered to all."""
+    if info.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(info.device) / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    if info.world_size == 1:
+        return [peak]
+    import torch.distributed as dist
+
+    peaks = torch.zeros(info.world_size, dtype=torch.float64, device=info.device)
+    peaks[info.rank] = peak
+    dist.all_reduce(peaks)
+    return peaks.tolist()
 
 
 def make_say(enabled: bool) -> Say:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -226,8 +226,22 @@ def can_step_in_backward(model, optimizer, n_micro_batches: int, max_grad_norm: 
     """Whether `train_step` may update parameters inside backward (see StepInBackward)."""
     no_clipping = max_grad_norm is None or max_grad_norm == float("inf")
     no_scaling = scaler is None or not scaler.is_enabled()   # training passes a disabled one unless fp16
-    return (n_micro_batches == 1 and no_clipping and no_scaling and not hasattr(model, "no_sync")
+    return (n_micro_batches == 1 and no_clipping and no_scaling and not reduces_gradients(model)
             and type(optimizer) in (torch.optim.Adam, torch.optim.AdamW))
+
+
+def reduces_gradients(model: torch.nn.Module) -> bool:
+    """Whether `model` is wrapped for data parallelism: DDP (`no_sync`) or FSDP2 (`set_requires_gradient_sync`)."""
+    return hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """A context in which backward reduces gradients over the replicas only if `enabled` (the last
+    micro-batch of a step): DDP's no_sync, FSDP2's set_requires_gradient_sync; nothing for one process."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    return model.no_sync() if not enabled and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 def train_step(
@@ -239,12 +253,14 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     max_grad_norm: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: Callable[[Iterable[torch.Tensor], float], torch.Tensor] = torch.nn.utils.clip_grad_norm_,
 ) -> dict[str, torch.Tensor | None]:
     """Forward and backward over each (input_ids, labels) micro-batch, then one optimizer step.
 
     The loss of each micro-batch is divided by their number (the mean over micro-batches, as the
-    original's gradient accumulation). Under DDP, gradients are all-reduced on the last micro-batch
-    only. With max_grad_norm (inf: measure only) the gradients are clipped to it and their norm
+    original's gradient accumulation). Under DDP and FSDP, gradients are reduced on the last micro-batch
+    only. With max_grad_norm (inf: measure only) the gradients are clipped to it (by `clip_grad_norm`,
+    PyTorch's unless the parameters are sharded: parallel.clip_grad_norm_) and their norm
     before clipping is returned; a GradScaler (fp16) scales the loss and unscales before clipping.
     zero_grad(set_to_none=True): the next backward writes fresh gradients instead of adding to
     zeroed buffers, and the memory is free in between. Returns the mean loss and accuracy as
@@ -259,8 +275,7 @@ def train_step(
     acc_sum = torch.zeros((), device=device)
     for i, (input_ids, labels) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with gradient_sync(model, last):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, accuracy, _ = model(input_ids, labels, **loss_chunks)
             scaled = loss / len(micro_batches)
@@ -277,7 +292,7 @@ def train_step(
         if max_grad_norm is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            grad_norm = clip_grad_norm(model.parameters(), max_grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

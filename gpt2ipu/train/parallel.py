@@ -1,62 +1,117 @@
-"""Data parallelism, applied as functions over a model (torchtitan style).
+"""Data parallelism and the process layout, applied as functions over a model (torchtitan style).
 
 Launch is torchrun's job (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...): no home-made
-launcher here. What the original IPU flags become:
-  --replication-factor N          -> N data-parallel processes, DDP (gloo on CPU, NCCL on CUDA)
+launcher or collective layer here. The processes form a DeviceMesh with two dimensions, `pp`
+(pipeline stages, gpt2ipu/train/pipeline.py) and `dp` (replicas), world = pp x dp; rank =
+pp_rank * dp + dp_rank. What the original IPU flags become:
+
+  --replication-factor N          -> dp = N replicas: DDP, or FSDP2 with --fsdp
   --replicated-tensor-sharding    -> optimizer state sharded over the replicas
                                      (torch.distributed.optim.ZeroRedundancyOptimizer, ZeRO-1),
                                      which is what the IPU feature sharded
+  --fsdp                          -> parameters, gradients and optimizer state sharded over the
+                                     replicas (`fully_shard` per block and on the root)
+  --layers-per-ipu / --ipus-per-replica / --pipeline-stages
+                                  -> pp stages, one per process (pipeline.py)
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt2ipu.devices import resolve_device
-from gpt2ipu.errors import UserError
 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the run: its rank, device, and coordinates on the (pp, dp) mesh."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    dp_size: int = 1
+    dp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    mesh: object | None = None   # torch.distributed.device_mesh.DeviceMesh ("pp", "dp"); None for one process
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_last_stage(self) -> bool:
+        """Whether this process computes the loss (every process does without pipeline stages)."""
+        return self.pp_rank == self.pp_size - 1
 
-def init_distributed(requested_device: str, replication_factor: int) -> DistInfo:
-    """Join the process group torchrun set up (or run alone), and check --replication-factor."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if replication_factor != world_size:
-        raise UserError(
-            f"--replication-factor {replication_factor} but {world_size} process(es) were launched: start "
-            f"the run with `torchrun --nproc_per_node {replication_factor} -m gpt2ipu train ...` "
-            "(the Snakemake rule does this from train.nproc_per_node / train.nnodes)"
-        )
+    def group(self, dim: str):
+        """The process group of the mesh dimension `dim` ("pp" or "dp") this process is in."""
+        return self.mesh[dim].get_group()
+
+
+def world_size_launched() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(requested_device: str, dp: int, pp: int = 1) -> DistInfo:
+    """Join the process group torchrun set up (or run alone) and build the (pp, dp) mesh.
+
+    The caller has checked that dp x pp processes were launched (train.config.check_layout).
+    """
+    world_size = world_size_launched()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(requested_device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    if world_size == 1:
+        return DistInfo(rank=0, world_size=1, local_rank=local_rank, device=device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, dp_size=dp,
+                    dp_rank=mesh.get_local_rank("dp"), pp_size=pp, pp_rank=mesh.get_local_rank("pp"), mesh=mesh)
 
 
 def apply_data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    if info.world_size == 1:
+    """DDP over the replicas (the `dp` dimension); the model as it is with one replica."""
+    if info.dp_size == 1:
         return model
-    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                   process_group=info.group("dp"))
+
+
+def apply_fsdp(model: torch.nn.Module, blocks: Iterable[torch.nn.Module], info: DistInfo,
+               param_dtype: torch.dtype | None) -> torch.nn.Module:
+    """FSDP2 over the replicas: `fully_shard` on each transformer block, then on the root.
+
+    Each block is its own unit so that only one block's full parameters exist at a time (gathered
+    before its forward and backward, freed after); the root takes what is left (embeddings,
+    final LayerNorm, LM head). param_dtype (bf16/fp16) is FSDP's mixed precision: the gathered
+    parameters are cast for compute while the sharded fp32 ones are what the optimizer updates,
+    and gradients are reduced in fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    mesh = info.mesh["dp"]
+    if hasattr(model, "sparse_embedding_grad"):
+        model.sparse_embedding_grad = False   # FSDP reduce-scatters dense gradients
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def shard_optimizer(param_groups, optimizer_class, **defaults) -> torch.optim.Optimizer:
@@ -64,6 +119,45 @@ def shard_optimizer(param_groups, optimizer_class, **defaults) -> torch.optim.Op
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class, **defaults)
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, info: DistInfo) -> torch.Tensor:
+    """Clip the gradients of the whole model (all stages, all shards) to `max_norm`; their norm before.
+
+    torch.nn.utils.clip_grad_norm_ sees only the tensors it is given: under pipeline stages each
+    process holds some layers, and under FSDP a shard of each, so the squared norms are summed over
+    the mesh first. `params` must hold each parameter once over the pipeline (a tied weight's
+    second copy left out: pipeline.norm_parameters). The same arithmetic as PyTorch's: the
+    gradients are scaled by min(1, max_norm / (norm + 1e-6)).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    sq = torch.zeros((), device=info.device, dtype=torch.float32)
+    for g in local:
+        sq += g.detach().float().square().sum()
+    if info.world_size > 1:
+        sharded = any(hasattr(g, "to_local") for g in grads)
+        if sharded and info.dp_size > 1:
+            dist.all_reduce(sq, group=info.group("dp"))
+        if info.pp_size > 1:
+            dist.all_reduce(sq, group=info.group("pp"))
+    norm = sq.sqrt()
+    if max_norm != float("inf"):
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(local, scale)
+    return norm
+
+
+def mean_over_replicas(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean over the replicas of values the last pipeline stage holds (every process, without stages).
+
+    Every process gets it: the others contribute zeros to a sum over the world.
+    """
+    if info.world_size == 1:
+        return values
+    values = values if info.is_last_stage else torch.zeros_like(values)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / info.dp_size
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
