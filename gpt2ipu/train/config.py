@@ -226,31 +226,30 @@ def check_layout(cfg: TrainConfig, world_size: int, n_layer: int) -> list[int] |
     world_size: the processes torchrun launched; n_layer: the model's transformer layers.
     """
     stages, replicas = cfg.stages, cfg.replication_factor
-    launch = (f"start the run with `torchrun --nproc_per_node {stages * replicas} -m gpt2ipu train ...` "
-              "(the Snakemake rule does this from train.nproc_per_node / train.nnodes)")
     if stages < 1 or replicas < 1:
         raise UserError(f"--pipeline-stages ({stages}) and --replication-factor ({replicas}) must be at least 1")
     if cfg.layers_per_ipu and cfg.ipus_per_replica and cfg.ipus_per_replica != len(cfg.layers_per_ipu):
         raise UserError(f"--ipus-per-replica {cfg.ipus_per_replica} but --layers-per-ipu names "
                         f"{len(cfg.layers_per_ipu)} stages: give one layer count per stage")
-    if stages * replicas != world_size:
-        what = (f"{stages} pipeline stage(s) x {replicas} replica(s) (--replication-factor) = {stages * replicas} "
-                if stages > 1 else f"--replication-factor {replicas}: {replicas} ")
-        raise UserError(f"{what}process(es) are needed, but {world_size} were launched: {launch}")
+    if stages > n_layer:
+        raise UserError(f"{stages} pipeline stages for a model of {n_layer} layers: use at most {n_layer} stages")
+    sizes = [len(r) for r in stage_layers(n_layer, stages, cfg.layers_per_ipu)] if stages > 1 else None
     if cfg.fsdp and cfg.replicated_tensor_sharding:
         raise UserError("--fsdp and --replicated-tensor-sharding both shard the optimizer state: choose one "
                         "(--fsdp also shards parameters and gradients)")
-    if (cfg.fsdp or stages > 1) and cfg.precision == "fp16":
-        raise UserError("--precision fp16 needs a loss scaler, which runs only without --fsdp and pipeline stages: "
-                        "use --precision bf16 (or fp32)")
     if stages > 1 and cfg.replicated_tensor_sharding:
         raise UserError("--replicated-tensor-sharding (ZeRO-1) does not run with pipeline stages: use --fsdp to "
                         "shard each stage over the replicas")
-    if stages == 1:
-        return None
-    if stages > n_layer:
-        raise UserError(f"{stages} pipeline stages for a model of {n_layer} layers: use at most {n_layer} stages")
-    return [len(r) for r in stage_layers(n_layer, stages, cfg.layers_per_ipu)]
+    if (cfg.fsdp or stages > 1) and cfg.precision == "fp16":
+        raise UserError("--precision fp16 needs a loss scaler, which runs only without --fsdp and pipeline stages: "
+                        "use --precision bf16 (or fp32)")
+    if stages * replicas != world_size:
+        what = (f"{stages} pipeline stage(s) x {replicas} replica(s) (--replication-factor) = {stages * replicas} "
+                if stages > 1 else f"--replication-factor {replicas}: {replicas} ")
+        raise UserError(f"{what}process(es) are needed, but {world_size} were launched: start the run with "
+                        f"`torchrun --nproc_per_node {stages * replicas} -m gpt2ipu train ...` (the Snakemake "
+                        "rule does this from train.nproc_per_node / train.nnodes)")
+    return sizes
 
 
 def stage_layers(n_layer: int, stages: int, layers_per_stage: list[int] | None = None) -> list[range]:

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -36,11 +36,15 @@ from gpt2ipu.train import parallel
 from gpt2ipu.train.config import LossChunks, TrainConfig, check_layout, resolve
 from gpt2ipu.train.data import ResumableBatches, make_train_dataset
 from gpt2ipu.train.metrics import MetricsLog, plot_loss_curve
-from gpt2ipu.train.pipeline import Pipeline, build_pipeline
 from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
-from gpt2ipu.train.sharded_state import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from gpt2ipu.train.state import (latest_checkpoint, load_training_state, restore_rng_states, rng_states,
                                  save_training_checkpoint)
+
+if TYPE_CHECKING:
+    from gpt2ipu.train.pipeline import Pipeline
+
+# pipeline.py and sharded_state.py are imported where a run needs them: DCP and DTensor take
+# seconds to import, which a one-process run would otherwise pay at every start.
 
 Say = Callable[[str], None]
 
@@ -226,13 +230,15 @@ def parallelize(model: GPT, cfg: TrainConfig, stage_sizes: list[int] | None, los
     dtype = autocast_dtype(cfg.precision)
     fsdp_dtype = dtype if cfg.fsdp else None
     if stage_sizes is not None:
+        from gpt2ipu.train.pipeline import build_pipeline
+
         starts = [sum(stage_sizes[:i]) for i in range(len(stage_sizes))]
         layers = [range(start, start + size) for start, size in zip(starts, stage_sizes)]
         tokens = cfg.batch_size * cfg.max_len
         if cfg.fsdp:
             wrap = lambda stage: parallel.apply_fsdp(stage, stage.h.values(), info, fsdp_dtype)   # noqa: E731
         elif info.dp_size > 1:
-            wrap = lambda stage: parallel.apply_data_parallel(stage, info)   # noqa: E731
+            wrap = lambda stage: parallel.apply_replicate(stage, info)   # noqa: E731
         else:
             wrap = None
         pipeline = build_pipeline(model, info, layers, loss_chunks=loss_chunks.for_tokens(tokens),
@@ -308,6 +314,8 @@ def resume(run: Run, say: Say) -> int:
     folder = checkpoint_to_resume(run.cfg)
     if folder is None:
         return 0
+    from gpt2ipu.train.sharded_state import is_sharded, load_sharded_checkpoint
+
     if is_sharded(folder):
         state = load_sharded_checkpoint(folder, run.raw_model, run.optimizer)
     elif run.sharded:
@@ -391,6 +399,8 @@ def save_checkpoint(run: Run, step: int) -> None:
     cfg, info = run.cfg, run.info
     all_rng = gather_rng(rng_states(info.device), info)
     if run.sharded:   # every process writes its shards (sharded_state.py)
+        from gpt2ipu.train.sharded_state import save_sharded_checkpoint
+
         state = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": step,
                  "data": run.batches.state_dict(), "rng": all_rng}
         save_sharded_checkpoint(cfg.state_dir, step, run.raw_model, run.optimizer, state, dataclasses.asdict(cfg),

@@ -114,6 +114,18 @@ def apply_fsdp(model: torch.nn.Module, blocks: Iterable[torch.nn.Module], info: 
     return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def apply_replicate(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DDP's arithmetic (full copies, gradients averaged over the replicas) for a pipeline stage.
+
+    DistributedDataParallel's reducer expects autograd's own backward and breaks under the
+    pipeline schedule's per-micro-batch backward; PyTorch's `replicate` (DDP built on FSDP2's
+    machinery, which the pipeline stages drive) is what its pipelining supports.
+    """
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    return replicate(model, mesh=info.mesh["dp"])
+
+
 def shard_optimizer(param_groups, optimizer_class, **defaults) -> torch.optim.Optimizer:
     """ZeRO-1: each replica keeps the optimizer state of its share of the parameters."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -136,7 +148,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, info: DistI
     for g in local:
         sq += g.detach().float().square().sum()
     if info.world_size > 1:
-        sharded = any(hasattr(g, "to_local") for g in grads)
+        sharded = any(p.is_shard() for g in grads for p in getattr(g, "placements", ()))
         if sharded and info.dp_size > 1:
             dist.all_reduce(sq, group=info.group("dp"))
         if info.pp_size > 1:
