@@ -64,9 +64,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile our blocks (compile time not counted)")
     parser.add_argument("--ablations", action="store_true", help="also run ours with each choice undone: " + ", ".join(ABLATIONS))
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes; above 1, compare the parallel layouts of --layout instead of the "
+                             "one-process variants (gpt2ipu/bench/train_layouts.py)")
+    parser.add_argument("--layout", default="ddp,fsdp,pp",
+                        help="with --nproc > 1: comma-separated layouts, each a `gpt2ipu train` run under torchrun: "
+                             "ddp, fsdp, pp (ratios are against ddp)")
+    parser.add_argument("--grad-accum", type=int, default=4,
+                        help="with --nproc > 1: micro-batches per step and replica (pp: x nproc, one replica, so "
+                             "the global batch is the same)")
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.nproc > 1:
+        from gpt2ipu.bench import train_layouts
+
+        if args.precision == "auto":
+            args.precision = "fp32"
+        return train_layouts.run(args)
     import torch
 
     precision, precision_note = _choose_precision(args.precision, args.device)

@@ -143,6 +143,9 @@ class TrainConfig:
     eval_every: int = _flag(0, "compute the validation loss every N steps (0 = only after the last step)")
     eval_batches: int = _flag(8, "validation micro-batches per evaluation")
     checkpoint_every: int = _flag(50, "save a resumable checkpoint every N steps (0 = only after the last step)")
+    final_checkpoint: bool = _flag(True, "save a resumable checkpoint after the last step (false: for benchmarks and "
+                                         "throwaway runs; a sharded run with --save-model-path saves it anyway, "
+                                         "since its model is consolidated from it)")
     keep_checkpoints: int = _flag(2, "checkpoints kept in --state-dir, the newest; older ones are deleted (0 = keep all)")
     progress: bool = _flag(True, "show a progress bar on stderr")
     # the original's IPU-only flags, accepted and explained (see IPU_ONLY_FLAGS)

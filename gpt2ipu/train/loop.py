@@ -114,7 +114,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         last = record
         progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         progress.update(1)
-        if step == run.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (step == run.total_steps and (
+                cfg.final_checkpoint or (run.sharded and cfg.save_model_path))):
             save_checkpoint(run, step)
     progress.close()
     metrics.close()
