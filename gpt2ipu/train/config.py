@@ -279,25 +279,48 @@ def stage_layers(n_layer: int, stages: int, layers_per_stage: list[int] | None =
 
 
 def workflow_run_config(recipe: dict[str, Any], *, shards_dir: str, state_dir: str, save_model_path: str,
-                        replication_factor: int) -> dict[str, Any]:
+                        replication_factor: int, parallel: dict[str, Any] | None = None) -> dict[str, Any]:
     """A workflow recipe's training keys as the pretrain job runs them: the keys the job sets
-    itself (data, state, output, processes) replace the recipe's own."""
+    itself (data, state, output, processes, and the layout of config key `train.parallel`) replace
+    the recipe's own."""
+    layout = {}
+    if parallel:
+        layout = {"fsdp": parallel["fsdp"], "pipeline_stages": parallel["pipeline_stages"],
+                  "layers_per_ipu": parallel["layers_per_stage"], "pipeline_schedule": parallel["schedule"]}
     return {**recipe, "shards_dir": shards_dir, "state_dir": state_dir, "save_model_path": save_model_path,
-            "replication_factor": replication_factor, "resume_training_from_checkpoint": "auto"}
+            "replication_factor": replication_factor, "resume_training_from_checkpoint": "auto", **layout}
 
 
-def check_recipes(recipes: dict[str, Any]) -> None:
-    """Check every workflow recipe (config key `train.recipes`) as the training job will read it.
+def workflow_replicas(nproc_per_node: int, nnodes: int, parallel: dict[str, Any]) -> int:
+    """Replicas of the pipeline (--replication-factor) the workflow's processes make, or a UserError."""
+    world, stages = nproc_per_node * nnodes, len(parallel["layers_per_stage"] or []) or parallel["pipeline_stages"]
+    if world % stages:
+        raise UserError(f"config key 'train.parallel': {stages} pipeline stages do not divide the {world} processes "
+                        f"of train.nproc_per_node x train.nnodes ({nproc_per_node} x {nnodes}); make the processes a "
+                        "multiple of the stages")
+    return world // stages
+
+
+def check_recipes(recipes: dict[str, Any], train_settings: dict[str, Any] | None = None) -> None:
+    """Check every workflow recipe (config key `train.recipes`) as the training job will read it,
+    with the process layout of `train_settings` (config key `train`) when given.
 
     Called by the workflow when it starts, so a misspelled or mistyped key fails before any job runs
     (and before Snakemake removes a previous model's outputs), not inside the training job.
     """
+    parallel, replicas = None, 1
+    if train_settings is not None:
+        parallel = train_settings["parallel"]
+        replicas = workflow_replicas(train_settings["nproc_per_node"], train_settings["nnodes"], parallel)
     for name, recipe in recipes.items():
         source = f"config key 'train.recipes.{name}'"
         try:
             values = workflow_run_config({**recipe, "model": "gpt2"}, shards_dir="shards", state_dir="train_state",
-                                         save_model_path="final", replication_factor=1)
-            check_config(TrainConfig.from_dict(values, source))
+                                         save_model_path="final", replication_factor=replicas, parallel=parallel)
+            cfg = TrainConfig.from_dict(values, source)
+            check_config(cfg)
+            if parallel is not None:   # GPT-2 small's 12 layers: the smallest real model a stage split must fit
+                check_layout(cfg, world_size=cfg.stages * replicas, n_layer=12)
         except UserError as err:
             text = str(err) if str(err).startswith(source) else f"{source}: {err}"
             raise UserError(f"{text}. Fix it in config/config.yaml or in --config.") from None

@@ -18,7 +18,7 @@ from typing import Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_file
-from gpt2ipu.train.config import workflow_run_config
+from gpt2ipu.train.config import workflow_replicas, workflow_run_config
 
 
 def state_key(recipe: dict[str, Any], shards_dir: str) -> str:
@@ -31,12 +31,19 @@ def state_key(recipe: dict[str, Any], shards_dir: str) -> str:
 
 def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_name: str, model_dir: str,
                  metrics_path: str, plot_path: str, threads: int, nproc_per_node: int, nnodes: int,
-                 rdzv_endpoint: str, ops_dir: str | None = None) -> dict[str, Any]:
-    state_dir = Path(state_root) / f"{run_name}-{state_key(recipe, shards_dir)}"
-    state_dir.mkdir(parents=True, exist_ok=True)
+                 rdzv_endpoint: str, parallel: dict[str, Any] | None = None,
+                 ops_dir: str | None = None) -> dict[str, Any]:
+    parallel = parallel or {"fsdp": False, "pipeline_stages": 1, "layers_per_stage": None, "schedule": "1f1b"}
     world = nproc_per_node * nnodes
+    replicas = workflow_replicas(nproc_per_node, nnodes, parallel)
+    # A sharded layout is part of the key (the process count is not): its checkpoints resume on any
+    # number of processes, but not in a single-file layout's run, nor with another pipeline split.
+    sharded = parallel["fsdp"] or replicas != world
+    keyed = {**recipe, "parallel": parallel} if sharded else recipe
+    state_dir = Path(state_root) / f"{run_name}-{state_key(keyed, shards_dir)}"
+    state_dir.mkdir(parents=True, exist_ok=True)
     config = workflow_run_config(recipe, shards_dir=shards_dir, state_dir=str(state_dir), save_model_path=model_dir,
-                                 replication_factor=world)
+                                 replication_factor=replicas, parallel=parallel)
     config_path = state_dir / "train_config.json"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"training state (checkpoints, metrics): {state_dir}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from gpt2ipu.train.config import check_recipes
 try:
     validate_config(config, workflow.source_path("../../config/schema.yaml"))
     # Recipes are checked as the training job reads them, now: a typo must not wait for that job.
-    check_recipes(config["train"]["recipes"])
+    check_recipes(config["train"]["recipes"], config["train"])
     SHARD_MAX_LEN = shard_max_len(config)
 except UserError as err:
     raise WorkflowError(str(err)) from None

@@ -15,6 +15,7 @@ rule pretrain:
         nproc_per_node=config["train"]["nproc_per_node"],
         nnodes=config["train"]["nnodes"],
         rdzv_endpoint=config["train"]["rdzv_endpoint"],
+        parallel=config["train"]["parallel"],
         # Checkpoints live outside the declared outputs (which Snakemake deletes before a rerun),
         # in a folder keyed on the recipe and the data, so a rerun of the same job resumes.
         state_root="results/train_state",

@@ -6,4 +6,4 @@ run_stage(snakemake, pretrain, recipe=snakemake.params.recipe, shards_dir=snakem
           model_dir=snakemake.output.model, metrics_path=snakemake.output.metrics, plot_path=snakemake.output.plot,
           threads=snakemake.threads, nproc_per_node=snakemake.params.nproc_per_node,
           nnodes=snakemake.params.nnodes, rdzv_endpoint=snakemake.params.rdzv_endpoint,
-          ops_dir=snakemake.input.ops)
+          parallel=snakemake.params.parallel, ops_dir=snakemake.input.ops)
