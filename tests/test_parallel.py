@@ -58,6 +58,7 @@ def test_stage_layers_split_evenly_or_as_given():
     (dict(pipeline_stages=2, replicated_tensor_sharding=True), 2, "use --fsdp"),
     (dict(fsdp=True, replication_factor=2, precision="fp16"), 2, "use --precision bf16"),
     (dict(layers_per_ipu=[2, 2], ipus_per_replica=4), 2, "give one layer count per stage"),
+    (dict(pipeline_stages=2, compile=True), 2, "drop --compile"),
 ])
 def test_layouts_that_cannot_run_fail_before_the_model_is_built(flags, world, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -68,6 +69,22 @@ def test_layer_split_comes_from_the_original_flags():
     assert check_layout(TrainConfig(layers_per_ipu=[1, 3]), world_size=2, n_layer=4) == [1, 3]
     assert check_layout(TrainConfig(ipus_per_replica=2, replication_factor=2), world_size=4, n_layer=4) == [2, 2]
     assert check_layout(TrainConfig(fsdp=True, replication_factor=2), world_size=2, n_layer=4) is None
+
+
+def test_workflow_parallel_settings_become_the_runs_layout():
+    from gpt2ipu.train.config import check_recipes, workflow_replicas, workflow_run_config
+
+    parallel = {"fsdp": True, "pipeline_stages": 2, "layers_per_stage": None, "schedule": "gpipe"}
+    assert workflow_replicas(4, 2, parallel) == 4
+    values = workflow_run_config({"max_len": 64}, shards_dir="s", state_dir="t", save_model_path="f",
+                                 replication_factor=4, parallel=parallel)
+    cfg = TrainConfig.from_dict(values, "test")
+    assert (cfg.stages, cfg.fsdp, cfg.pipeline_schedule, cfg.replication_factor) == (2, True, "gpipe", 4)
+    with pytest.raises(UserError, match="2 pipeline stages do not divide the 3 processes"):
+        workflow_replicas(3, 1, parallel)
+    settings = {"nproc_per_node": 2, "nnodes": 1, "parallel": {**parallel, "layers_per_stage": [6, 5]}}
+    with pytest.raises(UserError, match=r"train\.recipes\.r': --layers-per-ipu \[6, 5\] places 11 layers"):
+        check_recipes({"r": {"max_len": 64}}, settings)
 
 
 def test_stages_chained_compute_the_whole_models_loss_and_gradients():

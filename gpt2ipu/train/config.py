@@ -246,6 +246,9 @@ def check_layout(cfg: TrainConfig, world_size: int, n_layer: int) -> list[int] |
     if (cfg.fsdp or stages > 1) and cfg.precision == "fp16":
         raise UserError("--precision fp16 needs a loss scaler, which runs only without --fsdp and pipeline stages: "
                         "use --precision bf16 (or fp32)")
+    if (cfg.fsdp or stages > 1) and cfg.compile:
+        raise UserError("--compile runs only without --fsdp and pipeline stages here (the schedule calls the "
+                        "stages itself, and compiling FSDP's units is not tested): drop --compile")
     if stages * replicas != world_size:
         what = (f"{stages} pipeline stage(s) x {replicas} replica(s) (--replication-factor) = {stages * replicas} "
                 if stages > 1 else f"--replication-factor {replicas}: {replicas} ")
