@@ -236,11 +236,10 @@ def reduces_gradients(model: torch.nn.Module) -> bool:
 
 
 def gradient_sync(model: torch.nn.Module, enabled: bool):
-    """A context in which backward reduces gradients over the replicas only if `enabled` (the last
-    micro-batch of a step): DDP's no_sync, FSDP2's set_requires_gradient_sync; nothing for one process."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
-        return contextlib.nullcontext()
+    """A context in which DDP's backward all-reduces gradients only if `enabled` (the last micro-batch
+    of a step: `no_sync` before). FSDP reduce-scatters every micro-batch: skipping it would keep
+    the whole model's unsharded gradients between micro-batches, DDP's memory, which is what FSDP
+    is there to avoid (measured: docs/parallel.md)."""
     return model.no_sync() if not enabled and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
@@ -258,8 +257,8 @@ def train_step(
     """Forward and backward over each (input_ids, labels) micro-batch, then one optimizer step.
 
     The loss of each micro-batch is divided by their number (the mean over micro-batches, as the
-    original's gradient accumulation). Under DDP and FSDP, gradients are reduced on the last micro-batch
-    only. With max_grad_norm (inf: measure only) the gradients are clipped to it (by `clip_grad_norm`,
+    original's gradient accumulation). Under DDP, gradients are all-reduced on the last micro-batch
+    only; FSDP reduce-scatters each micro-batch's (`gradient_sync`). With max_grad_norm (inf: measure only) the gradients are clipped to it (by `clip_grad_norm`,
     PyTorch's unless the parameters are sharded: parallel.clip_grad_norm_) and their norm
     before clipping is returned; a GradScaler (fp16) scales the loss and unscales before clipping.
     zero_grad(set_to_none=True): the next backward writes fresh gradients instead of adding to
