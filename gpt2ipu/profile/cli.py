@@ -29,13 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Profile the flags' training config; print profile.json's figures (less the tables) on stdout."""
-    from gpt2ipu.profile.steps import print_summary, profile
+    from gpt2ipu.profile.steps import print_summary, profile_steps
 
     options = {key: getattr(args, key) for key in PROFILE_FLAGS}
     train_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in PROFILE_FLAGS})
     cfg = config_from_args(train_args)
     keep_freed_memory()   # as `gpt2ipu train` does: profile the process training runs in
-    figures = profile(cfg=cfg, **options)
+    figures = profile_steps(cfg=cfg, **options)
     print_summary(figures)
     print(json.dumps({k: v for k, v in figures.items() if k != "tables"}, sort_keys=True))
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -30,7 +31,7 @@ from gpt2ipu.fsutil import atomic_dir
 from gpt2ipu.provenance import write_provenance
 from gpt2ipu.tables import html_page, html_table, markdown_table, paragraph
 from gpt2ipu.train import parallel
-from gpt2ipu.train.config import TrainConfig, resolve
+from gpt2ipu.train.config import TrainConfig, resolve, workflow_run_config
 from gpt2ipu.train.loop import build_run, inputs_and_labels
 from gpt2ipu.train.optim import train_step
 
@@ -42,8 +43,23 @@ def say(message: str) -> None:
     print(f"[gpt2ipu profile] {message}", file=sys.stderr, flush=True)
 
 
-def profile(*, cfg: TrainConfig, out_dir: str | Path, wait_steps: int = 1, active_steps: int = 2, top: int = 15,
-            run_name: str | None = None) -> dict[str, Any]:
+def profile(*, recipe: dict[str, Any], shards_dir: str, out_dir: str, run_name: str, ops_dir: str | None,
+            wait_steps: int, active_steps: int, top: int) -> dict[str, Any]:
+    """The workflow's profile job: the training recipe `recipe` (as the pretrain job reads it, on
+    `shards_dir`) profiled into `out_dir`; `ops_dir`: the compiled ops the training job would use."""
+    if ops_dir:   # as gpt2ipu.train.launch gives them to the training process
+        from gpt2ipu.ops import OPS_DIR_ENV
+
+        os.environ[OPS_DIR_ENV] = str(Path(ops_dir).resolve())
+    values = workflow_run_config(recipe, shards_dir=shards_dir, state_dir=out_dir, save_model_path=None,
+                                 replication_factor=1)
+    cfg = TrainConfig.from_dict({**values, "resume_training_from_checkpoint": "none"}, "the profiled training recipe")
+    return profile_steps(cfg=cfg, out_dir=out_dir, wait_steps=wait_steps, active_steps=active_steps, top=top,
+                         run_name=run_name)
+
+
+def profile_steps(*, cfg: TrainConfig, out_dir: str | Path, wait_steps: int = 1, active_steps: int = 2,
+                  top: int = 15, run_name: str | None = None) -> dict[str, Any]:
     """Profile `active_steps` training steps of the run `cfg` describes into `out_dir`; returns profile.json."""
     from torch.profiler import ProfilerActivity, schedule, tensorboard_trace_handler
     from torch.profiler import profile as torch_profile

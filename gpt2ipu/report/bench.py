@@ -63,7 +63,10 @@ def plot_speedups(results: dict[str, dict], png_path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 1 + 0.35 * max(len(bars), 1)), dpi=100)
     if bars:
         labels, values = zip(*bars)
-        ax.barh(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+        # From 1x to the speedup, on a log scale: 0.5x and 2x are equally far from even.
+        ax.barh(range(len(bars)), [v - 1 for v in values], left=1,
+                color=["tab:green" if v >= 1 else "tab:red" for v in values])
+        ax.set_xscale("log")
         ax.set_yticks(range(len(bars)), labels)
         ax.invert_yaxis()
         for i, value in enumerate(values):
