@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", required=True,
                         help="folder to write trace.json.gz, tensorboard/, top_ops.md/.html and profile.json to "
                              "(replaced atomically)")
-    parser.add_argument("--wait-steps", type=int, default=1,
-                        help="unprofiled steps first: the first step allocates the optimizer state (default 1)")
+    parser.add_argument("--wait-steps", type=int, default=0,
+                        help="unprofiled steps before the profiler's warm-up step, which is traced and discarded "
+                             "(and absorbs the first step's allocations) (default 0)")
     parser.add_argument("--active-steps", type=int, default=2, help="profiled steps, after one profiler warm-up step "
                                                                     "(default 2)")
     parser.add_argument("--top", type=int, default=15, help="operators per table (default 15)")

@@ -1,9 +1,9 @@
 """Profile training steps: a Chrome/Perfetto trace, TensorBoard profiler files, top-operator tables.
 
-Steps run in three phases (torch.profiler's schedule): `wait_steps` unprofiled steps first (the
-first step allocates the optimizer state and picks kernels, so it is not what a step costs), one
-profiler warm-up step (traced, then discarded), then `active_steps` recorded with input shapes,
-memory and FLOPs. What is written, in one folder that appears only when complete:
+Steps run in three phases (torch.profiler's schedule): `wait_steps` unprofiled steps, one profiler
+warm-up step (traced, then discarded), then `active_steps` recorded with input shapes, memory and
+FLOPs. The first step allocates the optimizer state and picks kernels, so it is not what a step
+costs: with `wait_steps` 0 it is the discarded warm-up step. What is written, in one folder that appears only when complete:
 
     trace.json.gz        the recorded steps, Chrome trace format (chrome://tracing, ui.perfetto.dev)
     tensorboard/<run>/   the same trace where TensorBoard's profiler plugin looks for it
@@ -58,7 +58,7 @@ def profile(*, recipe: dict[str, Any], shards_dir: str, out_dir: str, run_name: 
                          run_name=run_name)
 
 
-def profile_steps(*, cfg: TrainConfig, out_dir: str | Path, wait_steps: int = 1, active_steps: int = 2,
+def profile_steps(*, cfg: TrainConfig, out_dir: str | Path, wait_steps: int = 0, active_steps: int = 2,
                   top: int = 15, run_name: str | None = None) -> dict[str, Any]:
     """Profile `active_steps` training steps of the run `cfg` describes into `out_dir`; returns profile.json."""
     from torch.profiler import ProfilerActivity, schedule, tensorboard_trace_handler

@@ -16,6 +16,8 @@ rule profile_any:
         active_steps=config["profile"]["active_steps"],
         top=config["profile"]["top"],
     threads: config["profile"]["threads"]
+    resources:
+        benchmark_slots=1,  # measured alone, like the benchmarks (workflow/rules/bench.smk)
     log:
         "logs/{dataset}/profile-{model}.log",
     benchmark:
