@@ -3,7 +3,9 @@
 Steps run in three phases (torch.profiler's schedule): `wait_steps` unprofiled steps, one profiler
 warm-up step (traced, then discarded), then `active_steps` recorded with input shapes, memory and
 FLOPs. The first step allocates the optimizer state and picks kernels, so it is not what a step
-costs: with `wait_steps` 0 it is the discarded warm-up step. What is written, in one folder that appears only when complete:
+costs: with `wait_steps` 0 it is the discarded warm-up step.
+
+What is written, in one folder that appears only when complete:
 
     trace.json.gz        the recorded steps, Chrome trace format (chrome://tracing, ui.perfetto.dev)
     tensorboard/<run>/   the same trace where TensorBoard's profiler plugin looks for it
