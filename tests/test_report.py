@@ -116,6 +116,15 @@ def test_resource_rows_read_snakemake_benchmark_files(tmp_path):
                     ["extract", "sample-part1", 0.4, None, None, None, 0.0, 0.0]]
 
 
+def test_the_run_config_is_the_runs_own_not_a_larger_models(tmp_path):
+    from gpt2ipu.report.training import latest_train_config
+
+    write_json(tmp_path / "sample-gpt2-0123456789" / "train_config.json", {"model": "gpt2"})
+    write_json(tmp_path / "sample-gpt2-medium-abcdef0123" / "train_config.json", {"model": "gpt2-medium"})
+    path, config = latest_train_config(tmp_path, "sample-gpt2")
+    assert config == {"model": "gpt2"} and path.parent.name == "sample-gpt2-0123456789"
+
+
 def test_report_pages_fill_every_section_or_say_how_to(tmp_path):
     results = tmp_path / "results"
     fake_data_dir(results / "data" / "sample")

@@ -7,6 +7,7 @@ All from the run's `metrics.jsonl` (one record per logged step, gpt2ipu.train.me
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,12 @@ def summary_rows(records: list[dict]) -> list[list[Any]]:
 
 
 def latest_train_config(state_root: Path, run: str) -> tuple[Path, dict] | None:
-    """The newest `train_config.json` of a run's training state folders (<state_root>/<run>-<key>/)."""
-    candidates = sorted((p for p in state_root.glob(f"{run}-*/train_config.json") if p.is_file()),
-                        key=lambda p: p.stat().st_mtime)
+    """The newest `train_config.json` of a run's training state folders (<state_root>/<run>-<key>/,
+    the key being gpt2ipu.train.launch.state_key's 10 hex digits: `sample-gpt2-medium-<key>` is
+    another run than `sample-gpt2`)."""
+    own = re.compile(re.escape(run) + r"-[0-9a-f]{10}")
+    candidates = sorted((p for p in state_root.glob(f"{run}-*/train_config.json")
+                         if own.fullmatch(p.parent.name) and p.is_file()), key=lambda p: p.stat().st_mtime)
     if not candidates:
         return None
     try:
