@@ -4,6 +4,7 @@
 #
 #   snakemake --cores 2 data                            # shards of the embedded sample
 #   snakemake --cores 8 data --config dataset=enwiki    # the real English Wikipedia dump
+#   snakemake --report report.html                      # see the runs: workflow/rules/report.smk
 
 from snakemake.utils import min_version
 
@@ -11,6 +12,9 @@ min_version("8.20")
 
 
 configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 wildcard_constraints:
@@ -24,12 +28,16 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/ops.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/profile.smk"
+include: "workflow/rules/bench.smk"
+include: "workflow/rules/report.smk"
 
 
 rule data:
     """All train/valid shards (TFRecord + Megatron mmap) of the configured dataset."""
     input:
         f"results/data/{DATASET}/shards",
+        REPORT_PAGES,
     default_target: True
 
 
@@ -37,39 +45,60 @@ rule pretrain_small:
     """GPT-2 small (12 layers, 768) trained with the active recipe; the README's main job."""
     input:
         f"results/models/{DATASET}-gpt2/final",
+        REPORT_PAGES,
 
 
 rule pretrain_medium:
     input:
         f"results/models/{DATASET}-gpt2-medium/final",
+        REPORT_PAGES,
 
 
 rule pretrain_large:
     input:
         f"results/models/{DATASET}-gpt2-large/final",
+        REPORT_PAGES,
 
 
 rule pretrain_xl:
     input:
         f"results/models/{DATASET}-gpt2-xl/final",
+        REPORT_PAGES,
 
 
 rule evaluate_lambada:
     """LAMBADA accuracy and target perplexity (last_word and last_token) of GPT-2 small (rule evaluate_lambada_any)."""
     input:
         f"results/eval/{DATASET}-gpt2/lambada.json",
+        REPORT_PAGES,
 
 
 rule evaluate_wiki:
     """WikiText token-, word- and adjusted perplexity of GPT-2 small (rule evaluate_wiki_any)."""
     input:
         f"results/eval/{DATASET}-gpt2/wikitext.json",
+        REPORT_PAGES,
 
 
 rule generate:
     """Continuations of the configured prompts file by GPT-2 small (rule generate_any)."""
     input:
         f"results/generate/{DATASET}-gpt2/continuations.jsonl",
+        REPORT_PAGES,
+
+
+rule profile:
+    """A few training steps of the profiled model (profile.model) under torch.profiler (rule profile_any)."""
+    input:
+        f"results/profile/{DATASET}-{config['profile']['model']}",
+        REPORT_PAGES,
+
+
+rule benchmarks:
+    """The benchmark suite of the config (benchmarks.suite), one benchmark at a time (rule bench)."""
+    input:
+        expand("results/bench/{name}.json", name=config["benchmarks"]["suite"]),
+        REPORT_PAGES,
 
 
 rule ops:

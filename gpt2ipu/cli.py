@@ -24,6 +24,8 @@ COMMANDS = {
     "evaluate": ("gpt2ipu.evaluate.cli", "WikiText perplexity, LAMBADA accuracy; downloads or generates the eval sets"),
     "generate": ("gpt2ipu.generate.cli", "text generation: interactive prompt loop, or a prompts file -> JSON lines"),
     "ops": ("gpt2ipu.ops.cli", "compile the C++ custom ops (fused LM loss, sample index) into a build folder"),
+    "profile": ("gpt2ipu.profile.cli", "profile a few training steps with torch.profiler: trace, TensorBoard files, "
+                                       "top operators"),
     "bench": ("gpt2ipu.bench.cli", "benchmark a stage against its baselines; prints one JSON object"),
 }
 

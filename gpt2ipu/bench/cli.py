@@ -1,7 +1,8 @@
 """`gpt2ipu bench <stage> --json`: dispatch to `gpt2ipu.bench.<stage>`.
 
 Each benchmark module provides `add_arguments(parser)` and `run(args) -> dict` (the dict built by
-`gpt2ipu.bench.common.report`). This prints it as one JSON object on stdout; progress goes to stderr.
+`gpt2ipu.bench.common.report`). This prints it, with the `machine` it ran on, as one JSON object on
+stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2ipu.bench.suite import machine
+
     result = importlib.import_module(STAGES[args.stage]).run(args)
+    result.setdefault("machine", machine())   # a throughput means little without where it ran
     print(json.dumps(result, indent=None if args.json else 2, sort_keys=True))
     return 0

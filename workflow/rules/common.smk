@@ -76,3 +76,44 @@ def train_recipe(wc):
     recipe = dict(config["train"]["recipes"][active_recipe_name(config)])
     recipe["model"] = wc.model
     return recipe
+
+
+# The report's pages (rule report_pages, workflow/rules/report.smk).
+
+REPORT_DIR = f"results/report/{DATASET}"
+REPORT_SECTIONS = {  # section -> the report's category name
+    "data": "Data",
+    "training": "Training",
+    "evaluation": "Evaluation",
+    "generation": "Generation",
+    "benchmarks": "Benchmarks",
+    "profile": "Profile",
+    "resources": "Rule resources",
+}
+REPORT_PAGES = [f"{REPORT_DIR}/{section}" for section in REPORT_SECTIONS]
+# The named targets that end with report_pages (each lists REPORT_PAGES among its inputs).
+REPORTED_TARGETS = ("data", "pretrain_small", "pretrain_medium", "pretrain_large", "pretrain_xl",
+                    "evaluate_lambada", "evaluate_wiki", "generate", "profile", "benchmarks")
+
+
+def section_pages(section):
+    """A section folder as a report item: each <group>/<name>.html or .png in it is one result."""
+    return report(
+        directory(f"{REPORT_DIR}/{section}"),
+        patterns=["{group}/{name}.html", "{group}/{name}.png"],
+        category=REPORT_SECTIONS[section],
+        subcategory="{group}",
+        caption=f"../report/{section}.rst",
+    )
+
+
+def requested_outputs(wildcards):
+    """What the named targets of this invocation build, so that report_pages runs after them.
+
+    Only those: an older result that exists is read by the job without being an input, so asking
+    for `data` never reruns a training whose recipe changed since. `snakemake --report` (no
+    target) asks for the default target, `data`.
+    """
+    targets = set(workflow.dag_settings.targets) or {workflow.default_target}
+    wanted = {str(f) for name in targets & set(REPORTED_TARGETS) for f in getattr(rules, name).input}
+    return sorted(wanted - set(REPORT_PAGES))

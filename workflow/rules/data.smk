@@ -22,6 +22,8 @@ checkpoint dump_manifest:
         ),
     log:
         "logs/{dataset}/dump_manifest.log",
+    benchmark:
+        "benchmarks/dump_manifest/{dataset}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -39,6 +41,8 @@ rule dump_part:
         enwiki_retries=config["enwiki"]["retries"],
     log:
         "logs/{dataset}/dump/{part}.log",
+    benchmark:
+        "benchmarks/dump_part/{dataset}-{part}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -60,6 +64,8 @@ rule extract:
     threads: config["extract"]["threads"]
     log:
         "logs/{dataset}/extract/{part}.log",
+    benchmark:
+        "benchmarks/extract/{dataset}-{part}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -77,6 +83,8 @@ rule train_bpe:
         min_frequency=config["tokenize"]["bpe_min_frequency"],
     log:
         "logs/{dataset}/train_bpe.log",
+    benchmark:
+        "benchmarks/train_bpe/{dataset}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -97,6 +105,8 @@ rule tokenize:
     threads: config["tokenize"]["threads"]
     log:
         "logs/{dataset}/tokenize/{part}.log",
+    benchmark:
+        "benchmarks/tokenize/{dataset}-{part}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -116,6 +126,8 @@ rule shards:
         samples_per_shard=config["shards"]["samples_per_shard"],
     log:
         "logs/{dataset}/shards.log",
+    benchmark:
+        "benchmarks/shards/{dataset}.tsv"
     conda:
         "../../environment.yml"
     script:

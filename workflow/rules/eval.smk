@@ -27,6 +27,8 @@ rule prepare_eval_set:
         ),
     log:
         "logs/eval_data/{evalsource}-{evalset}.log",
+    benchmark:
+        "benchmarks/prepare_eval_set/{evalsource}-{evalset}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -49,6 +51,8 @@ rule evaluate_lambada_any:
     threads: EVAL["threads"]
     log:
         "logs/{dataset}/eval-lambada-{model}.log",
+    benchmark:
+        "benchmarks/evaluate_lambada_any/{dataset}-{model}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -73,6 +77,8 @@ rule evaluate_wiki_any:
     threads: EVAL["threads"]
     log:
         "logs/{dataset}/eval-wikitext-{model}.log",
+    benchmark:
+        "benchmarks/evaluate_wiki_any/{dataset}-{model}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -95,6 +101,8 @@ rule generate_any:
     threads: config["generate"]["threads"]
     log:
         "logs/{dataset}/generate-{model}.log",
+    benchmark:
+        "benchmarks/generate_any/{dataset}-{model}.tsv"
     conda:
         "../../environment.yml"
     script:

@@ -26,6 +26,8 @@ rule build_ops:
     threads: 2
     log:
         f"logs/ops/build_ops-{Path(OPS_DIR).name}.log",
+    benchmark:
+        f"benchmarks/build_ops/{Path(OPS_DIR).name}.tsv"
     conda:
         "../../environment.yml"
     script:

@@ -22,6 +22,8 @@ rule pretrain:
     threads: config["train"]["threads"]
     log:
         "logs/{dataset}/pretrain-{model}.log",
+    benchmark:
+        "benchmarks/pretrain/{dataset}-{model}.tsv"
     conda:
         "../../environment.yml"
     script:

@@ -1,0 +1,61 @@
+"""The evaluation section: one table of every task and convention of every evaluated model.
+
+Read from the evaluation results files (gpt2ipu.evaluate.results): LAMBADA's per-convention
+objects (`last_word`, `last_token`: accuracy, perplexity, token perplexity) and WikiText's
+token-, word- and adjusted perplexity. Keys a file lacks show as a dash, so results written by
+an older or newer version still fit the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gpt2ipu.errors import UserError
+
+HEADERS = ["model", "task", "convention", "accuracy", "perplexity", "per-token perplexity", "scored"]
+# The results file of each task, in results/eval/<run>/, in the order the table lists them.
+TASK_FILES = {"lambada": "lambada.json", "wikitext": "wikitext.json"}
+WIKITEXT_CONVENTIONS = ("token", "word", "adjusted")
+
+
+def read_results(path: Path) -> dict:
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable results file ({err}); rerun that evaluation") from None
+    if not isinstance(results, dict):
+        raise UserError(f"{path}: expected a JSON object; rerun that evaluation")
+    return results
+
+
+def lambada_rows(run: str, results: dict) -> list[list[Any]]:
+    """One row per scoring convention (every entry holding an accuracy: last_word, last_token)."""
+    return [[run, "LAMBADA", name, figures.get("accuracy"), figures.get("perplexity"),
+             figures.get("token_perplexity"), figures.get("samples")]
+            for name, figures in sorted(results.items())
+            if isinstance(figures, dict) and "accuracy" in figures]
+
+
+def wikitext_rows(run: str, results: dict) -> list[list[Any]]:
+    """Token, word and adjusted perplexity (one NLL, three normalisations); accuracy is per token."""
+    rows = []
+    for name in WIKITEXT_CONVENTIONS:
+        if f"{name}_perplexity" in results:
+            rows.append([run, "WikiText", name, results.get("token_accuracy") if name == "token" else None,
+                         results[f"{name}_perplexity"], results.get("token_perplexity"),
+                         results.get("scored_tokens") if name == "token" else results.get("words")])
+    return rows
+
+
+def evaluation_table(eval_dir: str | Path, runs: list[str]) -> tuple[list[str], list[list[Any]]]:
+    """(headers, rows) for the given runs' results in `eval_dir` (results/eval); missing tasks are skipped."""
+    rows: list[list[Any]] = []
+    for run in runs:
+        for task, name in TASK_FILES.items():
+            path = Path(eval_dir) / run / name
+            if path.is_file():
+                builder = lambada_rows if task == "lambada" else wikitext_rows
+                rows += builder(run, read_results(path))
+    return HEADERS, rows
