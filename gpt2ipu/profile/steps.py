@@ -34,7 +34,7 @@ from gpt2ipu.provenance import write_provenance
 from gpt2ipu.tables import html_page, html_table, markdown_table, paragraph
 from gpt2ipu.train import parallel
 from gpt2ipu.train.config import TrainConfig, resolve, workflow_run_config
-from gpt2ipu.train.loop import build_run, inputs_and_labels
+from gpt2ipu.train.loop import build_run, inputs_and_labels, model_config_of
 from gpt2ipu.train.optim import train_step
 
 SNAPSHOT_NAME = "memory_snapshot.pickle"
@@ -72,10 +72,11 @@ def profile_steps(*, cfg: TrainConfig, out_dir: str | Path, wait_steps: int = 0,
     total = wait_steps + 1 + active_steps   # + the profiler's own warm-up step
     resolved = resolve(dataclasses.replace(cfg, max_steps=total, progress=False))
     cfg = resolved.config
-    if cfg.replication_factor != 1:
-        raise UserError("profile: one process only (--replication-factor 1); a step of each replica is the same work")
+    if cfg.replication_factor != 1 or cfg.fsdp or cfg.stages != 1:
+        raise UserError("profile: one process only (--replication-factor 1, no --fsdp or pipeline stages); a step "
+                        "of each replica is the same work")
     info = parallel.init_distributed(cfg.device, 1)
-    run = build_run(cfg, resolved.loss_chunks, info, say)
+    run = build_run(cfg, model_config_of(cfg), None, resolved.loss_chunks, info, say)
     if run.total_steps < total:
         raise UserError(f"profile: the training data gives only {run.total_steps} steps of this config, and "
                         f"{total} are needed ({wait_steps} unprofiled + 1 warm-up + {active_steps} profiled); "
