@@ -71,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --nproc > 1: comma-separated layouts, each a `gpt2ipu train` run under torchrun: "
                              "ddp, fsdp, pp (ratios are against ddp)")
     parser.add_argument("--grad-accum", type=int, default=4,
-                        help="with --nproc > 1: micro-batches per step and replica (pp: x nproc, one replica, so "
-                             "the global batch is the same)")
+                        help="with --nproc > 1: micro-batches per step and replica of ddp and fsdp (pp runs the "
+                             "same global batch as micro-batches of one sample)")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -5,8 +5,7 @@ model, sequence length and global batch), so what is measured is the trainer its
 
   ddp    N replicas, DDP (each process holds the whole model, its gradients and optimizer state)
   fsdp   N replicas, FSDP2 (each holds 1/N of them; a block's full weights only while it runs)
-  pp     N pipeline stages, 1F1B over N x the accumulation's micro-batches (so the same global
-         batch), layers split so that the last stage's LM head and loss count as
+  pp     N pipeline stages, 1F1B over the global batch as micro-batches of one sample, layers split so that the last stage's LM head and loss count as
          V / (12 n_embd) layers of work (GPT-2 medium: 14 + 10 layers)
 
 Throughput: the median tokens/s over each run's steps after `--warmup` (the loop's own per-step
@@ -41,12 +40,17 @@ def head_balanced_split(n_layer: int, stages: int, vocab_size: int, n_embd: int)
     return counts if counts[-1] >= 1 else [n_layer // stages + (i < n_layer % stages) for i in range(stages)]
 
 
-def layout_flags(layout: str, nproc: int, grad_accum: int, split: list[int]) -> list[str]:
-    if layout == "ddp":
-        return ["--replication-factor", str(nproc), "--gradient-accumulation", str(grad_accum)]
-    if layout == "fsdp":
-        return ["--fsdp", "--replication-factor", str(nproc), "--gradient-accumulation", str(grad_accum)]
-    return ["--layers-per-ipu", *map(str, split), "--gradient-accumulation", str(grad_accum * nproc)]
+def layout_flags(layout: str, nproc: int, micro_batch: int, grad_accum: int, split: list[int]) -> list[str]:
+    """The `gpt2ipu train` flags of a layout; every layout gets the global batch micro x accum x nproc.
+
+    The pipeline runs it as micro-batches of one sample (the most micro-batches, the smallest bubble).
+    """
+    if layout == "pp":
+        return ["--layers-per-ipu", *map(str, split), "--batch-size", "1",
+                "--gradient-accumulation", str(micro_batch * grad_accum * nproc)]
+    replicas = ["--replication-factor", str(nproc), "--batch-size", str(micro_batch),
+                "--gradient-accumulation", str(grad_accum)]
+    return (["--fsdp"] if layout == "fsdp" else []) + replicas
 
 
 def run_layout(layout: str, args, split: list[int], port: int) -> dict:
@@ -56,11 +60,11 @@ def run_layout(layout: str, args, split: list[int], port: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-{layout}-") as state:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                    f"--master_port={port}", "-m", "gpt2ipu", "train", "--model", args.preset,
-                   "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
+                   "--max-len", str(args.max_len),
                    "--generated-samples", str(global_batch * (steps + 1)), "--max-steps", str(steps),
                    "--checkpoint-every", "0", "--final-checkpoint", "false", "--eval-batches", "1",
                    "--progress", "false", "--device", args.device, "--precision", args.precision,
-                   "--state-dir", state, *layout_flags(layout, args.nproc, args.grad_accum, split)]
+                   "--state-dir", state, *layout_flags(layout, args.nproc, args.batch_size, args.grad_accum, split)]
         threads = max(1, (os.cpu_count() or 1) // args.nproc) if args.device == "cpu" else 1
         result = subprocess.run(command, capture_output=True, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -73,7 +77,8 @@ def run_layout(layout: str, args, split: list[int], port: int) -> dict:
     return {"tokens_per_s": statistics.median(measured), "step_tokens_per_s": measured,
             "rank_peak_memory_mb": peaks,
             "rank_memory_over_start_mb": [peak - start for peak, start in zip(peaks, starts)],
-            "final_loss": records[-1]["loss"], "flags": layout_flags(layout, args.nproc, args.grad_accum, split)}
+            "final_loss": records[-1]["loss"],
+            "flags": layout_flags(layout, args.nproc, args.batch_size, args.grad_accum, split)}
 
 
 def run(args) -> dict:
