@@ -11,7 +11,7 @@ Two conventions, each selected by name (`--conventions`), both in one results fi
    first `window` tokens from the prefix on, each next one the next `window` tokens from one
    token of context (the last window from whatever context fills it): lm-eval's
    `get_rolling_token_windows(context_len=1)` + `make_disjoint_window`.
-3. Figures over all documents, with W = len(re.split(r"\s+", document)) and B = UTF-8 bytes, both
+3. Figures over all documents, with W = len(re.split(r"\\s+", document)) and B = UTF-8 bytes, both
    of the original (word-level) documents: word_perplexity = exp(NLL / W), byte_perplexity =
    exp(NLL / B), bits_per_byte = NLL / B / ln 2; also token_perplexity = exp(NLL / tokens).
    These figures are under the `lm_eval` key of the results.
