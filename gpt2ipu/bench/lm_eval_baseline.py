@@ -90,3 +90,68 @@ def run_lm_eval(lm, tasks: list) -> dict[str, Any]:
         runs[name] = {"results": {k.split(",")[0]: v for k, v in results.items() if k.endswith(",none")},
                       "samples": samples}
     return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# `python -m gpt2ipu.bench.lm_eval_baseline`: lm-eval's figures and samples beside ours
+
+
+def compare_files(model_dir: str, lambada: str | None, wikitext: str | None, ours_samples: list[str],
+                  documents: str = "articles", batch_size: int = 1) -> dict[str, Any]:
+    """lm-eval on the LAMBADA / WikiText files, against our per-sample logs (`--log-samples`) of
+    the same files and model: both sets of figures and the largest per-sample differences."""
+    import json
+    import math
+
+    from gpt2ipu.evaluate.data import read_lambada, read_wikitext
+    from gpt2ipu.evaluate.wiki import split_articles
+
+    ours = [json.loads(line) for path in ours_samples for line in open(path, encoding="utf-8")]
+    tasks, kinds = [], {}
+    if lambada:
+        tasks.append(lambada_task(read_lambada(lambada)))
+        kinds[LAMBADA_TASK] = [s for s in ours if s.get("convention") == "lambada_openai"]
+    if wikitext:
+        text = read_wikitext(wikitext)
+        tasks.append(wikitext_task(split_articles(text) if documents == "articles" else [text]))
+        kinds[WIKITEXT_TASK] = [s for s in ours if s.get("convention") == "lm_eval"]
+    runs = run_lm_eval(lm_eval_model(model_dir, batch_size), tasks)
+    report = {}
+    for name, run in runs.items():
+        mine = kinds[name]
+        if len(mine) != len(run["samples"]):
+            raise SystemExit(f"{name}: {len(run['samples'])} lm-eval samples but {len(mine)} of ours; "
+                             "log ours with --log-samples on the same file (and --documents)")
+        diffs = [abs(s["loglikelihood"] - ll) for s, (_, ll, _) in zip(mine, run["samples"])]
+        report[name] = {
+            "lm_eval": run["results"],
+            "samples": len(diffs),
+            "max_abs_loglikelihood_diff": max(diffs),
+            "max_rel_loglikelihood_diff": max(d / max(abs(ll), 1e-30) for d, (_, ll, _) in zip(diffs, run["samples"])),
+            "greedy_mismatches": sum(s["greedy"] != g for s, (_, _, g) in zip(mine, run["samples"]) if g is not None),
+        }
+        if name == LAMBADA_TASK:
+            report[name]["ours"] = {"acc": sum(s["greedy"] for s in mine) / len(mine),
+                                    "perplexity": math.exp(-math.fsum(s["loglikelihood"] for s in mine) / len(mine))}
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="lm-eval's figures and per-sample loglikelihoods beside ours")
+    parser.add_argument("--model-dir", required=True, help="Hugging Face model folder with its tokenizer files")
+    parser.add_argument("--lambada", help="LAMBADA jsonl (lm-eval's lambada_openai on it)")
+    parser.add_argument("--wikitext", help="WikiText .tokens/.raw file (lm-eval's wikitext on it)")
+    parser.add_argument("--documents", default="articles", choices=["articles", "whole"],
+                        help="WikiText documents, as given to `gpt2ipu evaluate wiki`")
+    parser.add_argument("--ours", nargs="+", required=True, help="our --log-samples files of the same runs")
+    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval's batch size")
+    args = parser.parse_args(argv)
+    print(json.dumps(compare_files(args.model_dir, args.lambada, args.wikitext, args.ours, args.documents,
+                                   args.batch_size), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
