@@ -207,43 +207,48 @@ def score_wikitext(model, tokenizer, word_level_text: str, *, window: int | None
     }
 
 
-def score_wikitext_lm_eval(model, tokenizer, word_level_text: str, *, documents: str = "articles",
-                           batch_size: int = 8, log_samples: list | None = None) -> dict[str, Any]:
-    """lm-eval's `wikitext` figures of `model` (see the module doc); `log_samples`, when given, gets
-    one record per document."""
-    check_conventions(["lm_eval"], documents)
-    pages = split_articles(word_level_text) if documents == "articles" else [word_level_text]
-    window = model.config.n_positions
-    requests, owners = [], []   # owners[i]: the document of request i
-    token_lists = []
+def document_requests(tokenizer, pages: Sequence[str], window: int) -> tuple[list[list[int]], list[tuple], list[int]]:
+    """(each document's tokens, the scoring requests of all windows, the document of each request)."""
+    token_lists, requests, owners = [], [], []
     for number, page in enumerate(pages):
         sequence = [tokenizer.eos_id] + tokenizer.encode(wikitext_detokenize(page))
         token_lists.append(sequence[1:])
         for start, stop, first in disjoint_windows(len(sequence) - 1, window):
             requests.append((sequence[start:stop], first - start))
             owners.append(number)
+    return token_lists, requests, owners
+
+
+def document_record(number: int, page: str, tokens: list[int], nll: float, greedy: bool) -> dict[str, Any]:
+    """One --log-samples line of the lm_eval convention: a document, as lm-eval logs it, and its counts."""
+    return {"task": "wikitext", "convention": "lm_eval", "doc_id": number, "title": page.strip().split("\n")[0].strip(),
+            "target_ids": tokens, "loglikelihood": -nll, "greedy": greedy, "tokens_scored": len(tokens),
+            "words": lm_eval_words(page), "bytes": len(page.encode("utf-8"))}
+
+
+def score_wikitext_lm_eval(model, tokenizer, word_level_text: str, *, documents: str = "articles",
+                           batch_size: int = 8, log_samples: list | None = None) -> dict[str, Any]:
+    """lm-eval's `wikitext` figures of `model` (see the module doc); `log_samples`, when given, gets
+    one record per document."""
+    check_conventions(["lm_eval"], documents)
+    pages = split_articles(word_level_text) if documents == "articles" else [word_level_text]
+    token_lists, requests, owners = document_requests(tokenizer, pages, model.config.n_positions)
     scores = score_requests(model, requests, batch_size=batch_size, desc="wikitext documents")
     nll, greedy = [0.0] * len(pages), [True] * len(pages)
     for number, scored in zip(owners, scores):
         nll[number] += float(scored.nll.sum())
         greedy[number] &= bool(scored.correct.all())
-    words = [lm_eval_words(page) for page in pages]
-    num_bytes = [len(page.encode("utf-8")) for page in pages]
     if log_samples is not None:
-        for number, page in enumerate(pages):
-            log_samples.append({"task": "wikitext", "convention": "lm_eval", "doc_id": number,
-                                "title": page.strip().split("\n")[0].strip(), "target_ids": token_lists[number],
-                                "loglikelihood": -nll[number], "greedy": greedy[number],
-                                "tokens_scored": len(token_lists[number]), "words": words[number],
-                                "bytes": num_bytes[number]})
-    total_nll, total_tokens = math.fsum(nll), sum(map(len, token_lists))
+        log_samples.extend(map(document_record, range(len(pages)), pages, token_lists, nll, greedy))
+    total_nll, tokens = math.fsum(nll), sum(map(len, token_lists))
+    words, num_bytes = sum(map(lm_eval_words, pages)), sum(len(page.encode("utf-8")) for page in pages)
     return {
-        "documents": documents, "document_count": len(pages), "tokens": total_tokens, "words": sum(words),
-        "bytes": sum(num_bytes), "window": window, "windows": len(requests), "nll": total_nll,
-        "word_perplexity": math.exp(total_nll / sum(words)),
-        "byte_perplexity": math.exp(total_nll / sum(num_bytes)),
-        "bits_per_byte": total_nll / sum(num_bytes) / math.log(2),
-        "token_perplexity": math.exp(total_nll / total_tokens),
+        "documents": documents, "document_count": len(pages), "tokens": tokens, "words": words,
+        "bytes": num_bytes, "window": model.config.n_positions, "windows": len(requests), "nll": total_nll,
+        "word_perplexity": math.exp(total_nll / words),
+        "byte_perplexity": math.exp(total_nll / num_bytes),
+        "bits_per_byte": total_nll / num_bytes / math.log(2),
+        "token_perplexity": math.exp(total_nll / tokens),
     }
 
 
