@@ -63,14 +63,18 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], int]], *, batc
     return results
 
 
-def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log softmax(logits)[target] per row, float64 (see the module doc for the precision)."""
+def target_nll_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per row, float64 (see the module doc for the precision).
+
+    Works in place on float32 `logits` (they are scratch by then): a fresh [rows, vocab] tensor
+    per step costs more in page faults than the arithmetic does."""
     logits = logits.float()
-    top = logits.max(-1, keepdim=True).values
-    exps = (logits - top).exp_()
+    target_logits = logits.gather(-1, targets[:, None]).squeeze(-1).double()
+    top = logits.amax(-1, keepdim=True)
+    exps = logits.sub_(top).exp_()
     block_sums = [exps[:, i:i + LSE_BLOCK].sum(-1) for i in range(0, exps.shape[-1], LSE_BLOCK)]
     log_sum_exp = top.squeeze(-1).double() + torch.stack(block_sums, -1).double().sum(-1).log()
-    return log_sum_exp - logits.gather(-1, targets[:, None]).squeeze(-1).double()
+    return log_sum_exp - target_logits
 
 
 def _score_batch(model, requests, device) -> list[Scores]:
@@ -95,8 +99,8 @@ def _score_batch(model, requests, device) -> list[Scores]:
     for start in range(0, len(targets), LOGIT_ROWS):
         logits = model.lm_head(predictors[start:start + LOGIT_ROWS])
         wanted = targets[start:start + LOGIT_ROWS]
-        nll_parts.append(target_nll(logits, wanted))
         correct_parts.append(logits.argmax(-1) == wanted)
+        nll_parts.append(target_nll_(logits, wanted))   # overwrites the logits
     nll = torch.cat(nll_parts).cpu().numpy()
     correct = torch.cat(correct_parts).cpu().numpy()
     bounds = np.cumsum([0, *counts])
