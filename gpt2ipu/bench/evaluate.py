@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; medians are reported")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--baselines", default="one_at_a_time,ours_batch_1,lm_eval",
+                        help="comma-separated baselines to time: one_at_a_time, ours_batch_1, lm_eval "
+                             "(lm_eval only when it is installed)")
     parser.add_argument("--wiki-data", type=Path, default=None,
                         help=f"WikiText test file for the lm_eval comparison (default: {REAL_WIKITEXT} if "
                              "present, else the generated sample)")
@@ -96,11 +99,13 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer()
     window = model.config.n_positions
 
+    chosen = set(args.baselines.split(","))
     ours = score_lambada(model, tokenizer, texts, batch_size=args.batch_size)
-    plain = plain_lambada(model, tokenizer, texts, window)
-    batch_1 = score_lambada(model, tokenizer, texts, batch_size=1)
-    identical = all(ours[c]["correct"] == plain["correct"][c] == batch_1[c]["correct"]
-                    and math.isclose(ours[c]["nll"], plain["nll"][c], rel_tol=1e-6)
+    plain = plain_lambada(model, tokenizer, texts, window) if "one_at_a_time" in chosen else None
+    batch_1 = score_lambada(model, tokenizer, texts, batch_size=1) if "ours_batch_1" in chosen else ours
+    identical = all(ours[c]["correct"] == batch_1[c]["correct"]
+                    and (plain is None or (ours[c]["correct"] == plain["correct"][c]
+                                           and math.isclose(ours[c]["nll"], plain["nll"][c], rel_tol=1e-6)))
                     for c in ("last_word", "last_token"))
     print(f"bench evaluate: {len(texts)} passages from {data or 'the generated sample'}, {args.preset}, "
           f"batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, results identical: {identical}",
@@ -111,21 +116,23 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
         return result
 
-    seconds = interleaved_median_seconds({
+    timed = {
         "ours": lambda: sync(score_lambada(model, tokenizer, texts, batch_size=args.batch_size)),
         "one_at_a_time": lambda: sync(plain_lambada(model, tokenizer, texts, window)),
         "ours_batch_1": lambda: sync(score_lambada(model, tokenizer, texts, batch_size=1)),
-    }, args.repeats)
+    }
+    seconds = interleaved_median_seconds({k: f for k, f in timed.items() if k == "ours" or k in chosen}, args.repeats)
     n = len(texts)
-    baselines = {"one_at_a_time": n / seconds["one_at_a_time"], "ours_batch_1": n / seconds["ours_batch_1"]}
+    baselines = {name: n / seconds[name] for name in seconds if name != "ours"}
     extra = {}
-    if device.type != "cpu":
-        extra["lm_eval_note"] = "the lm_eval comparison runs on the CPU only"
-    elif not lm_eval_available():
-        extra["lm_eval_note"] = "lm-evaluation-harness is not installed (pip install -e '.[compare]'): no lm_eval baseline"
-    else:
-        extra["lm_eval"] = compare_with_lm_eval(model, tokenizer, texts, args)
-        baselines["lm_eval"] = extra["lm_eval"]["lambada"]["baselines"]["lm_eval"]
+    if "lm_eval" in chosen:
+        if device.type != "cpu":
+            extra["lm_eval_note"] = "the lm_eval comparison runs on the CPU only"
+        elif not lm_eval_available():
+            extra["lm_eval_note"] = "lm-evaluation-harness is not installed (pip install -e '.[compare]'): no lm_eval baseline"
+        else:
+            extra["lm_eval"] = compare_with_lm_eval(model, tokenizer, texts, args)
+            baselines["lm_eval"] = extra["lm_eval"]["lambada"]["baselines"]["lm_eval"]
     if "lm_eval_note" in extra:
         print(f"bench evaluate: {extra['lm_eval_note']}", file=sys.stderr)
     return report(
