@@ -67,16 +67,20 @@ rule pretrain_xl:
 
 
 rule evaluate_lambada:
-    """LAMBADA accuracy and target perplexity (last_word and last_token) of GPT-2 small (rule evaluate_lambada_any)."""
+    """LAMBADA accuracy and target perplexity (lambada_openai, last_word, last_token) of GPT-2 small, and the
+    per-passage log (rule evaluate_lambada_any)."""
     input:
         f"results/eval/{DATASET}-gpt2/lambada.json",
+        f"results/eval/{DATASET}-gpt2/lambada.samples.jsonl",
         REPORT_PAGES,
 
 
 rule evaluate_wiki:
-    """WikiText token-, word- and adjusted perplexity of GPT-2 small (rule evaluate_wiki_any)."""
+    """WikiText perplexities of GPT-2 small (lm-eval's and Megatron-LM's conventions), and the per-document log
+    (rule evaluate_wiki_any)."""
     input:
         f"results/eval/{DATASET}-gpt2/wikitext.json",
+        f"results/eval/{DATASET}-gpt2/wikitext.samples.jsonl",
         REPORT_PAGES,
 
 

@@ -72,12 +72,17 @@ def test_evaluation_table_lists_every_task_and_convention(tmp_path):
                 "provenance": {"stage": "evaluate_lambada"}})
     write_json(tmp_path / "sample-gpt2" / "wikitext.json",
                {"token_perplexity": 30.0, "word_perplexity": 90.0, "adjusted_perplexity": 95.0, "token_accuracy": 0.3,
-                "scored_tokens": 999, "words": 500})
+                "scored_tokens": 999, "words": 500,
+                "lm_eval": {"word_perplexity": 70.0, "byte_perplexity": 2.5, "token_perplexity": 25.0, "words": 480,
+                            "bytes": 2600}})
     headers, rows = evaluation.evaluation_table(tmp_path, ["sample-gpt2", "sample-gpt2-medium"])
     assert [(r[1], r[2]) for r in rows] == [("LAMBADA", "last_token"), ("LAMBADA", "last_word"),
-                                            ("WikiText", "token"), ("WikiText", "word"), ("WikiText", "adjusted")]
+                                            ("WikiText", "lm_eval word"), ("WikiText", "lm_eval byte"),
+                                            ("WikiText", "megatron token"), ("WikiText", "megatron word"),
+                                            ("WikiText", "megatron adjusted")]
     assert rows[1][3:] == [0.25, 80.0, 20.0, 4]
-    assert rows[3][4] == 90.0 and rows[2][3] == 0.3 and rows[2][6] == 999
+    assert rows[2][4:] == [70.0, 25.0, 480] and rows[3][6] == 2600
+    assert rows[5][4] == 90.0 and rows[4][3] == 0.3 and rows[4][6] == 999
 
 
 def bench_result(ours, baselines):

@@ -1,17 +1,24 @@
-"""`gpt2ipu bench evaluate`: LAMBADA passages/s, our batched evaluation against one-at-a-time loops.
+"""`gpt2ipu bench evaluate`: LAMBADA passages/s and WikiText tokens/s, ours against baselines.
 
 One random-weight model (GPT-2 small architecture by default: speed does not depend on the
 weights' values) scores the same passages (a subset of the real LAMBADA test file when
-../shared/data has it, else the generated sample) under both conventions, three ways:
+../shared/data has it, else the generated sample), three or four ways:
 
-- ours: `score_lambada`, the scoring `gpt2ipu evaluate lambada` runs (length-sorted batches,
-  LM head on the target positions only, one forward pass for both conventions when their token
-  sequences agree);
-- one_at_a_time: the plain loop: per passage and convention, one forward pass with full logits
-  and a log-softmax over them (how the original evaluated, and how the tests' reference does);
-- ours_batch_1: ours with batch size 1, which isolates what batching alone gives.
+- ours: `score_lambada` in all its conventions, the scoring `gpt2ipu evaluate lambada` runs
+  (length-sorted batches, LM head on the target positions only, one forward pass for all
+  conventions when their token sequences agree);
+- one_at_a_time: the plain loop: per passage and convention (last_word, last_token), one forward
+  pass with full logits and a log-softmax over them (how the original evaluated);
+- ours_batch_1: ours with batch size 1, which isolates what batching alone gives;
+- lm_eval (when lm-evaluation-harness is installed: `pip install -e .[compare]`): its
+  `lambada_openai` task on the same passages, offline (gpt2ipu.bench.lm_eval_baseline), on the
+  same weights saved as a Hugging Face folder. Its section `lm_eval` compares like with like:
+  our `lambada_openai` convention alone against it (passages/s), and our WikiText `lm_eval`
+  convention against its `wikitext` task on the first `--wiki-articles` articles of the
+  WikiText-2 test file (tokens/s, the same windows), with the largest per-sample difference.
 
-All three must give the same correct counts. Medians over `--repeats` runs taken in turns.
+Ours and the baselines must agree (correct counts, loglikelihoods). Medians over `--repeats` runs
+taken in turns.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from pathlib import Path
 import torch
 
 from gpt2ipu.bench.common import interleaved_median_seconds, report
+from gpt2ipu.bench.lm_eval_baseline import lm_eval_available
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_LAMBADA = REPO.parent / "shared" / "data" / "lambada_test.jsonl"
+REAL_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-wiki.test.tokens"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; medians are reported")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--baselines", default="one_at_a_time,ours_batch_1,lm_eval",
+                        help="comma-separated baselines to time: one_at_a_time, ours_batch_1, lm_eval "
+                             "(lm_eval only when it is installed)")
+    parser.add_argument("--wiki-data", type=Path, default=None,
+                        help=f"WikiText test file for the lm_eval comparison (default: {REAL_WIKITEXT} if "
+                             "present, else the generated sample)")
+    parser.add_argument("--wiki-articles", type=int, default=2, help="articles scored in the lm_eval comparison")
+    parser.add_argument("--lm-eval-batch-size", type=int, default=1,
+                        help="lm-eval's batch size (1, its default; its rolling windows are batched the same way)")
 
 
 def plain_lambada(model, tokenizer, texts, window: int) -> dict[str, int]:
@@ -81,11 +99,13 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer()
     window = model.config.n_positions
 
+    chosen = set(args.baselines.split(","))
     ours = score_lambada(model, tokenizer, texts, batch_size=args.batch_size)
-    plain = plain_lambada(model, tokenizer, texts, window)
-    batch_1 = score_lambada(model, tokenizer, texts, batch_size=1)
-    identical = all(ours[c]["correct"] == plain["correct"][c] == batch_1[c]["correct"]
-                    and math.isclose(ours[c]["nll"], plain["nll"][c], rel_tol=1e-6)
+    plain = plain_lambada(model, tokenizer, texts, window) if "one_at_a_time" in chosen else None
+    batch_1 = score_lambada(model, tokenizer, texts, batch_size=1) if "ours_batch_1" in chosen else ours
+    identical = all(ours[c]["correct"] == batch_1[c]["correct"]
+                    and (plain is None or (ours[c]["correct"] == plain["correct"][c]
+                                           and math.isclose(ours[c]["nll"], plain["nll"][c], rel_tol=1e-6)))
                     for c in ("last_word", "last_token"))
     print(f"bench evaluate: {len(texts)} passages from {data or 'the generated sample'}, {args.preset}, "
           f"batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, results identical: {identical}",
@@ -96,18 +116,94 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
         return result
 
-    seconds = interleaved_median_seconds({
+    timed = {
         "ours": lambda: sync(score_lambada(model, tokenizer, texts, batch_size=args.batch_size)),
         "one_at_a_time": lambda: sync(plain_lambada(model, tokenizer, texts, window)),
         "ours_batch_1": lambda: sync(score_lambada(model, tokenizer, texts, batch_size=1)),
-    }, args.repeats)
+    }
+    seconds = interleaved_median_seconds({k: f for k, f in timed.items() if k == "ours" or k in chosen}, args.repeats)
     n = len(texts)
+    baselines = {name: n / seconds[name] for name in seconds if name != "ours"}
+    extra = {}
+    if "lm_eval" in chosen:
+        if device.type != "cpu":
+            extra["lm_eval_note"] = "the lm_eval comparison runs on the CPU only"
+        elif not lm_eval_available():
+            extra["lm_eval_note"] = "lm-evaluation-harness is not installed (pip install -e '.[compare]'): no lm_eval baseline"
+        else:
+            extra["lm_eval"] = compare_with_lm_eval(model, tokenizer, texts, args)
+            baselines["lm_eval"] = extra["lm_eval"]["lambada"]["baselines"]["lm_eval"]
+    if "lm_eval_note" in extra:
+        print(f"bench evaluate: {extra['lm_eval_note']}", file=sys.stderr)
     return report(
         n / seconds["ours"],
-        "passages/s (both conventions)",
-        {"one_at_a_time": n / seconds["one_at_a_time"], "ours_batch_1": n / seconds["ours_batch_1"]},
+        "passages/s (all conventions; lm_eval: lambada_openai only)",
+        baselines,
         preset=args.preset, samples=n, data=str(data) if data else "generated sample",
         batch_size=args.batch_size, device=str(device), precision="fp32", threads=torch.get_num_threads(),
         repeats=args.repeats, results_identical=identical, forward_sequences=ours["forward_sequences"],
-        accuracy={c: ours[c]["accuracy"] for c in ("last_word", "last_token")},
+        accuracy={c: ours[c]["accuracy"] for c in ("lambada_openai", "last_word", "last_token")}, **extra,
     )
+
+
+def wiki_pages(args: argparse.Namespace) -> tuple[str, list[str]]:
+    from gpt2ipu.evaluate.data import read_wikitext, sample_wikitext
+    from gpt2ipu.evaluate.wiki import split_articles
+
+    path = args.wiki_data or (REAL_WIKITEXT if REAL_WIKITEXT.is_file() else None)
+    text = read_wikitext(path) if path else sample_wikitext(args.wiki_articles)
+    return str(path or "generated sample"), split_articles(text)[:args.wiki_articles]
+
+
+def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> dict:
+    """Ours against lm-eval in the same conventions (lambada_openai; wikitext's lm_eval), same weights."""
+    import tempfile
+
+    from gpt2ipu.bench import lm_eval_baseline as baseline
+    from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast
+    from gpt2ipu.evaluate.lambada import score_lambada
+    from gpt2ipu.evaluate.wiki import score_wikitext_lm_eval
+    from gpt2ipu.model.hf import save_hf_dir
+
+    wiki_source, pages = wiki_pages(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_hf_dir(model, Path(tmp) / "model")
+        hf_gpt2_tokenizer_fast().save_pretrained(folder)
+        lm = baseline.lm_eval_model(folder, batch_size=args.lm_eval_batch_size)
+
+    def ours_lambada(samples=None):
+        return score_lambada(model, tokenizer, texts, conventions=["lambada_openai"], batch_size=args.batch_size,
+                             log_samples=samples)
+
+    def ours_wiki(samples=None):
+        return score_wikitext_lm_eval(model, tokenizer, "\n".join(pages), batch_size=args.batch_size,
+                                      log_samples=samples)
+
+    lambada_samples, wiki_samples = [], []
+    ours_lambada(lambada_samples)
+    wiki = ours_wiki(wiki_samples)
+    theirs = baseline.run_lm_eval(lm, [baseline.lambada_task(texts), baseline.wikitext_task(pages)])
+    agreement = {
+        "lambada_max_abs_loglikelihood_diff": max(
+            abs(s["loglikelihood"] - ll) for s, (_, ll, _) in zip(lambada_samples, theirs[baseline.LAMBADA_TASK]["samples"])),
+        "lambada_greedy_identical": [s["greedy"] for s in lambada_samples] ==
+            [g for _, _, g in theirs[baseline.LAMBADA_TASK]["samples"]],
+        "wikitext_max_rel_loglikelihood_diff": max(
+            abs(s["loglikelihood"] - ll) / abs(ll) for s, (_, ll, _) in zip(wiki_samples, theirs[baseline.WIKITEXT_TASK]["samples"])),
+    }
+    print(f"bench evaluate: lm_eval agreement {agreement}", file=sys.stderr)
+    seconds = interleaved_median_seconds({
+        "ours_lambada": ours_lambada,
+        "lm_eval_lambada": lambda: baseline.run_lm_eval(lm, [baseline.lambada_task(texts)]),
+        "ours_wiki": ours_wiki,
+        "lm_eval_wiki": lambda: baseline.run_lm_eval(lm, [baseline.wikitext_task(pages)]),
+    }, args.repeats)
+    n, tokens = len(texts), wiki["tokens"]
+    return {
+        "lambada": report(n / seconds["ours_lambada"], "passages/s (lambada_openai)",
+                          {"lm_eval": n / seconds["lm_eval_lambada"]}),
+        "wikitext": report(tokens / seconds["ours_wiki"], "tokens/s (lm_eval convention, the same windows)",
+                           {"lm_eval": tokens / seconds["lm_eval_wiki"]},
+                           data=wiki_source, articles=len(pages), tokens=tokens, windows=wiki["windows"]),
+        "lm_eval_batch_size": args.lm_eval_batch_size, "agreement": agreement,
+    }

@@ -2,11 +2,14 @@
 
 - `data`: the evaluation sets, downloaded by URL and checked by sha256, or generated offline in
   the real files' exact formats (the embedded default);
-- `wiki`: `evaluate_wiki` (the target of that name): WikiText perplexity (detokenized text, sliding windows; token, word and Megatron's
-  adjusted perplexity);
-- `lambada`: `evaluate_lambada` (the target of that name): LAMBADA accuracy and target perplexity, `last_word` (strict) and `last_token`;
+- `wiki`: `evaluate_wiki` (the target of that name): WikiText perplexity, lm-eval's convention
+  (per article, rolling windows; word and byte perplexity, bits per byte) and Megatron-LM's
+  (sliding windows; token, word and adjusted perplexity);
+- `lambada`: `evaluate_lambada` (the target of that name): LAMBADA accuracy and target perplexity,
+  `lambada_openai` (lm-eval's), `last_word` (strict) and `last_token`;
 - `scoring`: the batched teacher-forced scorer both use;
-- `results`: the results file, its provenance record from `gpt2ipu.provenance`;
+- `results`: the results file, its provenance record from `gpt2ipu.provenance`, and the
+  per-sample log (`--log-samples`);
 - `cli`: `gpt2ipu evaluate {wiki,lambada,data}`.
 
 See docs/evaluation.md for the definitions.

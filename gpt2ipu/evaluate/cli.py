@@ -8,10 +8,16 @@ import json
 from gpt2ipu.devices import PRECISIONS
 from gpt2ipu.evaluate.data import DEFAULT_SOURCES, EVAL_SETS, SAMPLE_SEED
 
+# The names only (the task modules import torch, which `gpt2ipu --help` should not wait for).
+LAMBADA_CONVENTIONS = ("lambada_openai", "last_word", "last_token")
+WIKI_CONVENTIONS = ("lm_eval", "megatron")
+WIKI_DOCUMENTS = ("articles", "whole")
+
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", required=True,
-                        help="Hugging Face GPT-2 folder (config.json + model.safetensors): ours or any other")
+                        help="Hugging Face GPT-2 folder (config.json + model.safetensors): ours or any other; "
+                             "or a hub id (gpt2, openai-community/gpt2) from the local hub cache or the network")
     parser.add_argument("--data", required=True, help="the eval file, or the folder `gpt2ipu evaluate data` made")
     parser.add_argument("--out", required=True, help="results JSON, written when the evaluation is complete")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
@@ -21,23 +27,39 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPT-2 vocab folder, for a model folder without its own vocab.json + merges.txt")
     parser.add_argument("--bpe-tokenizer", default=None,
                         help="tokenizer.json from `gpt2ipu train-bpe`, for a model trained with it")
+    parser.add_argument("--log-samples", default=None, metavar="FILE.jsonl",
+                        help="also write one JSON line per passage/document (or window) and convention: "
+                             "target token ids, loglikelihood, greedy flag, tokens scored")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
 
-    wiki = tasks.add_parser("wiki", help="WikiText perplexity (token, word, adjusted)",
-                            description="WikiText perplexity with sliding windows; see docs/evaluation.md")
+    wiki = tasks.add_parser("wiki", help="WikiText perplexity (lm-eval's and Megatron-LM's conventions)",
+                            description="WikiText perplexity: lm-eval's rolling windows per document, "
+                                        "Megatron-LM's sliding windows; see docs/evaluation.md")
     _model_arguments(wiki)
+    wiki.add_argument("--conventions", default=",".join(WIKI_CONVENTIONS),
+                      help="comma-separated: lm_eval (lm-evaluation-harness's wikitext: word and byte "
+                           "perplexity, bits per byte), megatron (sliding windows: token, word, adjusted)")
+    wiki.add_argument("--documents", default="articles", choices=WIKI_DOCUMENTS,
+                      help="lm_eval convention: each article a document (lm-eval's), or the whole file as one")
     wiki.add_argument("--stride", type=int, default=None,
-                      help="new tokens scored per window (default: half the window)")
-    wiki.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
+                      help="megatron convention: new tokens scored per window (default: half the window)")
+    wiki.add_argument("--window", type=int, default=None,
+                      help="megatron convention: tokens per window (default: the model's context)")
 
     lambada = tasks.add_parser("lambada", help="LAMBADA accuracy and target perplexity",
-                               description="LAMBADA, last_word (strict) and last_token conventions")
+                               description="LAMBADA in lm-eval's lambada_openai, last_word (strict) and "
+                                           "last_token conventions; see docs/evaluation.md")
     _model_arguments(lambada)
-    lambada.add_argument("--conventions", default="last_word,last_token",
-                         help="comma-separated: last_word, last_token")
+    lambada.add_argument("--conventions", default=",".join(LAMBADA_CONVENTIONS),
+                         help="comma-separated: lambada_openai (lm-evaluation-harness's), last_word "
+                              "(Megatron-LM's strict), last_token (the GPT-2 paper's)")
     lambada.add_argument("--limit", type=int, default=None, help="only the first N passages")
 
     data = tasks.add_parser("data", help="download (sha256-checked) or generate an evaluation set",
@@ -68,15 +90,18 @@ def run(args: argparse.Namespace) -> int:
     elif args.task == "wiki":
         from gpt2ipu.evaluate.wiki import evaluate_wiki
 
-        result = evaluate_wiki(args.model_dir, args.data, args.out, stride=args.stride, window=args.window,
+        result = evaluate_wiki(args.model_dir, args.data, args.out, conventions=_names(args.conventions),
+                               documents=args.documents, stride=args.stride, window=args.window,
                                batch_size=args.batch_size, device=args.device, precision=args.precision,
-                               vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
+                               vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer,
+                               log_samples=args.log_samples)
     else:
         from gpt2ipu.evaluate.lambada import evaluate_lambada
 
         result = evaluate_lambada(args.model_dir, args.data, args.out, batch_size=args.batch_size,
                                   device=args.device, precision=args.precision,
-                                  conventions=[c.strip() for c in args.conventions.split(",") if c.strip()],
-                                  limit=args.limit, vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
+                                  conventions=_names(args.conventions), limit=args.limit,
+                                  vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer,
+                                  log_samples=args.log_samples)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

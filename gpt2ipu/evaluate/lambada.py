@@ -1,20 +1,27 @@
 """LAMBADA: `gpt2ipu evaluate lambada`, target `evaluate_lambada`.
 
-Each passage (stripped of surrounding whitespace) is scored under two conventions, both in the
-output under their names:
+Each passage is scored under the requested conventions, each in the output under its name:
 
+- `lambada_openai` (lm-evaluation-harness's task of that name, the default): the passage, not
+  stripped, is split at its last space character (`text.split(' ')`): the target is
+  `" " + last piece`, the context the rest. As lm-eval's `_encode_pair` does, whitespace at the
+  end of the context moves to the target, and the target's tokens are those of context + target
+  after the context's own tokens. Correct when every target token is greedy. A passage without a
+  space has `<|endoftext|>` as its context. A context too long keeps its last tokens, so that
+  context + target hold the model's window plus one token (lm-eval's truncation).
 - `last_word` (strict, as Megatron-LM's `--strict-lambada`): the last whitespace-separated word
   is the target; the context is the text before it, stripped, and the target is tokenized as
   `" " + word` (possibly several tokens). A passage is correct only if every target token is the
   model's greedy (argmax) prediction given the true prefix.
-- `last_token` (OpenAI's GPT-2 paper): the whole passage is tokenized and only its last BPE
-  token is the target; the rest is context.
+  The passage is stripped of surrounding whitespace first.
+- `last_token` (OpenAI's GPT-2 paper): the whole passage (stripped) is tokenized and only its
+  last BPE token is the target; the rest is context.
 
 For each: accuracy, and the target perplexity `exp(mean over passages of the target's summed
 NLL)` (per word, as lm-evaluation-harness reports it), plus `token_perplexity`
 `exp(total NLL / target tokens)`; the two are equal for `last_token`. A context longer than the
-model's window keeps its last tokens. When both conventions give the same token sequence (most
-passages), one forward pass serves both.
+model's window keeps its last tokens. When conventions give the same token sequence (most
+passages), one forward pass serves them all.
 """
 
 from __future__ import annotations
@@ -28,11 +35,25 @@ from gpt2ipu.evaluate.data import LAMBADA_NAME, data_file, read_lambada
 from gpt2ipu.evaluate.scoring import score_requests
 from gpt2ipu.errors import UserError
 
-CONVENTIONS = ("last_word", "last_token")
+CONVENTIONS = ("lambada_openai", "last_word", "last_token")
+
+
+def split_lambada_openai(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """(context ids, target ids) as lm-eval's `lambada_openai` task and `_encode_pair` make them."""
+    context, _, word = text.rpartition(" ")
+    target = " " + word
+    if not context:  # lm-eval's empty context: the prefix token
+        return [tokenizer.eos_id], tokenizer.encode(target)
+    stripped = context.rstrip()
+    target = context[len(stripped):] + target
+    context_ids = tokenizer.encode(stripped)
+    return context_ids, tokenizer.encode(stripped + target)[len(context_ids):]
 
 
 def split_example(tokenizer, text: str, convention: str) -> tuple[list[int], list[int]]:
     """(context ids, target ids) of one passage under `convention`."""
+    if convention == "lambada_openai":
+        return split_lambada_openai(tokenizer, text)
     passage = text.strip()
     if convention == "last_word":
         word = passage.split()[-1]
@@ -67,18 +88,36 @@ def summarize(nll_per_sample: Sequence[float], target_tokens: Sequence[int], cor
     }
 
 
+def check_conventions(conventions: Sequence[str]) -> None:
+    for convention in conventions:
+        if convention not in CONVENTIONS:
+            raise UserError(f"LAMBADA convention {convention!r}: choose from {', '.join(CONVENTIONS)}")
+
+
+def sample_record(tokenizer, convention: str, index: int, context: list[int], target: list[int],
+                  nll: float, greedy: bool) -> dict[str, Any]:
+    """One --log-samples line: what was scored and how (lm-eval's per-request fields)."""
+    return {"task": "lambada", "convention": convention, "index": index, "context": tokenizer.decode(context),
+            "target": tokenizer.decode(target), "target_ids": list(target), "loglikelihood": -nll,
+            "greedy": greedy, "tokens_scored": len(target)}
+
+
 def score_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequence[str] = CONVENTIONS,
-                     batch_size: int = 8) -> dict[str, dict[str, Any]]:
-    """{convention: figures} for the passages `texts` (see the module doc)."""
+                  batch_size: int = 8, log_samples: list | None = None) -> dict[str, dict[str, Any]]:
+    """{convention: figures} for the passages `texts` (see the module doc); `log_samples`, when
+    given, gets one record per passage and convention."""
+    check_conventions(conventions)
     window = model.config.n_positions
-    examples = {c: [] for c in conventions}   # convention -> [(sequence, first target index)]
+    examples = {c: [] for c in conventions}   # convention -> [(context, target, sequence, first target index)]
     first_of: dict[tuple[int, ...], int] = {}  # distinct sequence -> its earliest target index
     for text in texts:
         for convention in conventions:
             context, target = split_example(tokenizer, text, convention)
-            sequence = tuple(fit_window(context, target, window))
+            # lm-eval feeds window + 1 tokens minus the last one; the others fill the window.
+            fitted = window + 1 if convention == "lambada_openai" else window
+            sequence = tuple(fit_window(context, target, fitted))
             first = len(sequence) - len(target)
-            examples[convention].append((sequence, first))
+            examples[convention].append((context, target, sequence, first))
             first_of[sequence] = min(first, first_of.get(sequence, first))
     sequences = list(first_of)
     scores = score_requests(model, [(s, first_of[s]) for s in sequences], batch_size=batch_size,
@@ -87,12 +126,14 @@ def score_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequen
     results = {}
     for convention, items in examples.items():
         nll, tokens, correct = [], [], []
-        for sequence, first in items:
+        for index, (context, target, sequence, first) in enumerate(items):
             scored = scores_of[sequence]
             offset = first - first_of[sequence]
             nll.append(float(scored.nll[offset:].sum()))
             tokens.append(len(sequence) - first)
             correct.append(bool(scored.correct[offset:].all()))
+            if log_samples is not None:
+                log_samples.append(sample_record(tokenizer, convention, index, context, target, nll[-1], correct[-1]))
         results[convention] = summarize(nll, tokens, correct)
     results["forward_sequences"] = len(sequences)
     return results
@@ -101,22 +142,27 @@ def score_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequen
 def evaluate_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                      batch_size: int = 8, device: str = "auto", precision: str = "fp32",
                      conventions: Sequence[str] = CONVENTIONS, limit: int | None = None,
-                     vocab_dir: str | None = None, bpe_tokenizer: str | None = None) -> dict[str, Any]:
-    """Evaluate `model_dir` on the LAMBADA file `data`; write the results JSON `out` atomically."""
-    from gpt2ipu.evaluate.results import write_results
-    from gpt2ipu.pretrained import load_pretrained
+                     vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
+                     log_samples: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate `model_dir` (a folder or a hub id) on the LAMBADA file `data`; write the results
+    JSON `out` (and the per-passage JSON lines `log_samples`) atomically."""
+    from gpt2ipu.evaluate.results import write_results, write_samples
+    from gpt2ipu.pretrained import load_pretrained, resolve_model_dir
 
     start = time.perf_counter()
-    for convention in conventions:
-        if convention not in CONVENTIONS:
-            raise UserError(f"LAMBADA convention {convention!r}: choose from {', '.join(CONVENTIONS)}")
+    check_conventions(conventions)
     data_path = data_file(data, LAMBADA_NAME)
     texts = read_lambada(data_path)[:limit]
-    model, tokenizer, device_used = load_pretrained(model_dir, device, precision, vocab_dir, bpe_tokenizer)
-    figures = score_lambada(model, tokenizer, texts, conventions=conventions, batch_size=batch_size)
+    model_path = resolve_model_dir(model_dir)
+    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer)
+    samples = [] if log_samples else None
+    figures = score_lambada(model, tokenizer, texts, conventions=conventions, batch_size=batch_size,
+                            log_samples=samples)
     params = {"batch_size": batch_size, "device": str(device_used), "precision": precision,
               "conventions": list(conventions), "limit": limit, "tokenizer": tokenizer.name}
     result = {"task": "lambada", "model_dir": str(model_dir), "data": str(data_path), "samples": len(texts),
               **figures, "seconds": round(time.perf_counter() - start, 3)}
-    write_results(out, result, stage="evaluate_lambada", params=params, inputs=[model_dir, data_path])
+    if log_samples:
+        write_samples(log_samples, samples)
+    write_results(out, result, stage="evaluate_lambada", params=params, inputs=[model_path, data_path])
     return result

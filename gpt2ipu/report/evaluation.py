@@ -1,8 +1,8 @@
 """The evaluation section: one table of every task and convention of every evaluated model.
 
 Read from the evaluation results files (gpt2ipu.evaluate.results): LAMBADA's per-convention
-objects (`last_word`, `last_token`: accuracy, perplexity, token perplexity) and WikiText's
-token-, word- and adjusted perplexity. Keys a file lacks show as a dash, so results written by
+objects (`lambada_openai`, `last_word`, `last_token`: accuracy, perplexity, token perplexity) and
+WikiText's lm-eval word and byte perplexity and Megatron token-, word- and adjusted perplexity. Keys a file lacks show as a dash, so results written by
 an older or newer version still fit the table.
 """
 
@@ -39,11 +39,18 @@ def lambada_rows(run: str, results: dict) -> list[list[Any]]:
 
 
 def wikitext_rows(run: str, results: dict) -> list[list[Any]]:
-    """Token, word and adjusted perplexity (one NLL, three normalisations); accuracy is per token."""
+    """lm-eval's word and byte perplexity (under `lm_eval`), then Megatron's token, word and adjusted
+    perplexity (one NLL, three normalisations; at the top level); accuracy is per token."""
     rows = []
+    lm_eval = results.get("lm_eval")
+    if isinstance(lm_eval, dict):
+        for name in ("word", "byte"):
+            if f"{name}_perplexity" in lm_eval:
+                rows.append([run, "WikiText", f"lm_eval {name}", None, lm_eval[f"{name}_perplexity"],
+                             lm_eval.get("token_perplexity"), lm_eval.get(f"{name}s")])
     for name in WIKITEXT_CONVENTIONS:
         if f"{name}_perplexity" in results:
-            rows.append([run, "WikiText", name, results.get("token_accuracy") if name == "token" else None,
+            rows.append([run, "WikiText", f"megatron {name}", results.get("token_accuracy") if name == "token" else None,
                          results[f"{name}_perplexity"], results.get("token_perplexity"),
                          results.get("scored_tokens") if name == "token" else results.get("words")])
     return rows

@@ -36,14 +36,17 @@ rule prepare_eval_set:
 
 
 rule evaluate_lambada_any:
-    """LAMBADA accuracy and target perplexity (last_word strict and last_token) of a trained model."""
+    """LAMBADA accuracy and target perplexity (lambada_openai, last_word strict, last_token) of a trained
+    model, and its per-passage log."""
     input:
         unpack(bpe_input),
         model=MODEL_DIR,
         data=f"results/eval_data/{EVAL_SOURCE}/lambada",
     output:
-        "results/eval/{dataset}-{model}/lambada.json",
+        results="results/eval/{dataset}-{model}/lambada.json",
+        samples="results/eval/{dataset}-{model}/lambada.samples.jsonl",
     params:
+        conventions=EVAL["conventions"]["lambada"],
         batch_size=EVAL["batch_size"],
         device=EVAL["device"],
         precision=EVAL["precision"],
@@ -60,14 +63,18 @@ rule evaluate_lambada_any:
 
 
 rule evaluate_wiki_any:
-    """WikiText token, word and adjusted perplexity of a trained model (sliding windows)."""
+    """WikiText perplexities of a trained model (lm-eval's per document, Megatron-LM's sliding windows),
+    and its per-document log."""
     input:
         unpack(bpe_input),
         model=MODEL_DIR,
         data=f"results/eval_data/{EVAL_SOURCE}/{EVAL['wikitext']['variant']}",
     output:
-        "results/eval/{dataset}-{model}/wikitext.json",
+        results="results/eval/{dataset}-{model}/wikitext.json",
+        samples="results/eval/{dataset}-{model}/wikitext.samples.jsonl",
     params:
+        conventions=EVAL["conventions"]["wikitext"],
+        documents=EVAL["wikitext"]["documents"],
         stride=EVAL["wikitext"]["stride"],
         window=EVAL["wikitext"]["window"],
         batch_size=EVAL["batch_size"],
