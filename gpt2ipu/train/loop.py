@@ -33,7 +33,7 @@ from gpt2ipu.model.gpt import GPTConfig
 from gpt2ipu.model.hf import CONFIG_NAME, config_from_hf, load_hf_dir, save_hf_dir, write_hf_files
 from gpt2ipu.data.shards import STATS_NAME
 from gpt2ipu.train import parallel
-from gpt2ipu.train.config import LossChunks, TrainConfig, check_layout, resolve
+from gpt2ipu.train.config import LossChunks, TrainConfig, check_layout, resolve, stage_layers
 from gpt2ipu.train.data import ResumableBatches, make_train_dataset
 from gpt2ipu.train.metrics import MetricsLog, plot_loss_curve
 from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         else:
             result = train_step(run.model, run.optimizer, micro_batches, loss_chunks=train_chunks,
                                 autocast_dtype=run.autocast_dtype, scaler=run.scaler, max_grad_norm=max_grad_norm,
-                                clip_grad_norm=run.clip_grad_norm)
+                                clip_grad_norm=run.clip_grad_norm())
         run.scheduler.step()
         step += 1
 
@@ -142,7 +142,6 @@ class Run:
     model_config: GPTConfig       # the whole model's, whatever share of it this process holds
     n_params: int                 # the whole model's parameters
     pipeline: Pipeline | None     # this process's pipeline stage and schedule (--pipeline-stages > 1)
-    clip_grad_norm: Callable      # PyTorch's, or parallel.clip_grad_norm_ over shards and stages
     optimizer: torch.optim.Optimizer
     scheduler: Any               # a torch LR scheduler (transformers' schedules)
     scaler: torch.amp.GradScaler  # enabled only for fp16
@@ -156,6 +155,12 @@ class Run:
     def sharded(self) -> bool:
         """Whether each process holds a share of the model (FSDP, pipeline stages): checkpoints are then DCP's."""
         return self.cfg.fsdp or self.pipeline is not None
+
+    def clip_grad_norm(self) -> Callable:
+        """The gradient clipping of this layout: PyTorch's, or parallel.clip_grad_norm_ over shards and stages."""
+        if not self.sharded:
+            return torch.nn.utils.clip_grad_norm_
+        return lambda params, max_norm: parallel.clip_grad_norm_(params, max_norm, self.info)
 
 
 def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] | None, loss_chunks: LossChunks,
@@ -200,11 +205,8 @@ def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] 
                                              **{k: v for k, v in optimizer.defaults.items() if k != "weight_decay"})
     elif cfg.replicated_tensor_sharding:
         say("--replicated-tensor-sharding with one process: nothing to shard over; the plain optimizer is used.")
-    sharded = cfg.fsdp or pipeline is not None
-    clip = (lambda params, max_norm: parallel.clip_grad_norm_(params, max_norm, info)) if sharded \
-        else torch.nn.utils.clip_grad_norm_
     return Run(cfg=cfg, info=info, model=model, raw_model=raw_model, model_config=model_config, n_params=n_params,
-               pipeline=pipeline, clip_grad_norm=clip, optimizer=optimizer,
+               pipeline=pipeline, optimizer=optimizer,
                scheduler=make_scheduler(optimizer, cfg, total_steps),
                scaler=torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"),
                batches=batches, valid_data=valid_data, total_steps=total_steps, loss_chunks=loss_chunks,
@@ -233,8 +235,7 @@ def parallelize(model: GPT, cfg: TrainConfig, stage_sizes: list[int] | None, los
     if stage_sizes is not None:
         from gpt2ipu.train.pipeline import build_pipeline
 
-        starts = [sum(stage_sizes[:i]) for i in range(len(stage_sizes))]
-        layers = [range(start, start + size) for start, size in zip(starts, stage_sizes)]
+        layers = stage_layers(sum(stage_sizes), len(stage_sizes), stage_sizes)
         tokens = cfg.batch_size * cfg.max_len
         if cfg.fsdp:
             wrap = lambda stage: parallel.apply_fsdp(stage, stage.h.values(), info, fsdp_dtype)   # noqa: E731

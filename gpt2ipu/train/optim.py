@@ -258,9 +258,9 @@ def train_step(
 
     The loss of each micro-batch is divided by their number (the mean over micro-batches, as the
     original's gradient accumulation). Under DDP, gradients are all-reduced on the last micro-batch
-    only; FSDP reduce-scatters each micro-batch's (`gradient_sync`). With max_grad_norm (inf: measure only) the gradients are clipped to it (by `clip_grad_norm`,
-    PyTorch's unless the parameters are sharded: parallel.clip_grad_norm_) and their norm
-    before clipping is returned; a GradScaler (fp16) scales the loss and unscales before clipping.
+    only; FSDP reduce-scatters each micro-batch's (`gradient_sync`). With max_grad_norm (inf:
+    measure only) the gradients are clipped to it (by `clip_grad_norm`, PyTorch's unless the
+    parameters are sharded: parallel.clip_grad_norm_) and their norm before clipping is returned; a GradScaler (fp16) scales the loss and unscales before clipping.
     zero_grad(set_to_none=True): the next backward writes fresh gradients instead of adding to
     zeroed buffers, and the memory is free in between. Returns the mean loss and accuracy as
     device tensors (no host sync here) and the gradient norm (None without max_grad_norm).

@@ -172,13 +172,6 @@ def mean_over_replicas(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values / info.dp_size
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.world_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= info.world_size
-    return value
-
-
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()

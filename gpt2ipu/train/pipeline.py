@@ -48,7 +48,7 @@ class StageModule(nn.Module):
         if last:
             self.ln_f = model.ln_f
             self.lm_head = model.lm_head
-            if first is False and model.config.tie_word_embeddings:
+            if not first and model.config.tie_word_embeddings:
                 # This stage's own copy of the tied weight (see the module docstring).
                 self.lm_head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False,
                                          device=model.wte.weight.device, dtype=model.wte.weight.dtype)
@@ -149,7 +149,7 @@ def tied_group(info: DistInfo):
     created on every process (new_group is collective), None on the processes outside it."""
     mine = None
     for dp_rank in range(info.dp_size):
-        ranks = [0 * info.dp_size + dp_rank, (info.pp_size - 1) * info.dp_size + dp_rank]
+        ranks = [dp_rank, (info.pp_size - 1) * info.dp_size + dp_rank]   # rank = pp_rank * dp + dp_rank
         group = dist.new_group(ranks)
         if info.rank in ranks:
             mine = group

@@ -27,6 +27,7 @@ DDP run alike (`load_sharded_checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -64,8 +65,7 @@ def save_sharded_checkpoint(state_dir: str | os.PathLike, step: int, model: torc
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():   # DCP warns when it saves in one process (a one-process test): intended
-        warnings.simplefilter("ignore", UserWarning)
+    with _one_process_is_intended():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
     barrier()   # every shard is on disk
     if is_main:
@@ -85,8 +85,7 @@ def consolidated_model(sharded_dir: str | os.PathLike, model_config: GPTConfig) 
     state = model.state_dict()
     if model_config.tie_word_embeddings:
         state.pop("lm_head.weight")   # the same tensor as wte.weight, which loads it
-    with warnings.catch_warnings():   # DCP warns that it loads in one process: that is the intent
-        warnings.simplefilter("ignore", UserWarning)
+    with _one_process_is_intended():
         _load({"model": state}, Path(sharded_dir), no_dist=True)
     return model
 
@@ -97,11 +96,19 @@ def load_sharded_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
     returns its training_state.pt (scheduler, scaler, step, data position, RNG states)."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    with warnings.catch_warnings():   # DCP warns when it loads in one process: expected for a one-process run
-        warnings.simplefilter("ignore", UserWarning)
+    with _one_process_is_intended():
         _load(state, Path(folder) / SHARDED_DIR, no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return load_training_state(folder)
+
+
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """Silence DCP's warning that it saves or loads in a single process: here that is the intent
+    (consolidation on rank 0, a one-process run resuming, a one-process test)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def _load(state: dict, sharded_dir: Path, no_dist: bool) -> None:
