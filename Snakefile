@@ -18,7 +18,7 @@ report: "workflow/report/workflow.rst"
 
 
 wildcard_constraints:
-    dataset="sample|enwiki|local",
+    dataset="sample|enwiki|local|text|hf",
     model="gpt2|gpt2-medium|gpt2-large|gpt2-xl|gpt2-test",
     part="[A-Za-z0-9._-]+",
 

@@ -82,10 +82,16 @@ def validate_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -
     raise UserError(f"{message}{more}. Fix it in config/config.yaml or in --config.")
 
 
+# train.recipe: auto -> the recipe of each dataset: a short run for the embedded sample and for the
+# user's own files (whose size is unknown: pick `web` or `enwiki` for a real run), llm.c's GPT-2
+# recipe for a Hub dataset (web text such as FineWeb), the original's for Wikipedia.
+AUTO_RECIPES = {"sample": "sample", "text": "sample", "hf": "web", "enwiki": "enwiki", "local": "enwiki"}
+
+
 def active_recipe_name(config: Mapping[str, Any]) -> str:
     name = config["train"]["recipe"]
     if name == "auto":
-        name = "sample" if config["dataset"] == "sample" else "enwiki"
+        name = AUTO_RECIPES[config["dataset"]]
     if name not in config["train"]["recipes"]:
         raise UserError(
             f"config key 'train.recipe': {name!r} is not one of the recipes {sorted(config['train']['recipes'])}"

@@ -19,6 +19,15 @@ def bpe_tokenizer(snakemake: Any) -> str | None:
     return f"{snakemake.input.bpe}/tokenizer.json" if "bpe" in snakemake.input.keys() else None
 
 
+def documents_param(documents: Any, fields: dict | None) -> tuple[Any, Any]:
+    """(documents, fields) for the tokenize / train-bpe library functions from a rule's params: an
+    articles.jsonl path as it is, or a text corpus part's {"pieces", ...} with its fields (a
+    gpt2ipu.data.corpus.TextFields as a dict; workflow/rules/common.smk, `documents_of`, `text_fields`)."""
+    if isinstance(documents, str):
+        return documents, None
+    return documents["pieces"], fields
+
+
 def run_stage(snakemake: Any, stage: Callable[..., Any], *, torch_threads: bool = False, **kwargs: Any) -> Any:
     """Run `stage(**kwargs)` with its stderr/stdout in the rule's log. A `UserError` (a
     `StorageError` included) or a disk-full/permission `OSError` is printed as one line, to the

@@ -15,11 +15,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from tqdm import tqdm
 
-from gpt2ipu.data.tokenize import read_document_batches
+from gpt2ipu.data.corpus import TextFields
+from gpt2ipu.data.tokenize import document_reader
 from gpt2ipu.data.tokenizer import EOT
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
@@ -40,31 +41,31 @@ def new_byte_level_bpe():
     return tokenizer
 
 
-def train_bpe(articles_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, vocab_size: int,
-                  min_frequency: int = 2, include_title: bool = True) -> dict[str, Any]:
-    """Train a byte-level BPE of `vocab_size` ids on the articles; writes `<out_dir>/tokenizer.json`."""
+def train_bpe(articles_paths: Sequence[str | os.PathLike | Sequence[dict]], out_dir: str | os.PathLike, *,
+              vocab_size: int, min_frequency: int = 2, include_title: bool = True,
+              fields: TextFields | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Train a byte-level BPE of `vocab_size` ids on the documents; writes `<out_dir>/tokenizer.json`.
+
+    Each item of `articles_paths` is an articles.jsonl, or the pieces of a text corpus's part (read
+    with `fields`, as the tokenize stage reads them)."""
     from tokenizers import pre_tokenizers, trainers
 
-    paths = [Path(p) for p in articles_paths]
-    if not paths:
+    if not articles_paths:
         raise UserError("train-bpe: give at least one --articles file")
     if vocab_size < MIN_VOCAB_SIZE:
         raise UserError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB_SIZE} (256 bytes + {EOT})")
     if min_frequency < 0:
         raise UserError(f"--min-frequency {min_frequency}: must be 0 or more")
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path}: articles file not found; run the extract stage first")
-
+    readers = [document_reader(source, include_title, fields) for source in articles_paths]
+    paths = list(dict.fromkeys(Path(piece.path) for reader in readers for piece in reader.pieces))
     counts = {"articles": 0}
 
     def batches() -> Iterator[list[str]]:
-        total = sum(p.stat().st_size for p in paths)
+        total = sum(reader.total_bytes() for reader in readers)
         with tqdm(total=total, unit="B", unit_scale=True, desc="train-bpe: read", mininterval=1.0) as progress:
-            for path in paths:
-                for texts, read_bytes in read_document_batches(path, include_title, TRAIN_BATCH_BYTES):
+            for reader in readers:
+                for texts in reader.batches(TRAIN_BATCH_BYTES, on_bytes=progress.update):
                     counts["articles"] += len(texts)
-                    progress.update(read_bytes)
                     yield texts
 
     started = time.perf_counter()
@@ -82,7 +83,7 @@ def train_bpe(articles_paths: Sequence[str | os.PathLike], out_dir: str | os.Pat
         raise UserError(f"{', '.join(map(str, paths))}: no articles to train on; check the extract stage's output")
     figures = {
         "articles": counts["articles"],
-        "input_bytes": sum(p.stat().st_size for p in paths),
+        "input_bytes": sum(reader.counts.input_bytes for reader in readers),
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
         "seconds": round(time.perf_counter() - started, 3),
     }

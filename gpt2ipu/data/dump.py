@@ -1,9 +1,13 @@
 """Stage `dump`: the MediaWiki XML dump parts the pipeline starts from.
 
-Three sources (config key `dataset`):
+Five sources (config key `dataset`):
   sample  the embedded generated dump (gpt2ipu.data.sample_dump), split into parts
   enwiki  the real English Wikipedia dump, one part per numbered pages-articles file
   local   MediaWiki XML dumps (.xml or .xml.bz2) already on disk, used in place
+  text    the user's own documents: JSON lines, Parquet, plain text (gpt2ipu.data.corpus), used in place
+  hf      a Hugging Face Hub dataset's files (gpt2ipu.data.hub), one part per file
+
+The last two are not MediaWiki: their parts skip the extract stage and go to tokenize directly.
 
 The manifest (`results/data/{dataset}/dump/manifest.json`, `dump_manifest`) lists the parts; the
 workflow reads it as a checkpoint and makes one `{part}/pages.xml.bz2` per part (`dump_part`:
@@ -22,10 +26,13 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from gpt2ipu.data.corpus import DEFAULT_PART_BYTES
+from gpt2ipu.data.hub import DEFAULT_BYTES_PER_TOKEN
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file, write_text_atomic
 
-DATASETS = ("sample", "enwiki", "local")
+DATASETS = ("sample", "enwiki", "local", "text", "hf")
+WIKI_DATASETS = ("sample", "enwiki", "local")
 DEFAULT_MIRROR = "https://dumps.wikimedia.org"
 LOCAL_SUFFIXES = (".xml.bz2", ".xml")
 
@@ -88,14 +95,17 @@ def local_stamps(paths: list[str]) -> list[list[Any]]:
     return stamps
 
 
-def dump_manifest(out_path: str | Path, *, dataset: str, sample_parts: int, local_paths: list[str],
-                  enwiki_mirror: str, enwiki_date: str, enwiki_max_parts: int | None,
-                  local_stamps: Any = None) -> list[dict[str, Any]]:
+def dump_manifest(out_path: str | Path, *, dataset: str, sample_parts: int = 1, local_paths: list[str] = (),
+                  enwiki_mirror: str = DEFAULT_MIRROR, enwiki_date: str = "latest",
+                  enwiki_max_parts: int | None = None, text: Mapping[str, Any] | None = None,
+                  hf: Mapping[str, Any] | None = None, local_stamps: Any = None) -> list[dict[str, Any]]:
     """Write `{"dataset": ..., "parts": [{"name": ...}, ...]}` to `out_path`; return the parts.
 
     enwiki adds `mirror` and `date` (`latest` resolved to the date it named, so reruns fetch that
-    dump); local parts carry their file's `sha256`. `local_stamps` is not used: it is the
-    workflow's rerun key (see `local_stamps`)."""
+    dump); local parts carry their file's `sha256`; text parts their pieces and files (size, mtime,
+    sha256: `gpt2ipu.data.corpus`); hf adds the commit sha the revision resolved to. `text` and
+    `hf` are those config sections. `local_stamps` is not used: it is the workflow's rerun key
+    (see `local_stamps`, `corpus.file_stamps`)."""
     manifest: dict[str, Any] = {"dataset": dataset}
     if dataset == "sample":
         from gpt2ipu.data.sample_dump import sample_part_names
@@ -107,10 +117,32 @@ def dump_manifest(out_path: str | Path, *, dataset: str, sample_parts: int, loca
         manifest.update(mirror=enwiki_mirror, date=date, date_requested=enwiki_date)
     elif dataset == "local":
         parts = local_parts(local_paths)
+    elif dataset == "text":
+        parts = text_parts(text or {})
+    elif dataset == "hf":
+        from gpt2ipu.data.hub import hub_parts
+        hub = dict(hf or {})
+        listed = hub_parts(repo=hub.get("repo"), subset=hub.get("subset"), split=hub.get("split", "train"),
+                           revision=hub.get("revision"), files=hub.get("files"), max_files=hub.get("max_files"),
+                           max_tokens=hub.get("max_tokens"),
+                           bytes_per_token=hub.get("bytes_per_token") or DEFAULT_BYTES_PER_TOKEN)
+        parts = listed.pop("parts")
+        manifest.update(listed)
     else:
         raise UserError(f"config key dataset is {dataset!r}; it must be one of: {', '.join(DATASETS)}")
     manifest["parts"] = parts
     write_text_atomic(out_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return parts
+
+
+def text_parts(text: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Parts of the user's corpus files (config section `text`; see gpt2ipu.data.corpus)."""
+    from gpt2ipu.data.corpus import find_corpus_files, plan_parts, refuse_duplicate_files
+
+    txt_unit = text.get("txt_unit", "file")
+    files = find_corpus_files(list(text.get("paths") or []))
+    parts = plan_parts(files, part_bytes=int(text.get("part_bytes") or DEFAULT_PART_BYTES), txt_unit=txt_unit)
+    refuse_duplicate_files(parts)
     return parts
 
 
@@ -135,6 +167,10 @@ def dump_part(manifest_path: str | Path, part: str, out_dir: str | Path, *, data
     if dataset == "enwiki":
         from gpt2ipu.data.download import download_part
         return download_part(entry["url"], out_dir, sha1=entry["sha1"], retries=retries)
+    if dataset == "hf":
+        from gpt2ipu.data.hub import download_hub_part
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+        return download_hub_part(entry, out_dir, repo=manifest["repo"], revision=manifest["revision"])
     raise UserError(f"dataset {dataset!r}: its dump parts are used in place, not made")
 
 
@@ -153,6 +189,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     manifest.add_argument("--mirror", default=DEFAULT_MIRROR, help="enwiki: dump mirror base URL")
     manifest.add_argument("--date", default="latest", help="enwiki: dump date, e.g. 20240601, or latest")
     manifest.add_argument("--max-parts", type=int, default=None, help="enwiki: use only the first N parts")
+    manifest.add_argument("--text-path", action="append", default=[],
+                          help="text: a corpus file, folder or glob (repeatable)")
+    manifest.add_argument("--part-bytes", type=int, default=DEFAULT_PART_BYTES, help="text: about this many bytes a part")
+    manifest.add_argument("--txt-unit", choices=("file", "line"), default="file",
+                          help="text: a .txt file is one document (file) or holds one per line (line)")
+    manifest.add_argument("--hf-repo", help="hf: the Hub dataset, owner/name")
+    manifest.add_argument("--hf-subset", default=None, help="hf: the dataset card's config name")
+    manifest.add_argument("--hf-split", default="train", help="hf: the split (default train)")
+    manifest.add_argument("--hf-revision", default="main", help="hf: branch, tag or commit (default main)")
+    manifest.add_argument("--hf-files", action="append", default=None, help="hf: a glob over the repo's files")
+    manifest.add_argument("--max-files", type=int, default=None, help="hf: only the first N files")
+    manifest.add_argument("--max-tokens", type=int, default=None,
+                          help="hf: download only the files needed for about N tokens")
+
+    sample_text = actions.add_parser("sample-text", help="write a generated text corpus (Parquet, JSON lines, text)")
+    sample_text.add_argument("--out", required=True,
+                             help="file to write; its suffix picks the format (.parquet, .jsonl, .jsonl.gz, .jsonl.zst, .txt)")
+    sample_text.add_argument("--documents", type=int, default=10000, help="documents to write (default 10000)")
+    sample_text.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
+
+    part = actions.add_parser("part", help="make one part of a manifest (sample: generate, enwiki/hf: download)")
+    part.add_argument("--manifest", required=True, help="the manifest JSON (gpt2ipu dump manifest)")
+    part.add_argument("--part", required=True, help="the part's name in the manifest")
+    part.add_argument("--out-dir", required=True, help="the part's folder")
 
     sample = actions.add_parser("sample", help="write one part of the embedded generated dump")
     sample.add_argument("--out-dir", required=True, help="folder to write pages.xml.bz2 and provenance.json into")
@@ -171,9 +231,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.dump_action == "manifest":
+        text = {"paths": args.text_path, "part_bytes": args.part_bytes, "txt_unit": args.txt_unit}
+        hf = {"repo": args.hf_repo, "subset": args.hf_subset, "split": args.hf_split, "revision": args.hf_revision,
+              "files": args.hf_files, "max_files": args.max_files, "max_tokens": args.max_tokens}
         result: Any = dump_manifest(args.out, dataset=args.dataset, sample_parts=args.sample_parts,
                                     local_paths=args.local_path, enwiki_mirror=args.mirror,
-                                    enwiki_date=args.date, enwiki_max_parts=args.max_parts)
+                                    enwiki_date=args.date, enwiki_max_parts=args.max_parts, text=text, hf=hf)
+    elif args.dump_action == "sample-text":
+        from gpt2ipu.data.sample_text import write_sample_corpus
+        result = write_sample_corpus(args.out, documents=args.documents, seed=args.seed)
+    elif args.dump_action == "part":
+        manifest = json.loads(Path(args.manifest).read_text(encoding="utf-8"))
+        result = dump_part(args.manifest, args.part, args.out_dir, dataset=manifest["dataset"])
     elif args.dump_action == "sample":
         from gpt2ipu.data.sample_dump import write_sample_part
         result = write_sample_part(args.out_dir, part=args.part, parts=args.parts, pages=args.pages, seed=args.seed)

@@ -58,14 +58,29 @@ class TokenPart:
     folder: Path
     dataset: MMapIndexedDataset
     figures: dict
+    taken: int | None = None  # documents used under a max_tokens cap; None = all
 
     @property
     def documents(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) if self.taken is None else self.taken
+
+    def sizes(self) -> np.ndarray:
+        return self.dataset.sizes[: self.documents]
 
     def document_starts(self) -> np.ndarray:
         """Token offset of each document in tokens.bin, and the end offset last."""
-        return np.concatenate([[0], np.cumsum(self.dataset.sizes, dtype=np.int64)])
+        return np.concatenate([[0], np.cumsum(self.sizes(), dtype=np.int64)])
+
+
+def cap_tokens(parts: list[TokenPart], max_tokens: int) -> None:
+    """Take whole documents, parts in order, while the total stays within `max_tokens`."""
+    remaining = max_tokens
+    for part in parts:
+        ends = np.cumsum(part.dataset.sizes, dtype=np.int64)
+        part.taken = int(np.searchsorted(ends, remaining, side="right"))
+        remaining -= int(ends[part.taken - 1]) if part.taken else 0
+        if part.taken < len(part.dataset):
+            remaining = 0  # documents stay in order: nothing after the first one left out
 
 
 def open_token_part(folder: str | Path) -> TokenPart:
@@ -192,12 +207,19 @@ def empty_split_figures(split: str) -> dict:
 
 
 def shards(token_dirs: list, out_dir, *, max_len: int, valid_fraction: float, seed: int,
-               samples_per_shard: int) -> dict:
-    """Build the shards folder `out_dir` from tokenize outputs `token_dirs`; return stats.json's content."""
+           samples_per_shard: int, max_tokens: int | None = None) -> dict:
+    """Build the shards folder `out_dir` from tokenize outputs `token_dirs`; return stats.json's content.
+
+    max_tokens: use only the first documents (parts in the order given) whose tokens, EOS included,
+    add up to at most this many (dataset hf/text's `max_tokens`); None uses every document."""
     started = time.perf_counter()
     check_parameters(token_dirs, max_len, valid_fraction, samples_per_shard)
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"max_tokens must be at least 1 (or null for no cap), got {max_tokens}")
     parts = [open_token_part(folder) for folder in token_dirs]
-    all_sizes = np.concatenate([part.dataset.sizes for part in parts]).astype(np.int64)
+    if max_tokens is not None:
+        cap_tokens(parts, max_tokens)
+    all_sizes = np.concatenate([part.sizes() for part in parts]).astype(np.int64)
     if len(all_sizes) == 0:
         raise UserError(f"the tokens folders {', '.join(map(str, token_dirs))} hold no documents; check the extract stage's output")
     is_valid = choose_valid_documents(len(all_sizes), valid_fraction, seed)
@@ -220,6 +242,10 @@ def shards(token_dirs: list, out_dir, *, max_len: int, valid_fraction: float, se
         stats = {
             "articles": len(all_sizes),
             "tokens": int(all_sizes.sum()),
+            # documents the tokenize stage skipped as empty (blank text), over all parts
+            "empty_documents": sum(int(part.figures.get("empty_documents", 0)) for part in parts),
+            "max_tokens": max_tokens,
+            "articles_over_max_tokens": sum(len(part.dataset) - part.documents for part in parts),
             "max_len": max_len,
             "sample_len": sample_len,
             "samples_per_shard": samples_per_shard,
@@ -236,7 +262,7 @@ def shards(token_dirs: list, out_dir, *, max_len: int, valid_fraction: float, se
         write_provenance(
             tmp, "shards",
             params={"max_len": max_len, "valid_fraction": valid_fraction, "seed": seed,
-                    "samples_per_shard": samples_per_shard},
+                    "samples_per_shard": samples_per_shard, "max_tokens": max_tokens},
             inputs=[part.folder for part in parts],
             figures={**{k: v for k, v in stats.items() if k != "shard_files"},
                      "seconds": round(time.perf_counter() - started, 3)},
@@ -318,11 +344,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of documents held out for validation (0 for none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
     parser.add_argument("--samples-per-shard", type=int, default=10000, help="most samples in one TFRecord shard")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="use only the first documents, in part order, up to this many tokens in all")
 
 
 def run(args: argparse.Namespace) -> int:
     stats = shards(args.tokens, args.out_dir, max_len=args.max_len, valid_fraction=args.valid_fraction,
-                       seed=args.seed, samples_per_shard=args.samples_per_shard)
+                   seed=args.seed, samples_per_shard=args.samples_per_shard, max_tokens=args.max_tokens)
     print(f"gpt2ipu shards: {stats['train_samples']} train / {stats['valid_samples']} valid samples "
           f"in {args.out_dir}", file=sys.stderr)
     return 0

@@ -46,14 +46,59 @@ def part_names(dataset):
 
 
 def dump_file(wc):
+    if wc.dataset in ("text", "hf"):
+        raise WorkflowError(f"dataset {wc.dataset} has no MediaWiki dump to extract: its parts go to tokenize")
     entry = part_entry(wc.dataset, wc.part)
     if wc.dataset == "local":
         return entry["path"]
     return f"results/data/{wc.dataset}/dump/{wc.part}"
 
 
-def all_extract_dirs(wc):
-    return expand(f"{DATA}/extract/{{part}}", dataset=wc.dataset, part=part_names(wc.dataset))
+def documents_input(dataset, part):
+    """What a part's tokenize job reads: the extract stage's folder (MediaWiki datasets), the part's
+    own corpus files (text, used in place), or its downloaded folder (hf)."""
+    if dataset == "text":
+        return [f["path"] for f in part_entry(dataset, part)["files"]]
+    if dataset == "hf":
+        return [f"results/data/{dataset}/dump/{part}"]
+    return [f"results/data/{dataset}/extract/{part}"]
+
+
+def tokenize_input(wc):
+    return {"documents": documents_input(wc.dataset, wc.part)}
+
+
+def all_document_inputs(wc):
+    return [path for part in part_names(wc.dataset) for path in documents_input(wc.dataset, part)]
+
+
+def documents_of(dataset, part):
+    """The `documents` a tokenize (or train-bpe) job passes to the library: an articles.jsonl path,
+    or the part's pieces (gpt2ipu.data.corpus) with its files' sha256, so that a replaced file
+    changes the params of its own parts only."""
+    if dataset == "text":
+        entry = part_entry(dataset, part)
+        return {"pieces": entry["pieces"], "sha256": [f.get("sha256") for f in entry["files"]]}
+    if dataset == "hf":
+        from gpt2ipu.data.hub import hub_part_file
+
+        entry = part_entry(dataset, part)
+        path = hub_part_file(f"results/data/{dataset}/dump/{part}", entry)
+        return {"pieces": [{"path": str(path), "format": entry["format"]}], "sha256": [entry.get("sha256")]}
+    return f"results/data/{dataset}/extract/{part}/articles.jsonl"
+
+
+def part_documents(wc):
+    return documents_of(wc.dataset, wc.part)
+
+
+def text_fields(wc):
+    """The record fields of dataset text / hf (gpt2ipu.data.corpus.TextFields); None for articles."""
+    if wc.dataset not in ("text", "hf"):
+        return None
+    section = config[wc.dataset]
+    return {"text": section["text_field"], "title": section["title_field"], "id": section["id_field"],
+            "txt_unit": config["text"]["txt_unit"]}
 
 
 def bpe_input(wc):

@@ -1,10 +1,13 @@
 # Data stages: dump -> extract -> tokenize -> shards, one job per dump part until shards gathers.
+# Datasets text and hf are not MediaWiki: their parts go from the manifest (hf: a download) to tokenize.
 
+from gpt2ipu.data.corpus import file_stamps
 from gpt2ipu.data.dump import local_stamps
 
 
 checkpoint dump_manifest:
-    """The list of dump parts: generated (sample), the mirror's checksum list (enwiki), or local.paths."""
+    """The list of dump parts: generated (sample), the mirror's checksum list (enwiki), local.paths, the
+    corpus files cut into parts (text), or the Hub dataset's files at a pinned commit (hf)."""
     output:
         f"{DATA}/dump/manifest.json",
     params:
@@ -15,10 +18,13 @@ checkpoint dump_manifest:
             enwiki_mirror=config["enwiki"]["mirror"],
             enwiki_date=config["enwiki"]["date"],
             enwiki_max_parts=config["enwiki"]["max_parts"],
-            # local: each file's path, size and mtime, so a replaced dump (even with an older mtime)
-            # changes the params and reruns the manifest, which records its sha256 (absent for the
-            # other datasets, so their params stay as they were).
+            # local and text: each file's path, size and mtime, so a replaced file (even with an older
+            # mtime) changes the params and reruns the manifest, which records its sha256 (absent for
+            # the other datasets, so their params stay as they were).
             **({"local_stamps": local_stamps(config["local"]["paths"])} if wc.dataset == "local" else {}),
+            **({"text": config["text"], "local_stamps": file_stamps(config["text"]["paths"])}
+               if wc.dataset == "text" else {}),
+            **({"hf": config["hf"]} if wc.dataset == "hf" else {}),
         ),
     log:
         "logs/{dataset}/dump_manifest.log",
@@ -31,7 +37,8 @@ checkpoint dump_manifest:
 
 
 rule dump_part:
-    """One dump part: generated offline (sample) or downloaded with resume and sha1 check (enwiki)."""
+    """One dump part: generated offline (sample), downloaded with resume and sha1 check (enwiki), or
+    fetched into the Hugging Face cache and linked (hf)."""
     input:
         manifest=f"{DATA}/dump/manifest.json",
     output:
@@ -75,10 +82,12 @@ rule extract:
 rule train_bpe:
     """A fresh byte-level BPE trained on the whole corpus (tokenize.tokenizer: bpe)."""
     input:
-        all_extract_dirs,
+        all_document_inputs,
     output:
         directory(f"{DATA}/bpe"),
     params:
+        documents=lambda wc: [documents_of(wc.dataset, part) for part in part_names(wc.dataset)],
+        fields=text_fields,
         vocab_size=config["tokenize"]["bpe_vocab_size"],
         min_frequency=config["tokenize"]["bpe_min_frequency"],
     log:
@@ -92,13 +101,16 @@ rule train_bpe:
 
 
 rule tokenize:
-    """Articles -> token ids (Megatron .bin/.idx, one EOS after each article)."""
+    """Articles, or a text corpus's part -> token ids (Megatron .bin/.idx, one EOS after each document)."""
     input:
         unpack(bpe_input),
-        articles=f"{DATA}/extract/{{part}}",
+        unpack(tokenize_input),
     output:
         directory(f"{DATA}/tokens/{{part}}"),
     params:
+        # text: the part's pieces and its files' sha256, so a replaced file reruns its own parts only
+        documents=part_documents,
+        fields=text_fields,
         tokenizer=config["tokenize"]["tokenizer"],
         vocab_dir=config["tokenize"]["vocab_dir"],
         include_title=config["tokenize"]["include_title"],
@@ -124,6 +136,7 @@ rule shards:
         valid_fraction=config["shards"]["valid_fraction"],
         seed=config["shards"]["seed"],
         samples_per_shard=config["shards"]["samples_per_shard"],
+        max_tokens=lambda wc: config[wc.dataset]["max_tokens"] if wc.dataset in ("text", "hf") else None,
     log:
         "logs/{dataset}/shards.log",
     benchmark:
