@@ -50,20 +50,23 @@ def sentence_pool(seed: int, size: int = SENTENCE_POOL) -> list[str]:
 
 
 def sample_documents(documents: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
-    """Records {"id", "title", "text"} number `start` to `start + documents - 1` of the corpus `seed`."""
+    """Records {"id", "title", "text"} number `start` to `start + documents - 1` of the corpus `seed`
+    (document i is the same whatever range it is read in: each block of ROWS_PER_GROUP documents
+    draws from its own seeded generator)."""
     pool = np.array(sentence_pool(seed), dtype=object)
-    for first in range(start, start + documents, ROWS_PER_GROUP):
-        count = min(ROWS_PER_GROUP, start + documents - first)
-        rng = np.random.default_rng([seed, first])
-        lengths = rng.integers(3, 40, size=count)
+    stop = start + documents
+    for block in range(start // ROWS_PER_GROUP, -(-stop // ROWS_PER_GROUP)):
+        rng = np.random.default_rng([seed, block])
+        lengths = rng.integers(3, 40, size=ROWS_PER_GROUP)
         picks = rng.integers(0, len(pool), size=int(lengths.sum()))
         breaks = rng.random(size=int(lengths.sum())) < 0.2
-        offset = 0
-        for i, length in enumerate(lengths.tolist()):
-            sentences = pool[picks[offset : offset + length]]
-            text = "".join(s + ("\n\n" if b else " ") for s, b in zip(sentences, breaks[offset : offset + length]))
-            offset += length
-            title = " ".join(sentences[0].rstrip(".").split(" ")[1:3]).title()
+        ends = np.cumsum(lengths)
+        first = block * ROWS_PER_GROUP
+        for i in range(max(start, first) - first, min(stop, first + ROWS_PER_GROUP) - first):
+            at, length = int(ends[i] - lengths[i]), int(lengths[i])
+            sentences = pool[picks[at : at + length]]
+            text = "".join(s + ("\n\n" if b else " ") for s, b in zip(sentences, breaks[at : at + length]))
+            title = " ".join(w for w in sentences[0].rstrip(".").split(" ")[1:3]).title()
             yield {"id": f"doc-{first + i}", "title": title, "text": text.strip()}
 
 
