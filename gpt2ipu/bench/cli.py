@@ -14,6 +14,7 @@ import sys
 
 STAGES = {
     "tokenize": "gpt2ipu.bench.tokenize",
+    "tokenize_text": "gpt2ipu.bench.tokenize_text",
     "shards": "gpt2ipu.bench.shards",
     "extract": "gpt2ipu.bench.extract",
     "train": "gpt2ipu.bench.train",
