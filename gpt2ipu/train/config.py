@@ -489,7 +489,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
     if values.get("dataset") == "dynamic":
         values["dataset"] = "generated"
-    for key in ("max_steps",):
+    for key in ("max_steps", *SIZE_KEYS):   # a --config file's "none": no cap; the preset's size
         if values.get(key) in ("none", "null"):
             values[key] = None
     return TrainConfig.from_dict(values, args.config or "command line")
