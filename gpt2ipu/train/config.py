@@ -361,7 +361,8 @@ def check_sizes(sizes: dict[str, Any], recipe_name: str, recipe: dict[str, Any],
     for name, size in sizes.items():
         source = f"config key 'train.sizes.{name}'"
         if name in PRESETS or name in PRESET_TARGETS:
-            taken = "a model preset's" if name in PRESETS else f"the target pretrain_{name}'s (preset {PRESET_TARGETS[name]})"
+            taken = ("a model preset's" if name in PRESETS
+                     else f"the target pretrain_{name}'s (preset {PRESET_TARGETS[name]})")
             raise UserError(f"{source}: the name {name!r} is {taken}; give the size another name (its target is "
                             "pretrain_<name>). Fix it in config/config.yaml or in --config.")
         _check_workflow_run(recipe_for_model(recipe, name, sizes), f"{source} (with recipe {recipe_name!r})",

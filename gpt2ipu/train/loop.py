@@ -77,7 +77,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     speed = Throughput.measure(run)
     metrics = MetricsLog(cfg.state_dir, resume_step=start_step, enabled=info.is_main)
     resized = ", ".join(f"{key} {getattr(cfg, key)}" for key in SIZE_KEYS if getattr(cfg, key) is not None)
-    say(f"model {cfg.model}{' with ' + resized if resized else ''}: {speed.n_params / 1e6:.1f}M parameters, device {info.device}, precision {cfg.precision}, "
+    say(f"model {cfg.model}{' with ' + resized if resized else ''}: {speed.n_params / 1e6:.1f}M parameters, "
+        f"device {info.device}, precision {cfg.precision}, "
         f"{describe_layout(cfg, info, stage_sizes)}, global batch {cfg.global_batch} x {cfg.max_len} tokens, "
         f"{run.total_steps} steps ({run.batches.steps_per_epoch}/epoch); MFU against the {speed.peak_source} "
         f"({speed.peak / 1e9:.0f} GFLOP/s)")
