@@ -66,6 +66,17 @@ rule pretrain_xl:
         REPORT_PAGES,
 
 
+# pretrain_<name>: each named size of config key train.sizes, trained with the active recipe.
+for size in SIZES:
+
+    rule:
+        name:
+            f"pretrain_{size}"
+        input:
+            f"results/models/{DATASET}-{size}/final",
+            REPORT_PAGES,
+
+
 rule evaluate_lambada:
     """LAMBADA accuracy and target perplexity (lambada_openai, last_word, last_token) of GPT-2 small, and the
     per-passage log (rule evaluate_lambada_any)."""

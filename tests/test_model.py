@@ -10,9 +10,10 @@ from conftest import plain_loss
 from safetensors.torch import load_file
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.model.gpt import GPT, PRESETS, config_for
+from gpt2ipu.model.gpt import GPT, config_for
 from gpt2ipu.model.hf import load_hf_dir, save_hf_dir
 from gpt2ipu.model.loss import chunked_lm_loss
+from gpt2ipu.sizes import PRESETS
 from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
 
 transformers = pytest.importorskip("transformers")

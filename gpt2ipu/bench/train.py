@@ -52,6 +52,9 @@ DEFAULT_KNOBS = {"token_chunks": None, "vocab_chunks": 1, "optimizer": "fused", 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt2", help="model preset (gpt2-test, gpt2, gpt2-medium, ...)")
+    for key in ("n_layer", "n_embd", "n_head"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                            help=f"{key} in place of the preset's (as `gpt2ipu train --{key.replace('_', '-')}`)")
     parser.add_argument("--max-len", type=int, default=256, help="tokens per sample")
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per variant run")
@@ -76,12 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from gpt2ipu.sizes import model_size
+
+    size = size_flags(args)
+    model_size(args.preset, args.max_len, **size)   # a size that cannot be built: one message, now
     if args.nproc > 1:
         from gpt2ipu.bench import train_layouts
 
         if args.precision == "auto":
             args.precision = "fp32"
-        return train_layouts.run(args)
+        return train_layouts.run(args, size)
     import torch
 
     precision, precision_note = _choose_precision(args.precision, args.device)
@@ -92,8 +99,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.ablations:
         variants.update({name: {**knobs, **change} for name, change in ABLATIONS.items()})
     common = {
-        "preset": args.preset, "max_len": args.max_len, "batch_size": args.batch_size, "steps": args.steps,
-        "warmup": args.warmup, "precision": precision, "device": args.device,
+        "preset": args.preset, "size": size, "max_len": args.max_len, "batch_size": args.batch_size,
+        "steps": args.steps, "warmup": args.warmup, "precision": precision, "device": args.device,
     }
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
@@ -178,6 +185,11 @@ def _matmul_peak(device: str, dtype, size: int = 2048, repeats: int = 7) -> floa
     return 2 * size**3 / statistics.median(times)
 
 
+def size_flags(args: argparse.Namespace) -> dict[str, int]:
+    """The size keys given (--n-layer, --n-embd, --n-head), for config_for and `gpt2ipu train`."""
+    return {key: getattr(args, key) for key in ("n_layer", "n_embd", "n_head") if getattr(args, key) is not None}
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -208,7 +220,7 @@ def _child(spec: dict) -> dict:
 
     device, knobs = spec["device"], spec["knobs"]
     torch.manual_seed(0)
-    config = config_for(spec["preset"], spec["max_len"])
+    config = config_for(spec["preset"], spec["max_len"], **spec["size"])
     generator = torch.Generator().manual_seed(1234)
     n_steps = spec["warmup"] + spec["steps"]
     samples = torch.randint(0, config.vocab_size, (n_steps, spec["batch_size"], spec["max_len"] + 1), generator=generator)

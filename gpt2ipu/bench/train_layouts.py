@@ -53,13 +53,15 @@ def layout_flags(layout: str, nproc: int, micro_batch: int, grad_accum: int, spl
     return (["--fsdp"] if layout == "fsdp" else []) + replicas
 
 
-def run_layout(layout: str, args, split: list[int], port: int) -> dict:
-    """One layout's run; its per-step throughput and per-process memory."""
+def run_layout(layout: str, args, size: dict[str, int], split: list[int], port: int) -> dict:
+    """One layout's run; its per-step throughput and per-process memory. size: the model's size keys
+    in place of the preset's ({"n_layer": 4}: `gpt2ipu train --n-layer 4`)."""
     steps = args.warmup + args.steps
     global_batch = args.batch_size * args.grad_accum * args.nproc
     with tempfile.TemporaryDirectory(prefix=f"bench-{layout}-") as state:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                    f"--master_port={port}", "-m", "gpt2ipu", "train", "--model", args.preset,
+                   *(f"--{key.replace('_', '-')}={value}" for key, value in size.items()),
                    "--max-len", str(args.max_len),
                    "--generated-samples", str(global_batch * (steps + 1)), "--max-steps", str(steps),
                    "--checkpoint-every", "0", "--final-checkpoint", "false", "--eval-batches", "1",
@@ -81,25 +83,25 @@ def run_layout(layout: str, args, split: list[int], port: int) -> dict:
             "flags": layout_flags(layout, args.nproc, args.batch_size, args.grad_accum, split)}
 
 
-def run(args) -> dict:
-    """Every requested layout, then ratios against DDP and the goals (GOALS)."""
+def run(args, size: dict[str, int]) -> dict:
+    """Every requested layout, then ratios against DDP and the goals (GOALS); size as in `run_layout`."""
     from gpt2ipu.model import config_for
 
     layouts = [name.strip() for name in args.layout.split(",") if name.strip()]
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown or not layouts:
         raise SystemExit(f"bench train: --layout takes a comma-separated list of {', '.join(LAYOUTS)}, got {args.layout!r}")
-    model = config_for(args.preset, args.max_len)
+    model = config_for(args.preset, args.max_len, **size)
     split = head_balanced_split(model.n_layer, args.nproc, model.vocab_size, model.n_embd)
     measured = {}
     for i, layout in enumerate(layouts):
         print(f"bench train: layout {layout} on {args.nproc} processes", file=sys.stderr, flush=True)
-        measured[layout] = run_layout(layout, args, split, port=29700 + os.getpid() % 200 + i)
+        measured[layout] = run_layout(layout, args, size, split, port=29700 + os.getpid() % 200 + i)
     ours_name = next((name for name in layouts if name != "ddp"), layouts[0])
     baselines = {name: m["tokens_per_s"] for name, m in measured.items() if name != ours_name}
     result = report(measured[ours_name]["tokens_per_s"], "tokens/s", baselines, ours_layout=ours_name,
                     layouts=measured,
-                    config={"preset": args.preset, "max_len": args.max_len, "micro_batch": args.batch_size,
+                    config={"preset": args.preset, **size, "max_len": args.max_len, "micro_batch": args.batch_size,
                             "global_batch": args.batch_size * args.grad_accum * args.nproc, "nproc": args.nproc,
                             "warmup_steps": args.warmup, "measured_steps": args.steps, "device": args.device,
                             "precision": args.precision, "pp_layers": split},

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from gpt2ipu.errors import UserError
 from gpt2ipu.model.loss import IGNORE_INDEX, chunked_lm_loss
 from gpt2ipu.model.memory import FeatureMajorMLP, TiedEmbedding, TiedGrad, gelu_new, recast_linear
+from gpt2ipu.sizes import model_size
 
 
 class LMLoss(NamedTuple):
@@ -104,24 +105,14 @@ class GPTConfig:
         return asdict(self)
 
 
-# (n_layer, n_embd, n_head): the original's --model choices.
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "gpt2-test": (2, 64, 2),
-    "gpt2": (12, 768, 12),
-    "gpt2-medium": (24, 1024, 16),
-    "gpt2-large": (36, 1280, 20),
-    "gpt2-xl": (48, 1600, 25),
-}
-
-
-def config_for(preset: str, max_len: int, vocab_size: int = 50257, **overrides) -> GPTConfig:
-    """The GPTConfig of a named preset, with room for `max_len` positions."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown model preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    n_layer, n_embd, n_head = PRESETS[preset]
-    return GPTConfig(
-        vocab_size=vocab_size, n_positions=max_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head, **overrides
-    )
+def config_for(preset: str, max_len: int, vocab_size: int = 50257, *, n_layer: int | None = None,
+               n_embd: int | None = None, n_head: int | None = None, n_positions: int | None = None,
+               **overrides) -> GPTConfig:
+    """The GPTConfig of a named preset (gpt2ipu.sizes.PRESETS), with room for `max_len` positions;
+    n_layer, n_embd, n_head, n_positions replace the preset's (checked by gpt2ipu.sizes.model_size),
+    `overrides` set the other fields."""
+    size = model_size(preset, max_len, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions)
+    return GPTConfig(vocab_size=vocab_size, **asdict(size), **overrides)
 
 
 class CausalSelfAttention(nn.Module):

@@ -21,6 +21,7 @@ import yaml
 
 from gpt2ipu.devices import PRECISIONS
 from gpt2ipu.errors import UserError
+from gpt2ipu.sizes import PRESETS, SIZE_KEYS, ModelSize, model_size
 
 # Flags that only mean something on an IPU: accepted, and each says what it means here.
 IPU_ONLY_FLAGS = {
@@ -56,6 +57,13 @@ class TrainConfig:
     # model
     model: str = _flag("gpt2-test", "GPT-2 size preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl (12/24/36/48 layers) "
                                     "or gpt2-test (tiny, for tests); the original's --model")
+    n_layer: int | None = _flag(None, "transformer layers, in place of the --model preset's (e.g. --n-layer 6 "
+                                      "--n-embd 384 --n-head 6: nanoGPT's baby GPT); none = the preset's")
+    n_embd: int | None = _flag(None, "width of the residual stream, in place of the --model preset's; a multiple "
+                                     "of --n-head; none = the preset's")
+    n_head: int | None = _flag(None, "attention heads, in place of the --model preset's; none = the preset's")
+    n_positions: int | None = _flag(None, "position embeddings (the longest sequence the model takes), at least "
+                                          "--max-len; none = --max-len")
     max_len: int = _flag(128, "tokens per training sample (the context length); the original's --max-len")
     dropout: float = _flag(0.0, "dropout probability of the embeddings, attention and residual paths (0 = none)")
     recompute_checkpoint_every_layer: bool = _flag(
@@ -162,6 +170,11 @@ class TrainConfig:
         """Samples per optimizer step over all replicas: micro-batch x accumulation x replicas."""
         return self.batch_size * self.gradient_accumulation * self.replication_factor
 
+    def model_size(self) -> ModelSize:
+        """The size of the model a fresh run builds: --model's preset with --n-layer, --n-embd, --n-head,
+        --n-positions in place of its own; a UserError lists what cannot be built."""
+        return model_size(self.model, self.max_len, **{key: getattr(self, key) for key in SIZE_KEYS})
+
     @property
     def stages(self) -> int:
         """Pipeline stages per replica: --layers-per-ipu's count, else --ipus-per-replica or --pipeline-stages."""
@@ -220,6 +233,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--lr-warmup is a fraction of the steps in [0, 1), got {cfg.lr_warmup}")
     if cfg.pipeline_schedule not in ("1f1b", "gpipe"):
         raise UserError(f"training key 'pipeline_schedule': {cfg.pipeline_schedule!r} is not one of ['1f1b', 'gpipe']")
+    sizes_given = [f"--{key.replace('_', '-')}" for key in SIZE_KEYS if getattr(cfg, key) is not None]
+    if cfg.checkpoint_input_dir and sizes_given:
+        raise UserError(f"{', '.join(sizes_given)} set the size of a fresh model, but --checkpoint-input-dir "
+                        f"{cfg.checkpoint_input_dir} brings its own (its config.json): drop {', '.join(sizes_given)}")
+    if not cfg.checkpoint_input_dir:
+        cfg.model_size()
 
 
 def check_layout(cfg: TrainConfig, world_size: int, n_layer: int) -> list[int] | None:
@@ -311,22 +330,61 @@ def check_recipes(recipes: dict[str, Any], train_settings: dict[str, Any] | None
     Called by the workflow when it starts, so a misspelled or mistyped key fails before any job runs
     (and before Snakemake removes a previous model's outputs), not inside the training job.
     """
+    for name, recipe in recipes.items():
+        # GPT-2 small (or the recipe's own n_layer etc.): the smallest real model a stage split must fit
+        _check_workflow_run(recipe_for_model(recipe, "gpt2"), f"config key 'train.recipes.{name}'", train_settings)
+
+
+# The Snakefile's targets of the presets (pretrain_small trains gpt2, ...): a named size must not
+# take their names, nor a preset's (the model folder of pretrain_<name> is <dataset>-<name>).
+PRESET_TARGETS = {"small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large", "xl": "gpt2-xl"}
+# The preset a named size starts from when it does not name one.
+SIZE_BASE = "gpt2"
+
+
+def recipe_for_model(recipe: dict[str, Any], model: str, sizes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The workflow recipe `recipe` as the job for `model` runs it: `model` is a preset, or the name
+    of a size in config key `train.sizes`, whose keys (model, n_layer, ...) replace the recipe's."""
+    if sizes and model in sizes:
+        return {**recipe, "model": SIZE_BASE, **sizes[model]}
+    return {**recipe, "model": model}
+
+
+def check_sizes(sizes: dict[str, Any], recipe_name: str, recipe: dict[str, Any],
+                train_settings: dict[str, Any] | None = None) -> None:
+    """Check every named size (config key `train.sizes`) as its pretrain_<name> job will train it:
+    with the active recipe `recipe_name` and the process layout of `train_settings` (config key `train`).
+
+    Called by the workflow when it starts, like `check_recipes`: a size that cannot be built (n_embd
+    not a multiple of n_head, fewer layers than pipeline stages) fails before any job runs.
+    """
+    for name, size in sizes.items():
+        source = f"config key 'train.sizes.{name}'"
+        if name in PRESETS or name in PRESET_TARGETS:
+            taken = ("a model preset's" if name in PRESETS
+                     else f"the target pretrain_{name}'s (preset {PRESET_TARGETS[name]})")
+            raise UserError(f"{source}: the name {name!r} is {taken}; give the size another name (its target is "
+                            "pretrain_<name>). Fix it in config/config.yaml or in --config.")
+        _check_workflow_run(recipe_for_model(recipe, name, sizes), f"{source} (with recipe {recipe_name!r})",
+                            train_settings)
+
+
+def _check_workflow_run(recipe: dict[str, Any], source: str, train_settings: dict[str, Any] | None) -> None:
+    """Check one workflow job's training keys (a recipe with its model) as the training job will read them."""
     parallel, replicas = None, 1
-    if train_settings is not None:
+    if train_settings is not None:   # its own message: config key 'train.parallel'
         parallel = train_settings["parallel"]
         replicas = workflow_replicas(train_settings["nproc_per_node"], train_settings["nnodes"], parallel)
-    for name, recipe in recipes.items():
-        source = f"config key 'train.recipes.{name}'"
-        try:
-            values = workflow_run_config({**recipe, "model": "gpt2"}, shards_dir="shards", state_dir="train_state",
-                                         save_model_path="final", replication_factor=replicas, parallel=parallel)
-            cfg = TrainConfig.from_dict(values, source)
-            check_config(cfg)
-            if parallel is not None:   # GPT-2 small's 12 layers: the smallest real model a stage split must fit
-                check_layout(cfg, world_size=cfg.stages * replicas, n_layer=12)
-        except UserError as err:
-            text = str(err) if str(err).startswith(source) else f"{source}: {err}"
-            raise UserError(f"{text}. Fix it in config/config.yaml or in --config.") from None
+    try:
+        values = workflow_run_config(recipe, shards_dir="shards", state_dir="train_state", save_model_path="final",
+                                     replication_factor=replicas, parallel=parallel)
+        cfg = TrainConfig.from_dict(values, source)
+        check_config(cfg)
+        if parallel is not None:
+            check_layout(cfg, world_size=cfg.stages * replicas, n_layer=cfg.model_size().n_layer)
+    except UserError as err:
+        text = str(err) if str(err).startswith(source) else f"{source}: {err}"
+        raise UserError(f"{text}. Fix it in config/config.yaml or in --config.") from None
 
 
 @dataclass(frozen=True)
@@ -432,7 +490,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
     if values.get("dataset") == "dynamic":
         values["dataset"] = "generated"
-    for key in ("max_steps",):
+    for key in ("max_steps", *SIZE_KEYS):   # a --config file's "none": no cap; the preset's size
         if values.get(key) in ("none", "null"):
             values[key] = None
     return TrainConfig.from_dict(values, args.config or "command line")

@@ -32,6 +32,7 @@ from gpt2ipu.model import GPT, config_for
 from gpt2ipu.model.gpt import GPTConfig
 from gpt2ipu.model.hf import CONFIG_NAME, config_from_hf, load_hf_dir, save_hf_dir, write_hf_files
 from gpt2ipu.data.shards import STATS_NAME
+from gpt2ipu.sizes import SIZE_KEYS
 from gpt2ipu.train import parallel
 from gpt2ipu.train.config import LossChunks, TrainConfig, check_layout, resolve, stage_layers
 from gpt2ipu.train.data import ResumableBatches, make_train_dataset
@@ -75,7 +76,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     speed = Throughput.measure(run)
     metrics = MetricsLog(cfg.state_dir, resume_step=start_step, enabled=info.is_main)
-    say(f"model {cfg.model}: {speed.n_params / 1e6:.1f}M parameters, device {info.device}, precision {cfg.precision}, "
+    resized = ", ".join(f"{key} {getattr(cfg, key)}" for key in SIZE_KEYS if getattr(cfg, key) is not None)
+    say(f"model {cfg.model}{' with ' + resized if resized else ''}: {speed.n_params / 1e6:.1f}M parameters, "
+        f"device {info.device}, precision {cfg.precision}, "
         f"{describe_layout(cfg, info, stage_sizes)}, global batch {cfg.global_batch} x {cfg.max_len} tokens, "
         f"{run.total_steps} steps ({run.batches.steps_per_epoch}/epoch); MFU against the {speed.peak_source} "
         f"({speed.peak / 1e9:.0f} GFLOP/s)")
@@ -214,11 +217,13 @@ def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] 
 
 
 def model_config_of(cfg: TrainConfig) -> GPTConfig:
-    """The configuration of the model the run trains: --checkpoint-input-dir's, else the --model preset's."""
+    """The configuration of the model the run trains: --checkpoint-input-dir's, else the --model preset's
+    with --n-layer, --n-embd, --n-head, --n-positions in place of its own."""
     if cfg.checkpoint_input_dir:
         return config_from_hf(Path(cfg.checkpoint_input_dir) / CONFIG_NAME, recompute=cfg.recompute_checkpoint_every_layer)
-    return config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, embd_pdrop=cfg.dropout,
-                      attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout, recompute=cfg.recompute_checkpoint_every_layer)
+    return config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                      n_head=cfg.n_head, n_positions=cfg.n_positions, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                      resid_pdrop=cfg.dropout, recompute=cfg.recompute_checkpoint_every_layer)
 
 
 def parallelize(model: GPT, cfg: TrainConfig, stage_sizes: list[int] | None, loss_chunks: LossChunks,

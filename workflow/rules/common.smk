@@ -11,17 +11,27 @@ import json
 
 from snakemake.exceptions import WorkflowError
 
-from gpt2ipu.config import shard_max_len, validate_config
+from gpt2ipu.config import active_recipe_name, shard_max_len, validate_config
 from gpt2ipu.errors import UserError
-from gpt2ipu.train.config import check_recipes
+from gpt2ipu.sizes import PRESETS
+from gpt2ipu.train.config import check_recipes, check_sizes, recipe_for_model
 
 try:
     validate_config(config, workflow.source_path("../../config/schema.yaml"))
     # Recipes are checked as the training job reads them, now: a typo must not wait for that job.
     check_recipes(config["train"]["recipes"], config["train"])
+    # Named sizes (each a pretrain_<name> target), as their jobs train them: with the active recipe.
+    SIZES = config["train"]["sizes"]
+    ACTIVE_RECIPE = active_recipe_name(config)
+    check_sizes(SIZES, ACTIVE_RECIPE, config["train"]["recipes"][ACTIVE_RECIPE], config["train"])
     SHARD_MAX_LEN = shard_max_len(config)
 except UserError as err:
     raise WorkflowError(str(err)) from None
+
+
+# The model wildcard: the Snakefile's presets and the named sizes, known only now the config is checked.
+wildcard_constraints:
+    model="|".join([*PRESETS, *SIZES]),
 
 DATASET = config["dataset"]
 DATA = "results/data/{dataset}"
@@ -115,12 +125,9 @@ def all_token_dirs(wc):
 
 
 def train_recipe(wc):
-    """The active recipe with the target's model size: what the training job is run with."""
-    from gpt2ipu.config import active_recipe_name
-
-    recipe = dict(config["train"]["recipes"][active_recipe_name(config)])
-    recipe["model"] = wc.model
-    return recipe
+    """The active recipe with the target's model size (a preset, or a named size's keys): what the
+    training job is run with."""
+    return recipe_for_model(config["train"]["recipes"][ACTIVE_RECIPE], wc.model, SIZES)
 
 
 # The report's pages (rule report_pages, workflow/rules/report.smk).
@@ -138,7 +145,8 @@ REPORT_SECTIONS = {  # section -> the report's category name
 REPORT_PAGES = [f"{REPORT_DIR}/{section}" for section in REPORT_SECTIONS]
 # The named targets that end with report_pages (each lists REPORT_PAGES among its inputs).
 REPORTED_TARGETS = ("data", "pretrain_small", "pretrain_medium", "pretrain_large", "pretrain_xl",
-                    "evaluate_lambada", "evaluate_wiki", "generate", "profile", "benchmarks")
+                    "evaluate_lambada", "evaluate_wiki", "generate", "profile", "benchmarks",
+                    *(f"pretrain_{size}" for size in SIZES))
 
 
 def section_pages(section):
