@@ -21,6 +21,7 @@ def test_text_corpus_chain_reruns_nothing_then_only_a_replaced_files_part(tmp_pa
     write_sample_corpus(corpus / "web" / "b.parquet", documents=500, seed=2)
     write_sample_corpus(corpus / "web" / "c.jsonl.gz", documents=300, seed=3)
     write_sample_corpus(corpus / "d.jsonl", documents=300, seed=4)   # about 380 kB: split into 4 byte ranges
+    (tmp_path / "wf").mkdir()
     workdir = make_workdir(tmp_path / "wf", {"dataset": "text", "text": {"paths": [str(corpus)],
                                                                            "part_bytes": 100_000}})
     first = snakemake(workdir, "data")
@@ -48,6 +49,7 @@ def test_text_corpus_chain_reruns_nothing_then_only_a_replaced_files_part(tmp_pa
 def test_a_corpus_file_without_the_text_field_stops_with_one_message(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "x.jsonl").write_text('{"body": "no text field here"}\n')
+    (tmp_path / "wf").mkdir()
     workdir = make_workdir(tmp_path / "wf", {"dataset": "text", "text": {"paths": [str(tmp_path / "corpus")]}})
     result = snakemake(workdir, "data", check=False)
     output = result.stdout + result.stderr
