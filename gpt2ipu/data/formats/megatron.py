@@ -25,6 +25,7 @@ is 0, 1, ..., S.
 
 from __future__ import annotations
 
+import array
 import os
 import struct
 from pathlib import Path
@@ -48,23 +49,34 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.int32)
 
 
+INDEX_CHUNK = 1 << 20  # entries of the pointer and document arrays computed and written at a time
+
+
 def write_index(idx_path: str | os.PathLike, sizes: np.ndarray, dtype: np.dtype,
                 document_index: np.ndarray | None = None) -> None:
+    """Write `<prefix>.idx` (layout in the module doc). The int64 arrays are written in chunks, so
+    a tokenize job's memory does not grow with its documents beyond `sizes` itself (4 bytes each)."""
     sizes = np.asarray(sizes, dtype=np.int32)
-    pointers = np.zeros(len(sizes), dtype=np.int64)
-    np.cumsum(sizes[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
-    if document_index is None:
-        document_index = np.arange(len(sizes) + 1, dtype=np.int64)
-    document_index = np.asarray(document_index, dtype=np.int64)
+    itemsize = np.dtype(dtype).itemsize
+    documents = len(document_index) if document_index is not None else len(sizes) + 1
     with atomic_file(idx_path) as tmp, open(tmp, "wb") as f:
         f.write(MAGIC)
         f.write(struct.pack("<Q", VERSION))
         f.write(struct.pack("<B", CODE_OF_DTYPE[np.dtype(dtype)]))
         f.write(struct.pack("<Q", len(sizes)))
-        f.write(struct.pack("<Q", len(document_index)))
+        f.write(struct.pack("<Q", documents))
         f.write(sizes.tobytes(order="C"))
-        f.write(pointers.tobytes(order="C"))
-        f.write(document_index.tobytes(order="C"))
+        pointer = 0  # byte offset of the next sequence in the .bin
+        for start in range(0, len(sizes), INDEX_CHUNK):
+            chunk = sizes[start : start + INDEX_CHUNK].astype(np.int64) * itemsize
+            ends = np.cumsum(chunk) + pointer
+            f.write((ends - chunk).tobytes(order="C"))
+            pointer = int(ends[-1])
+        if document_index is not None:
+            f.write(np.asarray(document_index, dtype=np.int64).tobytes(order="C"))
+        else:
+            for start in range(0, documents, INDEX_CHUNK):
+                f.write(np.arange(start, min(start + INDEX_CHUNK, documents), dtype=np.int64).tobytes(order="C"))
 
 
 class MMapWriter:
@@ -77,7 +89,7 @@ class MMapWriter:
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
-        self.sizes: list[int] = []
+        self.sizes = array.array("i")  # 4 bytes a document: a part's memory does not grow by Python ints
         self._bin_path = self.prefix.with_name(self.prefix.name + ".bin")
         self._bin_tmp = self._bin_path.with_name(f".{self._bin_path.name}.{os.getpid()}.tmp")
         self._bin_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +101,8 @@ class MMapWriter:
 
     def finish(self) -> None:
         self._bin.close()
-        write_index(self.prefix.with_name(self.prefix.name + ".idx"), np.array(self.sizes, dtype=np.int32), self.dtype)
+        write_index(self.prefix.with_name(self.prefix.name + ".idx"), np.frombuffer(self.sizes, dtype=np.int32),
+                    self.dtype)
         os.replace(self._bin_tmp, self._bin_path)
 
     def abort(self) -> None:
