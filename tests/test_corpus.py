@@ -318,3 +318,19 @@ def test_glob_matches_like_the_hub():
     assert hub.path_glob_regex("**/*.parquet").match("c.parquet")
     assert hub.split_named("data/train-00000-of-00002.parquet", "train")
     assert hub.split_named("train/0.parquet", "train") and not hub.split_named("data/test-0.parquet", "train")
+
+
+def test_commands_without_snakemake(tmp_path, capsys):
+    from gpt2ipu.cli import main as cli_main
+
+    assert cli_main(["dump", "sample-text", "--out", str(tmp_path / "c" / "a.jsonl.zst"), "--documents", "40"]) == 0
+    assert cli_main(["dump", "manifest", "--dataset", "text", "--text-path", str(tmp_path / "c"),
+                     "--out", str(tmp_path / "m.json")]) == 0
+    name = json.loads((tmp_path / "m.json").read_text())["parts"][0]["name"]
+    capsys.readouterr()
+    assert cli_main(["tokenize", "--part", str(tmp_path / "m.json"), name, "--out-dir", str(tmp_path / "t"),
+                     "--workers", "1", "--title-field", "title"]) == 0
+    assert json.loads(capsys.readouterr().out)["articles"] == 40
+    assert cli_main(["tokenize", "--documents", str(tmp_path / "c" / "a.jsonl.zst"), "--out-dir",
+                     str(tmp_path / "t2"), "--text-field", "body"]) == 2
+    assert 'has no "body" field' in capsys.readouterr().err
