@@ -383,6 +383,12 @@ def check_format(name: str, path: Path) -> dict[str, Any]:
     return {"lines": text.count("\n"), "words": len(text.split())}
 
 
+def sample_size(name: str, **sizes: int) -> dict[str, int]:
+    """The one of the sample-size settings that applies to set `name`."""
+    key = {"lambada": "lambada_records", "hellaswag": "hellaswag_items"}.get(name, "wikitext_articles")
+    return {key: sizes[key]}
+
+
 def write_sample_set(name: str, out_dir: str | os.PathLike, *, lambada_records: int = 200,
                      wikitext_articles: int = 12, hellaswag_items: int = 100,
                      seed: int = SAMPLE_SEED) -> dict[str, Any]:
@@ -402,9 +408,9 @@ def write_sample_set(name: str, out_dir: str | os.PathLike, *, lambada_records: 
         figures.update(bytes=target.stat().st_size, sha256=sha256_file(target),
                        seconds=round(time.perf_counter() - start, 3))
         write_provenance(tmp, "eval_data", {"set": name, "source": "sample", "seed": seed,
-                                            "lambada_records": lambada_records,
-                                            "wikitext_articles": wikitext_articles,
-                                            "hellaswag_items": hellaswag_items}, [], figures)
+                                            **sample_size(name, lambada_records=lambada_records,
+                                                          wikitext_articles=wikitext_articles,
+                                                          hellaswag_items=hellaswag_items)}, [], figures)
     return figures
 
 

@@ -93,7 +93,7 @@ REPORT_SECTIONS = {  # section -> the report's category name
 REPORT_PAGES = [f"{REPORT_DIR}/{section}" for section in REPORT_SECTIONS]
 # The named targets that end with report_pages (each lists REPORT_PAGES among its inputs).
 REPORTED_TARGETS = ("data", "pretrain_small", "pretrain_medium", "pretrain_large", "pretrain_xl",
-                    "evaluate_lambada", "evaluate_wiki", "generate", "profile", "benchmarks")
+                    "evaluate_lambada", "evaluate_wiki", "evaluate_hellaswag", "generate", "profile", "benchmarks")
 
 
 def section_pages(section):
