@@ -13,11 +13,6 @@ EVAL_DOWNLOADS = {
 EVAL_SAMPLE_SIZE = {"lambada": "lambada_records", "hellaswag": "hellaswag_items"}
 
 
-def eval_sample_kwargs(evalset):
-    key = EVAL_SAMPLE_SIZE.get(evalset, "wikitext_articles")
-    return dict(source="sample", seed=EVAL["sample"]["seed"], **{key: EVAL["sample"][key]})
-
-
 MODEL_DIR = "results/models/{dataset}-{model}/final"
 
 
@@ -31,7 +26,8 @@ rule prepare_eval_set:
     params:
         # Only the settings of the chosen source, so editing the other's does not rerun this.
         kwargs=lambda wc: (
-            eval_sample_kwargs(wc.evalset)
+            dict(source="sample", seed=EVAL["sample"]["seed"],
+                 **{k: EVAL["sample"][k] for k in [EVAL_SAMPLE_SIZE.get(wc.evalset, "wikitext_articles")]})
             if wc.evalsource == "sample"
             else dict(source="download", retries=EVAL["retries"], **EVAL_DOWNLOADS[wc.evalset])
         ),
