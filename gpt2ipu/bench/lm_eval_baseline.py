@@ -126,13 +126,13 @@ def run_lm_eval(lm, tasks: list) -> dict[str, Any]:
 
 
 def compare_files(model_dir: str, lambada: str | None, wikitext: str | None, ours_samples: list[str],
-                  documents: str = "articles", batch_size: int = 1) -> dict[str, Any]:
+                  documents: str = "articles", batch_size: int = 1, hellaswag: str | None = None) -> dict[str, Any]:
     """lm-eval on the LAMBADA / WikiText files, against our per-sample logs (`--log-samples`) of
     the same files and model: both sets of figures and the largest per-sample differences."""
     import json
     import math
 
-    from gpt2ipu.evaluate.data import read_lambada, read_wikitext
+    from gpt2ipu.evaluate.data import read_hellaswag, read_lambada, read_wikitext
     from gpt2ipu.evaluate.wiki import split_articles
 
     ours = [json.loads(line) for path in ours_samples for line in open(path, encoding="utf-8")]
@@ -143,10 +143,28 @@ def compare_files(model_dir: str, lambada: str | None, wikitext: str | None, our
     if wikitext:
         text = read_wikitext(wikitext)
         tasks.append(wikitext_task(split_articles(text) if documents == "articles" else [text]))
-        kinds[WIKITEXT_TASK] = [s for s in ours if s.get("convention") == "lm_eval"]
+        kinds[WIKITEXT_TASK] = [s for s in ours if s.get("convention") == "lm_eval" and s.get("task") != "hellaswag"]
+    if hellaswag:
+        tasks.append(hellaswag_task(read_hellaswag(hellaswag)))
+        kinds[HELLASWAG_TASK] = [s for s in ours if s.get("task") == "hellaswag" and s.get("convention") == "lm_eval"]
     runs = run_lm_eval(lm_eval_model(model_dir, batch_size), tasks)
     report = {}
     for name, run in runs.items():
+        if name == HELLASWAG_TASK:
+            mine = kinds[name]
+            if len(mine) != len(run["samples"]):
+                raise SystemExit(f"{name}: {len(run['samples'])} lm-eval items but {len(mine)} of ours; "
+                                 "log ours with --log-samples on the same file")
+            report[name] = {
+                "lm_eval": run["results"], "samples": len(mine),
+                "ours": {"acc": sum(s["acc"] for s in mine) / len(mine),
+                         "acc_norm": sum(s["acc_norm"] for s in mine) / len(mine)},
+                "max_abs_loglikelihood_diff": max(abs(a - b) for s, (_, lls, _) in zip(mine, run["samples"])
+                                                  for a, b in zip(s["loglikelihoods"], lls)),
+                "acc_mismatches": sum(s["acc"] != bool(m["acc"]) for s, m in zip(mine, run["metrics"])),
+                "acc_norm_mismatches": sum(s["acc_norm"] != bool(m["acc_norm"]) for s, m in zip(mine, run["metrics"])),
+            }
+            continue
         mine = kinds[name]
         if len(mine) != len(run["samples"]):
             raise SystemExit(f"{name}: {len(run['samples'])} lm-eval samples but {len(mine)} of ours; "
@@ -173,13 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", required=True, help="Hugging Face model folder with its tokenizer files")
     parser.add_argument("--lambada", help="LAMBADA jsonl (lm-eval's lambada_openai on it)")
     parser.add_argument("--wikitext", help="WikiText .tokens/.raw file (lm-eval's wikitext on it)")
+    parser.add_argument("--hellaswag", help="HellaSwag jsonl (lm-eval's hellaswag on it)")
     parser.add_argument("--documents", default="articles", choices=["articles", "whole"],
                         help="WikiText documents, as given to `gpt2ipu evaluate wiki`")
     parser.add_argument("--ours", nargs="+", required=True, help="our --log-samples files of the same runs")
     parser.add_argument("--batch-size", type=int, default=1, help="lm-eval's batch size")
     args = parser.parse_args(argv)
     print(json.dumps(compare_files(args.model_dir, args.lambada, args.wikitext, args.ours, args.documents,
-                                   args.batch_size), indent=2, default=str))
+                                   args.batch_size, args.hellaswag), indent=2, default=str))
 
 
 if __name__ == "__main__":
