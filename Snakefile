@@ -95,6 +95,15 @@ rule evaluate_wiki:
         REPORT_PAGES,
 
 
+rule evaluate_hellaswag:
+    """HellaSwag accuracy of GPT-2 small (lm-eval's and llm.c's conventions), and the per-item log
+    (rule evaluate_hellaswag_any)."""
+    input:
+        f"results/eval/{DATASET}-gpt2/hellaswag.json",
+        f"results/eval/{DATASET}-gpt2/hellaswag.samples.jsonl",
+        REPORT_PAGES,
+
+
 rule generate:
     """Continuations of the configured prompts file by GPT-2 small (rule generate_any)."""
     input:

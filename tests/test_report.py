@@ -75,11 +75,17 @@ def test_evaluation_table_lists_every_task_and_convention(tmp_path):
                 "scored_tokens": 999, "words": 500,
                 "lm_eval": {"word_perplexity": 70.0, "byte_perplexity": 2.5, "token_perplexity": 25.0, "words": 480,
                             "bytes": 2600}})
+    write_json(tmp_path / "sample-gpt2" / "hellaswag.json",
+               {"lm_eval": {"acc": 0.3, "acc_norm": 0.35, "acc_bytes": 0.34, "samples": 20, "gold_token_perplexity": 60.0},
+                "llm_c": {"acc": 0.28, "acc_norm": 0.31, "samples": 20, "gold_token_perplexity": 61.0}})
     headers, rows = evaluation.evaluation_table(tmp_path, ["sample-gpt2", "sample-gpt2-medium"])
     assert [(r[1], r[2]) for r in rows] == [("LAMBADA", "last_token"), ("LAMBADA", "last_word"),
                                             ("WikiText", "lm_eval word"), ("WikiText", "lm_eval byte"),
                                             ("WikiText", "megatron token"), ("WikiText", "megatron word"),
-                                            ("WikiText", "megatron adjusted")]
+                                            ("WikiText", "megatron adjusted"),
+                                            ("HellaSwag", "lm_eval acc"), ("HellaSwag", "lm_eval acc_norm"),
+                                            ("HellaSwag", "llm_c acc"), ("HellaSwag", "llm_c acc_norm")]
+    assert rows[8][3:] == [0.35, None, 60.0, 20] and rows[10][3] == 0.31
     assert rows[1][3:] == [0.25, 80.0, 20.0, 4]
     assert rows[2][4:] == [70.0, 25.0, 480] and rows[3][6] == 2600
     assert rows[5][4] == 90.0 and rows[4][3] == 0.3 and rows[4][6] == 999

@@ -229,7 +229,7 @@ def test_evaluation_and_generation_targets_run_on_the_trained_model(built):
     workdir, _ = built
     snakemake(workdir, "results/models/sample-gpt2-test/final")
     outputs = ["results/eval/sample-gpt2-test/lambada.json", "results/eval/sample-gpt2-test/wikitext.json",
-               "results/generate/sample-gpt2-test/continuations.jsonl"]
+               "results/generate/sample-gpt2-test/continuations.jsonl", "results/eval/sample-gpt2-test/hellaswag.json"]
     snakemake(workdir, *outputs)
     config = json.loads((workdir / "results/models/sample-gpt2-test/final/config.json").read_text())
     vocab_size = config["vocab_size"]
@@ -257,3 +257,7 @@ def test_evaluation_and_generation_targets_run_on_the_trained_model(built):
         assert math.isfinite(wikitext[key]) and wikitext[key] > 1.0, (key, wikitext)
     lines = (workdir / outputs[2]).read_text().splitlines()
     assert lines and all("continuation" in json.loads(line) for line in lines)
+    hellaswag = json.loads((workdir / outputs[3]).read_text())
+    assert hellaswag["provenance"]["stage"] == "evaluate_hellaswag" and hellaswag["samples"] > 0
+    for convention in ("lm_eval", "llm_c"):
+        assert 0.0 <= hellaswag[convention]["acc_norm"] <= 1.0 and hellaswag[convention]["samples"] == hellaswag["samples"]

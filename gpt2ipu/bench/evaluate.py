@@ -15,7 +15,10 @@ weights' values) scores the same passages (a subset of the real LAMBADA test fil
   same weights saved as a Hugging Face folder. Its section `lm_eval` compares like with like:
   our `lambada_openai` convention alone against it (passages/s), and our WikiText `lm_eval`
   convention against its `wikitext` task on the first `--wiki-articles` articles of the
-  WikiText-2 test file (tokens/s, the same windows), with the largest per-sample difference.
+  WikiText-2 test file (tokens/s, the same windows), with the largest per-sample difference, and
+  our HellaSwag `lm_eval` convention against its `hellaswag` task on `--hellaswag-items` items
+  (items/s; the generated sample unless `--hellaswag-data` names a hellaswag_val.jsonl), with the
+  largest per-ending loglikelihood difference and whether every item's acc / acc_norm agree.
 
 Ours and the baselines must agree (correct counts, loglikelihoods). Medians over `--repeats` runs
 taken in turns.
@@ -54,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"WikiText test file for the lm_eval comparison (default: {REAL_WIKITEXT} if "
                              "present, else the generated sample)")
     parser.add_argument("--wiki-articles", type=int, default=2, help="articles scored in the lm_eval comparison")
+    parser.add_argument("--hellaswag-data", type=Path, default=None,
+                        help="HellaSwag jsonl for the lm_eval comparison (default: the generated sample)")
+    parser.add_argument("--hellaswag-items", type=int, default=16, help="HellaSwag items in the lm_eval comparison")
+    parser.add_argument("--lm-eval-tasks", default="lambada,wikitext,hellaswag",
+                        help="comma-separated tasks of the lm_eval comparison: lambada, wikitext, hellaswag")
     parser.add_argument("--lm-eval-batch-size", type=int, default=1,
                         help="lm-eval's batch size (1, its default; its rolling windows are batched the same way)")
 
@@ -132,7 +140,8 @@ def run(args: argparse.Namespace) -> dict:
             extra["lm_eval_note"] = "lm-evaluation-harness is not installed (pip install -e '.[compare]'): no lm_eval baseline"
         else:
             extra["lm_eval"] = compare_with_lm_eval(model, tokenizer, texts, args)
-            baselines["lm_eval"] = extra["lm_eval"]["lambada"]["baselines"]["lm_eval"]
+            if "lambada" in extra["lm_eval"]:
+                baselines["lm_eval"] = extra["lm_eval"]["lambada"]["baselines"]["lm_eval"]
     if "lm_eval_note" in extra:
         print(f"bench evaluate: {extra['lm_eval_note']}", file=sys.stderr)
     return report(
@@ -155,17 +164,29 @@ def wiki_pages(args: argparse.Namespace) -> tuple[str, list[str]]:
     return str(path or "generated sample"), split_articles(text)[:args.wiki_articles]
 
 
+def hellaswag_items(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    from gpt2ipu.evaluate.data import read_hellaswag, sample_hellaswag_records
+
+    path = args.hellaswag_data
+    records = read_hellaswag(path) if path else sample_hellaswag_records(args.hellaswag_items)
+    return str(path or "generated sample"), records[:args.hellaswag_items]
+
+
 def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> dict:
-    """Ours against lm-eval in the same conventions (lambada_openai; wikitext's lm_eval), same weights."""
+    """Ours against lm-eval in the same conventions (lambada_openai; wikitext's and hellaswag's
+    lm_eval), same weights; the tasks of `--lm-eval-tasks`."""
     import tempfile
 
     from gpt2ipu.bench import lm_eval_baseline as baseline
     from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast
+    from gpt2ipu.evaluate.hellaswag import score_hellaswag
     from gpt2ipu.evaluate.lambada import score_lambada
     from gpt2ipu.evaluate.wiki import score_wikitext_lm_eval
     from gpt2ipu.model.hf import save_hf_dir
 
+    tasks = set(args.lm_eval_tasks.split(","))
     wiki_source, pages = wiki_pages(args)
+    hellaswag_source, records = hellaswag_items(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_hf_dir(model, Path(tmp) / "model")
         hf_gpt2_tokenizer_fast().save_pretrained(folder)
@@ -179,31 +200,53 @@ def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> d
         return score_wikitext_lm_eval(model, tokenizer, "\n".join(pages), batch_size=args.batch_size,
                                       log_samples=samples)
 
-    lambada_samples, wiki_samples = [], []
-    ours_lambada(lambada_samples)
-    wiki = ours_wiki(wiki_samples)
-    theirs = baseline.run_lm_eval(lm, [baseline.lambada_task(texts), baseline.wikitext_task(pages)])
-    agreement = {
-        "lambada_max_abs_loglikelihood_diff": max(
-            abs(s["loglikelihood"] - ll) for s, (_, ll, _) in zip(lambada_samples, theirs[baseline.LAMBADA_TASK]["samples"])),
-        "lambada_greedy_identical": [s["greedy"] for s in lambada_samples] ==
-            [g for _, _, g in theirs[baseline.LAMBADA_TASK]["samples"]],
-        "wikitext_max_rel_loglikelihood_diff": max(
-            abs(s["loglikelihood"] - ll) / abs(ll) for s, (_, ll, _) in zip(wiki_samples, theirs[baseline.WIKITEXT_TASK]["samples"])),
-    }
+    def ours_hellaswag(samples=None, conventions=("lm_eval",)):
+        return score_hellaswag(model, tokenizer, records, conventions=conventions, batch_size=args.batch_size,
+                               log_samples=samples)
+
+    lambada_samples, wiki_samples, hellaswag_samples = [], [], []
+    agreement, timed, results = {}, {}, {}
+    theirs = baseline.run_lm_eval(lm, [make() for name, make in (
+        ("lambada", lambda: baseline.lambada_task(texts)), ("wikitext", lambda: baseline.wikitext_task(pages)),
+        ("hellaswag", lambda: baseline.hellaswag_task(records))) if name in tasks])
+    if "lambada" in tasks:
+        ours_lambada(lambada_samples)
+        agreement["lambada_max_abs_loglikelihood_diff"] = max(
+            abs(s["loglikelihood"] - ll) for s, (_, ll, _) in zip(lambada_samples, theirs[baseline.LAMBADA_TASK]["samples"]))
+        agreement["lambada_greedy_identical"] = [s["greedy"] for s in lambada_samples] == \
+            [g for _, _, g in theirs[baseline.LAMBADA_TASK]["samples"]]
+        timed.update(ours_lambada=ours_lambada,
+                     lm_eval_lambada=lambda: baseline.run_lm_eval(lm, [baseline.lambada_task(texts)]))
+    if "wikitext" in tasks:
+        wiki = ours_wiki(wiki_samples)
+        agreement["wikitext_max_rel_loglikelihood_diff"] = max(
+            abs(s["loglikelihood"] - ll) / abs(ll) for s, (_, ll, _) in zip(wiki_samples, theirs[baseline.WIKITEXT_TASK]["samples"]))
+        timed.update(ours_wiki=ours_wiki,
+                     lm_eval_wiki=lambda: baseline.run_lm_eval(lm, [baseline.wikitext_task(pages)]))
+    if "hellaswag" in tasks:
+        ours_hellaswag(hellaswag_samples)
+        hellaswag_theirs = theirs[baseline.HELLASWAG_TASK]
+        agreement["hellaswag_max_abs_loglikelihood_diff"] = max(
+            abs(a - b) for s, (_, lls, _) in zip(hellaswag_samples, hellaswag_theirs["samples"], strict=True)
+            for a, b in zip(s["loglikelihoods"], lls, strict=True))
+        agreement["hellaswag_acc_acc_norm_identical"] = [(s["acc"], s["acc_norm"]) for s in hellaswag_samples] == \
+            [(bool(m["acc"]), bool(m["acc_norm"])) for m in hellaswag_theirs["metrics"]]
+        timed.update(ours_hellaswag=ours_hellaswag,
+                     ours_hellaswag_all=lambda: ours_hellaswag(conventions=("lm_eval", "llm_c")),
+                     lm_eval_hellaswag=lambda: baseline.run_lm_eval(lm, [baseline.hellaswag_task(records)]))
     print(f"bench evaluate: lm_eval agreement {agreement}", file=sys.stderr)
-    seconds = interleaved_median_seconds({
-        "ours_lambada": ours_lambada,
-        "lm_eval_lambada": lambda: baseline.run_lm_eval(lm, [baseline.lambada_task(texts)]),
-        "ours_wiki": ours_wiki,
-        "lm_eval_wiki": lambda: baseline.run_lm_eval(lm, [baseline.wikitext_task(pages)]),
-    }, args.repeats)
-    n, tokens = len(texts), wiki["tokens"]
-    return {
-        "lambada": report(n / seconds["ours_lambada"], "passages/s (lambada_openai)",
-                          {"lm_eval": n / seconds["lm_eval_lambada"]}),
-        "wikitext": report(tokens / seconds["ours_wiki"], "tokens/s (lm_eval convention, the same windows)",
-                           {"lm_eval": tokens / seconds["lm_eval_wiki"]},
-                           data=wiki_source, articles=len(pages), tokens=tokens, windows=wiki["windows"]),
-        "lm_eval_batch_size": args.lm_eval_batch_size, "agreement": agreement,
-    }
+    seconds = interleaved_median_seconds(timed, args.repeats)
+    if "lambada" in tasks:
+        results["lambada"] = report(len(texts) / seconds["ours_lambada"], "passages/s (lambada_openai)",
+                                    {"lm_eval": len(texts) / seconds["lm_eval_lambada"]})
+    if "wikitext" in tasks:
+        tokens = wiki["tokens"]
+        results["wikitext"] = report(tokens / seconds["ours_wiki"], "tokens/s (lm_eval convention, the same windows)",
+                                     {"lm_eval": tokens / seconds["lm_eval_wiki"]},
+                                     data=wiki_source, articles=len(pages), tokens=tokens, windows=wiki["windows"])
+    if "hellaswag" in tasks:
+        n = len(records)
+        results["hellaswag"] = report(n / seconds["ours_hellaswag"], "items/s (lm_eval convention)",
+                                      {"lm_eval": n / seconds["lm_eval_hellaswag"]}, data=hellaswag_source, items=n,
+                                      ours_all_conventions=n / seconds["ours_hellaswag_all"])
+    return {**results, "lm_eval_batch_size": args.lm_eval_batch_size, "agreement": agreement}

@@ -7,10 +7,12 @@
   (sliding windows; token, word and adjusted perplexity);
 - `lambada`: `evaluate_lambada` (the target of that name): LAMBADA accuracy and target perplexity,
   `lambada_openai` (lm-eval's), `last_word` (strict) and `last_token`;
-- `scoring`: the batched teacher-forced scorer both use;
+- `hellaswag`: `evaluate_hellaswag` (the target of that name): HellaSwag accuracy, lm-eval's
+  `hellaswag` (acc, acc_norm) and llm.c's / nanoGPT's (summed and mean ending loss);
+- `scoring`: the batched teacher-forced scorer they use (with shared contexts for HellaSwag);
 - `results`: the results file, its provenance record from `gpt2ipu.provenance`, and the
   per-sample log (`--log-samples`);
-- `cli`: `gpt2ipu evaluate {wiki,lambada,data}`.
+- `cli`: `gpt2ipu evaluate {wiki,lambada,hellaswag,data}`.
 
 See docs/evaluation.md for the definitions.
 """

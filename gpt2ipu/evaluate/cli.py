@@ -1,4 +1,4 @@
-"""`gpt2ipu evaluate {wiki,lambada,data}`: the evaluation commands the Snakemake rules also run."""
+"""`gpt2ipu evaluate {wiki,lambada,hellaswag,data}`: the evaluation commands the Snakemake rules also run."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gpt2ipu.evaluate.data import DEFAULT_SOURCES, EVAL_SETS, SAMPLE_SEED
 LAMBADA_CONVENTIONS = ("lambada_openai", "last_word", "last_token")
 WIKI_CONVENTIONS = ("lm_eval", "megatron")
 WIKI_DOCUMENTS = ("articles", "whole")
+HELLASWAG_CONVENTIONS = ("lm_eval", "llm_c")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "(Megatron-LM's strict), last_token (the GPT-2 paper's)")
     lambada.add_argument("--limit", type=int, default=None, help="only the first N passages")
 
+    hellaswag = tasks.add_parser("hellaswag", help="HellaSwag accuracy (lm-eval's and llm.c's conventions)",
+                                 description="HellaSwag (the validation set's JSON lines) in lm-eval's hellaswag "
+                                             "(acc, acc_norm) and llm.c's / nanoGPT's (ending's summed and mean "
+                                             "loss) conventions; see docs/evaluation.md")
+    _model_arguments(hellaswag)
+    hellaswag.add_argument("--conventions", default=",".join(HELLASWAG_CONVENTIONS),
+                           help="comma-separated: lm_eval (lm-evaluation-harness's hellaswag), llm_c "
+                                "(llm.c's and build-nanogpt's)")
+    hellaswag.add_argument("--limit", type=int, default=None, help="only the first N items")
+
     data = tasks.add_parser("data", help="download (sha256-checked) or generate an evaluation set",
                             description="Write <out-dir>/<file> + provenance.json for one evaluation set")
     data.add_argument("--set", dest="eval_set", required=True, choices=sorted(EVAL_SETS), help="which evaluation set")
@@ -76,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--retries", type=int, default=5, help="download attempts, with backoff (default 5)")
     data.add_argument("--lambada-records", type=int, default=200, help="sample size (with --source sample)")
     data.add_argument("--wikitext-articles", type=int, default=12, help="sample size (with --source sample)")
+    data.add_argument("--hellaswag-items", type=int, default=100, help="sample size (with --source sample)")
     data.add_argument("--seed", type=int, default=SAMPLE_SEED, help="sample seed (with --source sample)")
 
 
@@ -86,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         result = prepare_eval_set(args.eval_set, args.out_dir, source=args.source, url=args.url,
                                   sha256=args.sha256, member=args.member, retries=args.retries,
                                   lambada_records=args.lambada_records,
-                                  wikitext_articles=args.wikitext_articles, seed=args.seed)
+                                  wikitext_articles=args.wikitext_articles,
+                                  hellaswag_items=args.hellaswag_items, seed=args.seed)
     elif args.task == "wiki":
         from gpt2ipu.evaluate.wiki import evaluate_wiki
 
@@ -95,6 +108,14 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, device=args.device, precision=args.precision,
                                vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer,
                                log_samples=args.log_samples)
+    elif args.task == "hellaswag":
+        from gpt2ipu.evaluate.hellaswag import evaluate_hellaswag
+
+        result = evaluate_hellaswag(args.model_dir, args.data, args.out, batch_size=args.batch_size,
+                                    device=args.device, precision=args.precision,
+                                    conventions=_names(args.conventions), limit=args.limit,
+                                    vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer,
+                                    log_samples=args.log_samples)
     else:
         from gpt2ipu.evaluate.lambada import evaluate_lambada
 

@@ -1,4 +1,4 @@
-"""Evaluation sets: LAMBADA and the WikiText word-level test sets, downloaded or generated.
+"""Evaluation sets: LAMBADA, the WikiText word-level test sets and HellaSwag, downloaded or generated.
 
 Real sets are fetched by URL (config `evaluate.lambada` / `evaluate.wikitext`; a `file://` URL
 takes a copy you already have), resumably, into `<out_dir>.partial`, and the data file is checked
@@ -17,6 +17,12 @@ so a model trained on the sample has something meaningful to be scored on:
   ` = Title = ` / ` = = Section = = ` headings, one paragraph per line, blank lines around
   headings; word-level tokens (punctuation split off, ` @-@ `, ` @,@ `, ` @.@ ` inside words and
   numbers, ` 's`), and rare words replaced by `<unk>`.
+- HellaSwag: `hellaswag_val.jsonl` lines (the authors' release, rowanz/hellaswag): `ind`,
+  `activity_label`, `ctx_a`, `ctx_b`, `ctx` (= ctx_a + " " + ctx_b), four `endings`, `label`,
+  `source_id`, `split`, `split_type`; ActivityNet-like items (a lower-case `ctx_b` that the
+  ending completes) and WikiHow-like ones (`[header]`, `[title]`, `[step]`, `[substeps]`
+  markers, an empty `ctx_b`), the right ending about the context's subject, the others about
+  other subjects.
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ from gpt2ipu.provenance import write_provenance
 
 LAMBADA_NAME = "lambada_test.jsonl"
 WIKITEXT_NAME = "wiki.test.tokens"
+HELLASWAG_NAME = "hellaswag_val.jsonl"
 # Eval set name -> the file its folder holds.
-EVAL_SETS = {"lambada": LAMBADA_NAME, "wikitext-103": WIKITEXT_NAME, "wikitext-2": WIKITEXT_NAME}
+EVAL_SETS = {"lambada": LAMBADA_NAME, "wikitext-103": WIKITEXT_NAME, "wikitext-2": WIKITEXT_NAME,
+             "hellaswag": HELLASWAG_NAME}
 LAMBADA_SHA256 = "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"
 WIKITEXT2_TEST_SHA256 = "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"
-# Where the real sets live (the defaults of config `evaluate`); the WikiText-103 test file's hash
-# is not pinned because it could not be verified here (the WikiText-2 one is the file's own).
+# Where the real sets live (the defaults of config `evaluate`); the WikiText-103 test file's and
+# HellaSwag's hashes are not pinned because they could not be verified here (the WikiText-2 one is
+# the file's own).
 DEFAULT_SOURCES: dict[str, dict[str, Any]] = {
     "lambada": {"url": "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
                 "member": None, "sha256": LAMBADA_SHA256},
@@ -52,6 +61,8 @@ DEFAULT_SOURCES: dict[str, dict[str, Any]] = {
                      "member": "wikitext-103/wiki.test.tokens", "sha256": None},
     "wikitext-2": {"url": "https://wikitext.smerity.com/wikitext-2-v1.zip",
                    "member": "wikitext-2/wiki.test.tokens", "sha256": WIKITEXT2_TEST_SHA256},
+    "hellaswag": {"url": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+                  "member": None, "sha256": None},
 }
 SAMPLE_SEED = 4242
 
@@ -102,6 +113,45 @@ def read_wikitext(path: str | os.PathLike) -> str:
     return text
 
 
+HELLASWAG_HINT = ('HellaSwag files hold one JSON object per line with "activity_label", "ctx_a", "ctx_b", '
+                  '"ctx", "endings" (a list of strings) and "label" (the right ending\'s index), as the '
+                  "authors' hellaswag_val.jsonl")
+
+
+def _hellaswag_record(line: bytes, path: Path, number: int) -> dict[str, Any]:
+    record = parse_json_record(line, path, number, "ctx", "a HellaSwag record", hint=HELLASWAG_HINT)
+    for field in ("activity_label", "ctx_a", "ctx_b"):
+        if not isinstance(record.get(field), str):
+            raise UserError(f'{path}:{number}: a HellaSwag record needs a string "{field}" field; {HELLASWAG_HINT}')
+    endings = record.get("endings")
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise UserError(f'{path}:{number}: "endings" must be a list of at least two strings; {HELLASWAG_HINT}')
+    label = record.get("label")
+    if isinstance(label, str) and label.strip().isdigit():   # the Hugging Face copy's labels are strings
+        label = int(label)
+    if "label" not in record or label == "":
+        raise UserError(f"{path}:{number}: the HellaSwag record has no label (the test split has none): "
+                        "evaluate on the validation set, hellaswag_val.jsonl")
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(endings):
+        raise UserError(f'{path}:{number}: "label" must be the index of the right ending, 0 to '
+                        f"{len(endings) - 1}, not {record['label']!r}; {HELLASWAG_HINT}")
+    return {**record, "label": label}
+
+
+def read_hellaswag(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a HellaSwag JSON-lines file (blank lines skipped), labels as ints."""
+    path = data_file(path, HELLASWAG_NAME)
+    records = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                records.append(_hellaswag_record(line, path, number))
+    if not records:
+        raise UserError(f"{path}: no HellaSwag records (the file is empty); fetch it again with "
+                        "`gpt2ipu evaluate data --set hellaswag`")
+    return records
+
+
 # ----------------------------------------------------------------------------------------------
 # Generated sets (the embedded default)
 
@@ -138,6 +188,58 @@ def sample_lambada_texts(records: int, seed: int = SAMPLE_SEED) -> list[str]:
                               f"On the map, the {noun} was marked"))
         texts.append(" ".join(context) + f" {closing} {target}")
     return texts
+
+
+def _sentence_parts(writer) -> tuple[str, str]:
+    """A plain sentence of the sample grammar split after its first two words: (start, rest)."""
+    words = _plain(writer.sentence()).split()
+    while len(words) < 4:
+        words = _plain(writer.sentence()).split()
+    return " ".join(words[:2]), " ".join(words[2:])
+
+
+def sample_hellaswag_records(items: int, seed: int = SAMPLE_SEED) -> list[dict[str, Any]]:
+    """HellaSwag-format items: a context about one subject; the right ending continues it, the
+    three others are sentence ends written about other subjects."""
+    sample_dump, world = _sample_world(seed, max(40, items))
+    records = []
+    for index in range(items):
+        rng = random.Random(f"gpt2ipu-eval:{seed}:hellaswag:{index}")
+        plan = rng.choice(world.articles)
+        writer = sample_dump.Writer(world, plan, rng)
+        others = [sample_dump.Writer(world, other, rng)
+                  for other in rng.sample([a for a in world.articles if a.topic is not plan.topic], 3)]
+        noun = rng.choice(plan.topic.nouns)
+        label = rng.randrange(4)
+        if rng.random() < 0.6:   # ActivityNet-like: ctx_b starts the sentence the ending completes
+            source_id = f"activitynet~v_{rng.getrandbits(40):010x}"
+            activity_label = f"Visiting the {noun}"
+            ctx_a = " ".join(_plain(writer.sentence()) for _ in range(rng.randint(1, 2)))
+            start, gold = _sentence_parts(writer)
+            ctx_b = start[0].lower() + start[1:] if not start.startswith(plan.name) else start
+            endings = [_sentence_parts(other)[1] for other in others]
+        else:                    # WikiHow-like: bracketed section markers, ctx_b often empty
+            source_id = f"wikihow~{rng.randint(1000, 99999)}"
+            activity_label = f"Travel and {plan.topic.key.capitalize()}s"
+            ctx_a = (f"[header] How to find the {noun} of {plan.name} [title] "
+                     f"{_plain(writer.sentence())} [step] {_plain(writer.sentence())}")
+            ctx_b = "" if rng.random() < 0.7 else "then"
+            gold = _plain(writer.sentence())
+            endings = [_plain(other.sentence()) for other in others]
+            if rng.random() < 0.5:
+                gold += f" [substeps] Ask about the {noun}."
+        endings.insert(label, gold)
+        records.append({"ind": index, "activity_label": activity_label, "ctx_a": ctx_a, "ctx_b": ctx_b,
+                        "ctx": f"{ctx_a} {ctx_b}" if ctx_b else ctx_a, "split": "val",
+                        "split_type": rng.choice(("indomain", "zeroshot")), "label": label,
+                        "endings": endings, "source_id": source_id})
+    return records
+
+
+def write_hellaswag_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def write_lambada_jsonl(path: Path, texts: list[str]) -> None:
@@ -197,7 +299,7 @@ def sample_wikitext(articles: int, seed: int = SAMPLE_SEED) -> str:
 # ----------------------------------------------------------------------------------------------
 # Download
 
-CONFIG_HINT = "check the config keys evaluate.lambada / evaluate.wikitext (url, sha256)"
+CONFIG_HINT = "check the config keys evaluate.lambada / evaluate.wikitext / evaluate.hellaswag (url, sha256)"
 
 
 def _fetch(url: str, partial: Path, retries: int, timeout: float, backoff_s: float) -> None:
@@ -275,12 +377,21 @@ def check_format(name: str, path: Path) -> dict[str, Any]:
     """Read a fetched or generated file as the evaluation will, so a bad one fails here."""
     if name == "lambada":
         return {"records": len(read_lambada(path))}
+    if name == "hellaswag":
+        return {"records": len(read_hellaswag(path))}
     text = read_wikitext(path)
     return {"lines": text.count("\n"), "words": len(text.split())}
 
 
+def sample_size(name: str, **sizes: int) -> dict[str, int]:
+    """The one of the sample-size settings that applies to set `name`."""
+    key = {"lambada": "lambada_records", "hellaswag": "hellaswag_items"}.get(name, "wikitext_articles")
+    return {key: sizes[key]}
+
+
 def write_sample_set(name: str, out_dir: str | os.PathLike, *, lambada_records: int = 200,
-                     wikitext_articles: int = 12, seed: int = SAMPLE_SEED) -> dict[str, Any]:
+                     wikitext_articles: int = 12, hellaswag_items: int = 100,
+                     seed: int = SAMPLE_SEED) -> dict[str, Any]:
     """The generated set `name` in `<out_dir>/<file>` + provenance.json (byte-identical per seed)."""
     if name not in EVAL_SETS:
         raise UserError(f"unknown evaluation set {name!r}: choose one of {', '.join(EVAL_SETS)}")
@@ -289,27 +400,30 @@ def write_sample_set(name: str, out_dir: str | os.PathLike, *, lambada_records: 
         target = tmp / EVAL_SETS[name]
         if name == "lambada":
             write_lambada_jsonl(target, sample_lambada_texts(lambada_records, seed))
+        elif name == "hellaswag":
+            write_hellaswag_jsonl(target, sample_hellaswag_records(hellaswag_items, seed))
         else:
             target.write_text(sample_wikitext(wikitext_articles, seed), encoding="utf-8", newline="\n")
         figures = check_format(name, target)
         figures.update(bytes=target.stat().st_size, sha256=sha256_file(target),
                        seconds=round(time.perf_counter() - start, 3))
         write_provenance(tmp, "eval_data", {"set": name, "source": "sample", "seed": seed,
-                                            "lambada_records": lambada_records,
-                                            "wikitext_articles": wikitext_articles}, [], figures)
+                                            **sample_size(name, lambada_records=lambada_records,
+                                                          wikitext_articles=wikitext_articles,
+                                                          hellaswag_items=hellaswag_items)}, [], figures)
     return figures
 
 
 def prepare_eval_set(name: str, out_dir: str | os.PathLike, *, source: str, url: str | None = None,
                      sha256: str | None = None, member: str | None = None, retries: int = 5,
-                     lambada_records: int = 200, wikitext_articles: int = 12,
+                     lambada_records: int = 200, wikitext_articles: int = 12, hellaswag_items: int = 100,
                      seed: int = SAMPLE_SEED) -> dict[str, Any]:
     """Eval set `name` in `out_dir`: `source` "sample" (generated) or "download" (url, sha256)."""
     if name not in EVAL_SETS:
         raise UserError(f"unknown evaluation set {name!r}: choose one of {', '.join(EVAL_SETS)}")
     if source == "sample":
         return write_sample_set(name, out_dir, lambada_records=lambada_records,
-                                wikitext_articles=wikitext_articles, seed=seed)
+                                wikitext_articles=wikitext_articles, hellaswag_items=hellaswag_items, seed=seed)
     if source != "download":
         raise UserError(f"evaluation data source {source!r}: choose sample or download")
     if url is None:   # the known source of the real set, with its pinned hash

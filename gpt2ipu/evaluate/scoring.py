@@ -70,11 +70,15 @@ def target_nll_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     per step costs more in page faults than the arithmetic does."""
     logits = logits.float()
     target_logits = logits.gather(-1, targets[:, None]).squeeze(-1).double()
+    return log_sum_exp_(logits) - target_logits
+
+
+def log_sum_exp_(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of float32 `logits`, float64; overwrites them (see `target_nll_`)."""
     top = logits.amax(-1, keepdim=True)
     exps = logits.sub_(top).exp_()
     block_sums = [exps[:, i:i + LSE_BLOCK].sum(-1) for i in range(0, exps.shape[-1], LSE_BLOCK)]
-    log_sum_exp = top.squeeze(-1).double() + torch.stack(block_sums, -1).double().sum(-1).log()
-    return log_sum_exp - target_logits
+    return top.squeeze(-1).double() + torch.stack(block_sums, -1).double().sum(-1).log()
 
 
 def _score_batch(model, requests, device) -> list[Scores]:
@@ -105,3 +109,97 @@ def _score_batch(model, requests, device) -> list[Scores]:
     correct = torch.cat(correct_parts).cpu().numpy()
     bounds = np.cumsum([0, *counts])
     return [Scores(nll[a:b], correct[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuations of one shared prefix (multiple choice: HellaSwag's four endings of one context)
+
+@torch.inference_mode()
+def score_continuations(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *,
+                        batch_size: int = 8, desc: str | None = None) -> list[list[Scores]]:
+    """Scores of every continuation of each (prefix, [continuation, ...]) group, each continuation
+    scored given the prefix, as if `prefix + continuation` were one request; in group order.
+
+    The prefix is computed once per group: a group is one packed row, the prefix followed by each
+    continuation but its last token (which predicts nothing), with the positions each token
+    would have alone and an attention mask that lets a continuation see the prefix and itself
+    only. Rows are sorted by length and run `batch_size` at a time (right padding, which no real
+    token sees). The hidden state of the prefix's last position, which predicts every
+    continuation's first token, goes through the LM head once.
+    """
+    for prefix, continuations in groups:
+        if not prefix or not continuations or not all(continuations):
+            raise ValueError("a group needs a prefix and non-empty continuations")
+    device = model.wte.weight.device
+    results: list[list[Scores] | None] = [None] * len(groups)
+    lengths = [len(p) + sum(len(c) - 1 for c in cs) for p, cs in groups]
+    with tqdm(total=len(groups), desc=desc, unit="item", file=sys.stderr, disable=desc is None,
+              mininterval=1.0) as bar:
+        for batch in batches_by_length(lengths, max(1, batch_size)):
+            for index, scores in zip(batch, _score_packed(model, [groups[i] for i in batch], device)):
+                results[index] = scores
+            bar.update(len(batch))
+    return results
+
+
+def _score_packed(model, groups, device) -> list[list[Scores]]:
+    from gpt2ipu.model.gpt import embed, run_block
+
+    width = max(len(p) + sum(len(c) - 1 for c in cs) for p, cs in groups)
+    ids = torch.zeros((len(groups), width), dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    segments = torch.full((len(groups), width), -2, dtype=torch.long)   # -1 prefix, k continuation k, -2 padding
+    rows, cols = [], []          # the positions whose hidden state predicts a target
+    predictor, targets = [], []  # per target: index into (rows, cols), token
+    counts = []                  # targets per continuation
+    for row, (prefix, continuations) in enumerate(groups):
+        p = len(prefix)
+        ids[row, :p] = torch.as_tensor(prefix)
+        positions[row, :p] = torch.arange(p)
+        segments[row, :p] = -1
+        rows.append(row)
+        cols.append(p - 1)
+        last_of_prefix = len(rows) - 1
+        offset = p
+        for k, continuation in enumerate(continuations):
+            fed = len(continuation) - 1
+            ids[row, offset:offset + fed] = torch.as_tensor(continuation[:-1])
+            positions[row, offset:offset + fed] = torch.arange(p, p + fed)
+            segments[row, offset:offset + fed] = k
+            predictor.append(last_of_prefix)
+            predictor.extend(range(len(rows), len(rows) + fed))
+            rows.extend([row] * fed)
+            cols.extend(range(offset, offset + fed))
+            targets.extend(continuation)
+            counts.append(len(continuation))
+            offset += fed
+    # A query sees the keys at or before it that are in the prefix or in its own continuation.
+    # Padding sees the prefix and the padding before it (at least itself), and no real token sees it.
+    keys, queries = segments[:, None, :], segments[:, :, None]
+    causal = torch.ones((width, width), dtype=torch.bool).tril_()
+    mask = (((keys == -1) | (keys == queries)) & causal)[:, None].to(device)   # [B, 1, T, T]
+    x = embed(model, ids.to(device), positions.to(device))
+    for block in model.h:
+        x = run_block(block, x, mask)
+    hidden = model.ln_f(x)
+    predictors = hidden[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)]
+    predictor_t = torch.as_tensor(predictor, device=device)
+    targets_t = torch.as_tensor(targets, device=device)
+    nll = torch.empty(len(targets), dtype=torch.float64, device=device)
+    correct = torch.empty(len(targets), dtype=torch.bool, device=device)
+    for start in range(0, len(rows), LOGIT_ROWS):
+        logits = model.lm_head(predictors[start:start + LOGIT_ROWS])
+        wanted = ((predictor_t >= start) & (predictor_t < start + LOGIT_ROWS)).nonzero().squeeze(-1)
+        local = predictor_t[wanted] - start
+        correct[wanted] = logits.argmax(-1)[local] == targets_t[wanted]
+        logits = logits.float()
+        target_logits = logits[local, targets_t[wanted]].double()
+        nll[wanted] = log_sum_exp_(logits)[local] - target_logits   # overwrites the logits
+    nll_np, correct_np = nll.cpu().numpy(), correct.cpu().numpy()
+    bounds = np.cumsum([0, *counts])
+    scores = [Scores(nll_np[a:b], correct_np[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    out, at = [], 0
+    for _, continuations in groups:
+        out.append(scores[at:at + len(continuations)])
+        at += len(continuations)
+    return out

@@ -2,7 +2,9 @@
 
 Read from the evaluation results files (gpt2ipu.evaluate.results): LAMBADA's per-convention
 objects (`lambada_openai`, `last_word`, `last_token`: accuracy, perplexity, token perplexity) and
-WikiText's lm-eval word and byte perplexity and Megatron token-, word- and adjusted perplexity. Keys a file lacks show as a dash, so results written by
+WikiText's lm-eval word and byte perplexity and Megatron token-, word- and adjusted perplexity, and
+HellaSwag's accuracies per convention (`lm_eval`: acc, acc_norm; `llm_c`: acc, acc_norm), with the
+right endings' per-token perplexity. Keys a file lacks show as a dash, so results written by
 an older or newer version still fit the table.
 """
 
@@ -16,7 +18,7 @@ from gpt2ipu.errors import UserError
 
 HEADERS = ["model", "task", "convention", "accuracy", "perplexity", "per-token perplexity", "scored"]
 # The results file of each task, in results/eval/<run>/, in the order the table lists them.
-TASK_FILES = {"lambada": "lambada.json", "wikitext": "wikitext.json"}
+TASK_FILES = {"lambada": "lambada.json", "wikitext": "wikitext.json", "hellaswag": "hellaswag.json"}
 WIKITEXT_CONVENTIONS = ("token", "word", "adjusted")
 
 
@@ -56,6 +58,22 @@ def wikitext_rows(run: str, results: dict) -> list[list[Any]]:
     return rows
 
 
+def hellaswag_rows(run: str, results: dict) -> list[list[Any]]:
+    """One row per convention and accuracy (lm_eval, then llm_c: acc, acc_norm); the per-token
+    perplexity is the right endings'."""
+    rows = []
+    for convention in ("lm_eval", "llm_c"):
+        figures = results.get(convention)
+        if isinstance(figures, dict):
+            rows += [[run, "HellaSwag", f"{convention} {metric}", figures[metric], None,
+                      figures.get("gold_token_perplexity"), figures.get("samples")]
+                     for metric in ("acc", "acc_norm") if metric in figures]
+    return rows
+
+
+ROWS = {"lambada": lambada_rows, "wikitext": wikitext_rows, "hellaswag": hellaswag_rows}
+
+
 def evaluation_table(eval_dir: str | Path, runs: list[str]) -> tuple[list[str], list[list[Any]]]:
     """(headers, rows) for the given runs' results in `eval_dir` (results/eval); missing tasks are skipped."""
     rows: list[list[Any]] = []
@@ -63,6 +81,5 @@ def evaluation_table(eval_dir: str | Path, runs: list[str]) -> tuple[list[str], 
         for task, name in TASK_FILES.items():
             path = Path(eval_dir) / run / name
             if path.is_file():
-                builder = lambada_rows if task == "lambada" else wikitext_rows
-                rows += builder(run, read_results(path))
+                rows += ROWS[task](run, read_results(path))
     return HEADERS, rows

@@ -25,7 +25,7 @@ SECTIONS = ("data", "training", "evaluation", "generation", "benchmarks", "profi
 FILL_WITH = {
     "data": "snakemake --cores 2 data",
     "training": "snakemake --cores 2 pretrain_small",
-    "evaluation": "snakemake --cores 2 evaluate_lambada evaluate_wiki",
+    "evaluation": "snakemake --cores 2 evaluate_lambada evaluate_wiki evaluate_hellaswag",
     "generation": "snakemake --cores 2 generate",
     "benchmarks": "snakemake --cores 2 benchmarks",
     "profile": "snakemake --cores 2 profile",

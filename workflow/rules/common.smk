@@ -145,7 +145,7 @@ REPORT_SECTIONS = {  # section -> the report's category name
 REPORT_PAGES = [f"{REPORT_DIR}/{section}" for section in REPORT_SECTIONS]
 # The named targets that end with report_pages (each lists REPORT_PAGES among its inputs).
 REPORTED_TARGETS = ("data", "pretrain_small", "pretrain_medium", "pretrain_large", "pretrain_xl",
-                    "evaluate_lambada", "evaluate_wiki", "generate", "profile", "benchmarks",
+                    "evaluate_lambada", "evaluate_wiki", "evaluate_hellaswag", "generate", "profile", "benchmarks",
                     *(f"pretrain_{size}" for size in SIZES))
 
 

@@ -1,4 +1,4 @@
-# Evaluation and generation: a trained model -> LAMBADA and WikiText results, continuations.
+# Evaluation and generation: a trained model -> LAMBADA, WikiText and HellaSwag results, continuations.
 # The eval sets are generated offline (evaluate.data: sample) or downloaded and sha256-checked.
 
 EVAL = config["evaluate"]
@@ -7,7 +7,12 @@ EVAL_DOWNLOADS = {
     "lambada": EVAL["lambada"],
     "wikitext-103": EVAL["wikitext"]["sources"]["wikitext-103"],
     "wikitext-2": EVAL["wikitext"]["sources"]["wikitext-2"],
+    "hellaswag": EVAL["hellaswag"],
 }
+# The sample-size setting of each generated set (so that resizing one set does not rerun the others).
+EVAL_SAMPLE_SIZE = {"lambada": "lambada_records", "hellaswag": "hellaswag_items"}
+
+
 MODEL_DIR = "results/models/{dataset}-{model}/final"
 
 
@@ -17,11 +22,12 @@ rule prepare_eval_set:
         directory("results/eval_data/{evalsource}/{evalset}"),
     wildcard_constraints:
         evalsource="sample|download",
-        evalset="lambada|wikitext-103|wikitext-2",
+        evalset="lambada|wikitext-103|wikitext-2|hellaswag",
     params:
         # Only the settings of the chosen source, so editing the other's does not rerun this.
         kwargs=lambda wc: (
-            dict(source="sample", **EVAL["sample"])
+            dict(source="sample", seed=EVAL["sample"]["seed"],
+                 **{k: EVAL["sample"][k] for k in [EVAL_SAMPLE_SIZE.get(wc.evalset, "wikitext_articles")]})
             if wc.evalsource == "sample"
             else dict(source="download", retries=EVAL["retries"], **EVAL_DOWNLOADS[wc.evalset])
         ),
@@ -90,6 +96,33 @@ rule evaluate_wiki_any:
         "../../environment.yml"
     script:
         "../scripts/evaluate_wiki.py"
+
+
+rule evaluate_hellaswag_any:
+    """HellaSwag accuracy of a trained model (lm-eval's hellaswag: acc, acc_norm; llm.c's: summed and mean
+    ending loss), and its per-item log."""
+    input:
+        unpack(bpe_input),
+        model=MODEL_DIR,
+        data=f"results/eval_data/{EVAL_SOURCE}/hellaswag",
+    output:
+        results="results/eval/{dataset}-{model}/hellaswag.json",
+        samples="results/eval/{dataset}-{model}/hellaswag.samples.jsonl",
+    params:
+        conventions=EVAL["conventions"]["hellaswag"],
+        batch_size=EVAL["batch_size"],
+        device=EVAL["device"],
+        precision=EVAL["precision"],
+        vocab_dir=config["tokenize"]["vocab_dir"],
+    threads: EVAL["threads"]
+    log:
+        "logs/{dataset}/eval-hellaswag-{model}.log",
+    benchmark:
+        "benchmarks/evaluate_hellaswag_any/{dataset}-{model}.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/evaluate_hellaswag.py"
 
 
 rule generate_any:
