@@ -7,8 +7,8 @@ num_threads=threads)` with the texts already in memory (no reading, no EOS, no o
 ratio is what the whole stage costs against encoding alone. Both give the same ids (checked).
 
 Memory (`--rss-documents`, e.g. 100000,1000000): each size is its own generated Parquet part,
-tokenized by `gpt2ipu tokenize --documents` in a child process whose peak RSS is read from
-`wait4`; the report gives each and the ratio of the largest part's to the smallest's, which stays
+tokenized by `gpt2ipu tokenize --documents` in a child process that reports its own peak RSS
+(VmHWM); the report gives each and the ratio of the largest part's to the smallest's, which stays
 near 1 when memory is bounded by a batch and a row group rather than by the part.
 
 The corpus is gpt2ipu.data.sample_text's generated web-like prose (`--parquet` takes your own).
@@ -42,15 +42,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. 100000,1000000 (default: none)")
 
 
-def child_peak_rss_mb(command: list[str]) -> float:
-    """Peak resident memory of one child process, from the kernel's accounting (wait4)."""
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited with {child.returncode}")
-    return usage.ru_maxrss / 1024  # KiB on Linux
+# Runs `gpt2ipu <args>` and then writes the process's own peak RSS (VmHWM of /proc/self/status: the
+# memory of this program image only; wait4's ru_maxrss would also count the parent's pages at fork).
+PEAK_RSS_RUNNER = """
+import sys
+from gpt2ipu.cli import main
+out, args = sys.argv[1], sys.argv[2:]
+try:
+    code = main(args)
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    open(out, "w").write(hwm.split()[1])
+sys.exit(code)
+"""
+
+
+def child_peak_rss_mb(gpt2ipu_args: list[str], work: Path) -> float:
+    """Peak resident memory of `gpt2ipu <gpt2ipu_args>` run as its own process."""
+    report_file = work / "peak-rss-kib"
+    subprocess.run([sys.executable, "-c", PEAK_RSS_RUNNER, str(report_file), *gpt2ipu_args], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(report_file.read_text()) / 1024
 
 
 def measure_rss(sizes: list[int], work: Path, threads: int) -> dict:
@@ -58,9 +70,9 @@ def measure_rss(sizes: list[int], work: Path, threads: int) -> dict:
     for documents in sizes:
         part = work / f"rss-{documents}.parquet"
         write_sample_corpus(part, documents=documents, seed=documents)
-        command = [sys.executable, "-m", "gpt2ipu", "tokenize", "--documents", str(part),
-                   "--out-dir", str(work / f"rss-{documents}-tokens"), "--workers", str(threads)]
-        peaks[documents] = round(child_peak_rss_mb(command), 1)
+        command = ["tokenize", "--documents", str(part), "--out-dir", str(work / f"rss-{documents}-tokens"),
+                   "--workers", str(threads)]
+        peaks[documents] = round(child_peak_rss_mb(command, work), 1)
         print(f"bench tokenize_text: {documents} documents ({part.stat().st_size / 1e6:.0f} MB Parquet): "
               f"peak RSS {peaks[documents]} MB", file=sys.stderr)
         part.unlink()
