@@ -56,3 +56,12 @@ def test_every_package_has_a_contract():
                 for m in contract["modules"]}
     packages = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "gpt2ipu").rglob("__init__.py")}
     assert sorted(packages - covered) == []
+
+
+def test_the_workflow_config_check_and_the_training_config_have_different_names():
+    """Issue 19: `gpt2ipu.config` (the workflow config's schema check) beside `gpt2ipu.train.config`
+    (TrainConfig) were two modules called config; the first is now `gpt2ipu.workflow_config`."""
+    assert sorted(str(p.relative_to(REPO)) for p in (REPO / "gpt2ipu").rglob("config.py")) == ["gpt2ipu/train/config.py"]
+    from gpt2ipu.workflow_config import validate_config
+
+    assert callable(validate_config)
