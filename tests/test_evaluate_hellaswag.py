@@ -225,12 +225,6 @@ def test_a_local_copy_is_fetched_unpinned_with_its_hash_recorded(tmp_path, capsy
     assert evaldata.DEFAULT_SOURCES["hellaswag"]["sha256"] is None
 
 
-def test_cli_convention_names_are_the_modules():
-    from gpt2ipu.evaluate import cli, hellaswag
-
-    assert cli.HELLASWAG_CONVENTIONS == hellaswag.CONVENTIONS
-
-
 # ----------------------------------------------------------------------------------------------
 # Against lm-eval itself (the optional extra `compare`)
 

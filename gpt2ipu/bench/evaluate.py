@@ -35,6 +35,7 @@ import torch
 
 from gpt2ipu.bench.common import interleaved_median_seconds, report
 from gpt2ipu.bench.lm_eval_baseline import lm_eval_available
+from gpt2ipu.evaluate.conventions import HELLASWAG as HELLASWAG_CONVENTIONS, LAMBADA as LAMBADA_CONVENTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_LAMBADA = REPO.parent / "shared" / "data" / "lambada_test.jsonl"
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         preset=args.preset, samples=n, data=str(data) if data else "generated sample",
         batch_size=args.batch_size, device=str(device), precision="fp32", threads=torch.get_num_threads(),
         repeats=args.repeats, results_identical=identical, forward_sequences=ours["forward_sequences"],
-        accuracy={c: ours[c]["accuracy"] for c in ("lambada_openai", "last_word", "last_token")}, **extra,
+        accuracy={c: ours[c]["accuracy"] for c in LAMBADA_CONVENTIONS}, **extra,
     )
 
 
@@ -232,7 +233,7 @@ def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> d
         agreement["hellaswag_acc_acc_norm_identical"] = [(s["acc"], s["acc_norm"]) for s in hellaswag_samples] == \
             [(bool(m["acc"]), bool(m["acc_norm"])) for m in hellaswag_theirs["metrics"]]
         timed.update(ours_hellaswag=ours_hellaswag,
-                     ours_hellaswag_all=lambda: ours_hellaswag(conventions=("lm_eval", "llm_c")),
+                     ours_hellaswag_all=lambda: ours_hellaswag(conventions=HELLASWAG_CONVENTIONS),
                      lm_eval_hellaswag=lambda: baseline.run_lm_eval(lm, [baseline.hellaswag_task(records)]))
     print(f"bench evaluate: lm_eval agreement {agreement}", file=sys.stderr)
     seconds = interleaved_median_seconds(timed, args.repeats)

@@ -36,10 +36,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from gpt2ipu.errors import UserError
+from gpt2ipu.evaluate import conventions
 from gpt2ipu.evaluate.data import HELLASWAG_NAME, data_file, read_hellaswag
 from gpt2ipu.evaluate.scoring import score_continuations
 
-CONVENTIONS = ("lm_eval", "llm_c")
+CONVENTIONS = conventions.HELLASWAG
 
 
 def preprocess(text: str) -> str:

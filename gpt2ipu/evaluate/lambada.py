@@ -31,11 +31,12 @@ import os
 import time
 from typing import Any, Sequence
 
+from gpt2ipu.evaluate import conventions
 from gpt2ipu.evaluate.data import LAMBADA_NAME, data_file, read_lambada
 from gpt2ipu.evaluate.scoring import score_requests
 from gpt2ipu.errors import UserError
 
-CONVENTIONS = ("lambada_openai", "last_word", "last_token")
+CONVENTIONS = conventions.LAMBADA
 
 
 def split_lambada_openai(tokenizer, text: str) -> tuple[list[int], list[int]]:
