@@ -21,8 +21,8 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from gpt2ipu.errors import StorageError
 

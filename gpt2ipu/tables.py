@@ -8,7 +8,8 @@ rows is what a terminal or a README reads.
 from __future__ import annotations
 
 import html
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 Row = Sequence[Any]
 

@@ -7,7 +7,8 @@ value and what is allowed, so the workflow calls `validate_config` instead.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jsonschema
 import yaml

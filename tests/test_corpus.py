@@ -4,14 +4,12 @@ touches the network), and the shards stage's max_tokens cap."""
 
 import gzip
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-from gpt2ipu.data import corpus, hub
+from gpt2ipu.data import hub
 from gpt2ipu.data.corpus import DocumentReader, Piece, TextFields, find_corpus_files, pieces_from_manifest, plan_parts
 from gpt2ipu.data.dump import dump_manifest, dump_part
 from gpt2ipu.data.formats.megatron import MMapIndexedDataset

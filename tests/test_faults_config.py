@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from gpt2ipu.data import extract, shards as shards_stage
+from gpt2ipu.data import extract
+from gpt2ipu.data import shards as shards_stage
 from gpt2ipu.data.formats.megatron import MMapWriter
 from gpt2ipu.errors import UserError
 from gpt2ipu.generate.batch import read_prompts

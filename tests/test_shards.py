@@ -9,10 +9,10 @@ from tfrecord.torch.dataset import MultiTFRecordDataset, TFRecordDataset
 
 from gpt2ipu.bench.shards import write_with_tfrecord_package
 from gpt2ipu.cli import main
-from gpt2ipu.data.formats.megatron import MMapIndexedDataset, MMapWriter
 from gpt2ipu.data import shards as shards_stage
-from gpt2ipu.data.shards import balanced_shard_sizes
+from gpt2ipu.data.formats.megatron import MMapIndexedDataset, MMapWriter
 from gpt2ipu.data.formats.tfrecord import read_tfrecord_samples, write_tfrecord_shard
+from gpt2ipu.data.shards import balanced_shard_sizes
 from gpt2ipu.errors import UserError
 from gpt2ipu.provenance import write_provenance
 

@@ -12,8 +12,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 # `gpt2ipu bench <stage>` and the suite's `bench:` names -> the module that runs it.
 STAGES = {

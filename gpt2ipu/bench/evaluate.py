@@ -35,7 +35,8 @@ import torch
 
 from gpt2ipu.bench.common import interleaved_median_seconds, report
 from gpt2ipu.bench.lm_eval_baseline import lm_eval_available
-from gpt2ipu.evaluate.conventions import HELLASWAG as HELLASWAG_CONVENTIONS, LAMBADA as LAMBADA_CONVENTIONS
+from gpt2ipu.evaluate.conventions import HELLASWAG as HELLASWAG_CONVENTIONS
+from gpt2ipu.evaluate.conventions import LAMBADA as LAMBADA_CONVENTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_LAMBADA = REPO.parent / "shared" / "data" / "lambada_test.jsonl"
@@ -93,9 +94,9 @@ def plain_lambada(model, tokenizer, texts, window: int) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> dict:
     from gpt2ipu.data.tokenizer import load_tokenizer
+    from gpt2ipu.devices import resolve_device
     from gpt2ipu.evaluate.data import read_lambada, sample_lambada_texts
     from gpt2ipu.evaluate.lambada import score_lambada
-    from gpt2ipu.devices import resolve_device
     from gpt2ipu.model import GPT, config_for
 
     if args.threads:

@@ -25,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from gpt2ipu.bench.common import report
 from gpt2ipu.data.extract import extract

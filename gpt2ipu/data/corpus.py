@@ -39,9 +39,10 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file

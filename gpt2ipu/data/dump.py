@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from gpt2ipu.data.corpus import DEFAULT_PART_BYTES
 from gpt2ipu.data.hub import DEFAULT_BYTES_PER_TOKEN

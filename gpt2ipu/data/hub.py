@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gpt2ipu.data.corpus import corpus_format, part_name, unique_names
 from gpt2ipu.errors import UserError

@@ -26,9 +26,9 @@ import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 

@@ -41,13 +41,14 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from gpt2ipu.errors import UserError
 from gpt2ipu.evaluate import conventions
 from gpt2ipu.evaluate.data import WIKITEXT_NAME, data_file, read_wikitext
 from gpt2ipu.evaluate.scoring import score_requests
-from gpt2ipu.errors import UserError
 
 CONVENTIONS = conventions.WIKITEXT
 DOCUMENTS = conventions.WIKITEXT_DOCUMENTS

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
