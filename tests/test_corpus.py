@@ -22,8 +22,8 @@ from gpt2ipu.errors import UserError
 FORMATS = ("parquet", "jsonl", "jsonl.gz", "jsonl.zst")
 
 
-def read_all(pieces, fields=TextFields(), include_title=True, batch_bytes=1 << 16):
-    reader = DocumentReader(list(pieces), fields, include_title)
+def read_all(pieces, fields=None, include_title=True, batch_bytes=1 << 16):
+    reader = DocumentReader(list(pieces), fields or TextFields(), include_title)
     return [text for batch in reader.batches(batch_bytes) for text in batch], reader.counts
 
 

@@ -78,7 +78,8 @@ def test_missing_tensors_are_one_clear_message(saved_model, tmp_path):
         load_hf_dir(folder)
     message = str(err.value)
     assert str(folder) in message and "n_layer 3" in message and "missing" in message
-    assert "12 tensor(s) missing (transformer.h.2.attn.c_attn.bias" in message and "does not belong to these weights" in message
+    assert "12 tensor(s) missing (transformer.h.2.attn.c_attn.bias" in message
+    assert "does not belong to these weights" in message
 
 
 def test_n_embd_not_a_multiple_of_n_head_names_the_config(saved_model, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
-pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter is not installed (pip install -e '.[test]')")
+pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter is not installed (pip install -e "
+                                                                  "'.[test]')")
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -50,7 +51,8 @@ def test_every_package_has_a_contract():
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    contracts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]["contracts"]
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    contracts = pyproject["tool"]["importlinter"]["contracts"]
     covered = {"gpt2ipu"} | {c for contract in contracts for c in contract.get("containers", [])}
     covered |= {m.rsplit(".", 1)[0] for contract in contracts if contract["type"] == "independence"
                 for m in contract["modules"]}
@@ -61,7 +63,8 @@ def test_every_package_has_a_contract():
 def test_the_workflow_config_check_and_the_training_config_have_different_names():
     """Issue 19: `gpt2ipu.config` (the workflow config's schema check) beside `gpt2ipu.train.config`
     (TrainConfig) were two modules called config; the first is now `gpt2ipu.workflow_config`."""
-    assert sorted(str(p.relative_to(REPO)) for p in (REPO / "gpt2ipu").rglob("config.py")) == ["gpt2ipu/train/config.py"]
+    named_config = sorted(str(p.relative_to(REPO)) for p in (REPO / "gpt2ipu").rglob("config.py"))
+    assert named_config == ["gpt2ipu/train/config.py"]
     from gpt2ipu.workflow_config import validate_config
 
     assert callable(validate_config)

@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> dict:
         if device.type != "cpu":
             extra["lm_eval_note"] = "the lm_eval comparison runs on the CPU only"
         elif not lm_eval_available():
-            extra["lm_eval_note"] = "lm-evaluation-harness is not installed (pip install -e '.[compare]'): no lm_eval baseline"
+            extra["lm_eval_note"] = ("lm-evaluation-harness is not installed (pip install -e '.[compare]'): "
+                                     "no lm_eval baseline")
         else:
             extra["lm_eval"] = compare_with_lm_eval(model, tokenizer, texts, args)
             if "lambada" in extra["lm_eval"]:
@@ -214,7 +215,8 @@ def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> d
     if "lambada" in tasks:
         ours_lambada(lambada_samples)
         agreement["lambada_max_abs_loglikelihood_diff"] = max(
-            abs(s["loglikelihood"] - ll) for s, (_, ll, _) in zip(lambada_samples, theirs[baseline.LAMBADA_TASK]["samples"]))
+            abs(s["loglikelihood"] - ll)
+            for s, (_, ll, _) in zip(lambada_samples, theirs[baseline.LAMBADA_TASK]["samples"]))
         agreement["lambada_greedy_identical"] = [s["greedy"] for s in lambada_samples] == \
             [g for _, _, g in theirs[baseline.LAMBADA_TASK]["samples"]]
         timed.update(ours_lambada=ours_lambada,
@@ -222,7 +224,8 @@ def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> d
     if "wikitext" in tasks:
         wiki = ours_wiki(wiki_samples)
         agreement["wikitext_max_rel_loglikelihood_diff"] = max(
-            abs(s["loglikelihood"] - ll) / abs(ll) for s, (_, ll, _) in zip(wiki_samples, theirs[baseline.WIKITEXT_TASK]["samples"]))
+            abs(s["loglikelihood"] - ll) / abs(ll)
+            for s, (_, ll, _) in zip(wiki_samples, theirs[baseline.WIKITEXT_TASK]["samples"]))
         timed.update(ours_wiki=ours_wiki,
                      lm_eval_wiki=lambda: baseline.run_lm_eval(lm, [baseline.wikitext_task(pages)]))
     if "hellaswag" in tasks:

@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--out-dir", required=True, help="folder to write the set and its provenance.json into")
     data.add_argument("--url", default=None,
                       help="where to download from (http(s):// or file://); default: the set's known source "
-                           "with its pinned sha256: " + ", ".join(f"{k}: {v['url']}" for k, v in DEFAULT_SOURCES.items()))
+                           "with its pinned sha256: "
+                           + ", ".join(f"{k}: {v['url']}" for k, v in DEFAULT_SOURCES.items()))
     data.add_argument("--sha256", default=None, help="expected sha256 of the data file (with --url)")
     data.add_argument("--member", default=None, help="path of the data file inside a zip archive (with --url)")
     data.add_argument("--retries", type=int, default=5, help="download attempts, with backoff (default 5)")

@@ -130,9 +130,11 @@ def config_from_hf(config_path: Path, **overrides) -> GPTConfig:
     try:
         hf = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{config_path}: not a readable JSON config ({err}); point to a Hugging Face GPT-2 folder") from err
+        raise UserError(f"{config_path}: not a readable JSON config ({err}); point to a Hugging Face GPT-2 "
+                        "folder") from err
     if hf.get("model_type") != "gpt2":
-        raise UserError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2' (only GPT-2 checkpoints load here)")
+        raise UserError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2' (only GPT-2 "
+                        "checkpoints load here)")
     n_embd = hf.get("n_embd", 768)
     unsupported = {
         "activation_function": hf.get("activation_function", "gelu_new") not in SUPPORTED_ACTIVATIONS,
@@ -143,7 +145,8 @@ def config_from_hf(config_path: Path, **overrides) -> GPTConfig:
     }
     bad = [key for key, is_bad in unsupported.items() if is_bad]
     if bad:
-        raise UserError(f"{config_path}: this GPT-2 variant is not supported here ({', '.join(f'{k}={hf.get(k)!r}' for k in bad)})")
+        raise UserError(f"{config_path}: this GPT-2 variant is not supported here "
+                        f"({', '.join(f'{k}={hf.get(k)!r}' for k in bad)})")
     return GPTConfig(
         vocab_size=hf.get("vocab_size", 50257),
         n_positions=hf.get("n_positions", 1024),
@@ -180,8 +183,10 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as err:  # an unpickling refusal or a corrupt file: both are the user's to fix
-            raise UserError(f"{legacy}: cannot be read as plain tensors ({err}); convert it to model.safetensors") from err
-    raise UserError(f"{folder}: no {WEIGHTS_NAME} (or its index, or pytorch_model.bin); is it a Hugging Face model folder?")
+            raise UserError(f"{legacy}: cannot be read as plain tensors ({err}); convert it to "
+                            "model.safetensors") from err
+    raise UserError(f"{folder}: no {WEIGHTS_NAME} (or its index, or pytorch_model.bin); is it a Hugging Face model "
+                    "folder?")
 
 
 def saved_architecture(folder: Path) -> dict[str, int] | None:
@@ -225,7 +230,8 @@ def load_hf_dir(folder: str | os.PathLike, **config_overrides) -> GPT:
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise UserError(f"{folder}: no {CONFIG_NAME}; point to a folder saved by gpt2ipu or transformers' save_pretrained")
+        raise UserError(f"{folder}: no {CONFIG_NAME}; point to a folder saved by gpt2ipu or transformers' "
+                        "save_pretrained")
     config = config_from_hf(config_path, **config_overrides)
     tensors = read_hf_weights(folder)
     try:

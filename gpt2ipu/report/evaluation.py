@@ -54,7 +54,8 @@ def wikitext_rows(run: str, results: dict) -> list[list[Any]]:
                              lm_eval.get("token_perplexity"), lm_eval.get(f"{name}s")])
     for name in MEGATRON_PERPLEXITIES:
         if f"{name}_perplexity" in results:
-            rows.append([run, "WikiText", f"megatron {name}", results.get("token_accuracy") if name == "token" else None,
+            accuracy = results.get("token_accuracy") if name == "token" else None
+            rows.append([run, "WikiText", f"megatron {name}", accuracy,
                          results[f"{name}_perplexity"], results.get("token_perplexity"),
                          results.get("scored_tokens") if name == "token" else results.get("words")])
     return rows
