@@ -33,7 +33,6 @@ from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file, write_text_atomic
 
 DATASETS = ("sample", "enwiki", "local", "text", "hf")
-WIKI_DATASETS = ("sample", "enwiki", "local")
 DEFAULT_MIRROR = "https://dumps.wikimedia.org"
 LOCAL_SUFFIXES = (".xml.bz2", ".xml")
 
