@@ -21,8 +21,8 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from gpt2ipu.errors import StorageError
 
@@ -213,7 +213,7 @@ def _tree_bytes(p: Path) -> int:
     try:
         if not p.is_dir() or p.is_symlink():
             return p.lstat().st_size
-        for root, dirs, files in os.walk(p):
+        for root, _dirs, files in os.walk(p):
             for f in files:
                 try:
                     total += os.lstat(os.path.join(root, f)).st_size

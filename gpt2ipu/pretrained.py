@@ -20,7 +20,6 @@ from gpt2ipu.devices import precision_dtype, resolve_device
 from gpt2ipu.errors import UserError
 from gpt2ipu.model.hf import load_hf_dir
 
-
 # "name" or "owner/name", as the hub spells repository ids.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # What loading needs from a hub repository: not its other frameworks' weights.

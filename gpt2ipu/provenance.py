@@ -11,8 +11,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from gpt2ipu import __version__
 from gpt2ipu.fsutil import sha256_file, write_text_atomic

@@ -8,7 +8,8 @@ rows is what a terminal or a README reads.
 from __future__ import annotations
 
 import html
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 Row = Sequence[Any]
 
@@ -36,7 +37,8 @@ def html_table(headers: Sequence[str], rows: Sequence[Row], caption: str | None 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
         "<tr>" + "".join(
-            f'<td class="num">{html.escape(cell_text(c))}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool)
+            f'<td class="num">{html.escape(cell_text(c))}</td>'
+            if isinstance(c, (int, float)) and not isinstance(c, bool)
             else f"<td>{html.escape(cell_text(c))}</td>" for c in row) + "</tr>"
         for row in rows)
     title = f"<caption>{html.escape(caption)}</caption>" if caption else ""

@@ -54,8 +54,8 @@ def model_dir(request, tmp_path_factory) -> Path:
     WINDOW as its context (seeded: the same weights every time)."""
     import torch
 
-    from gpt2ipu.model.hf import save_hf_dir
     from gpt2ipu.model import GPT, config_for
+    from gpt2ipu.model.hf import save_hf_dir
 
     torch.manual_seed(0)
     return save_hf_dir(GPT(config_for("gpt2-test", request.module.WINDOW)), tmp_path_factory.mktemp("model") / "m")
@@ -77,7 +77,7 @@ def model(model_dir):
 def plain_loss(hidden, weight, labels):
     """The LM loss through PyTorch's own linear + cross_entropy (labels -100 ignored): the reference
     of the chunked and fused losses."""
-    import torch.nn.functional as F   # here: torch is slow to import, and not every test needs it
+    import torch.nn.functional as F  # here: torch is slow to import, and not every test needs it
 
     return F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=-100)
 

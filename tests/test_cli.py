@@ -27,7 +27,7 @@ def test_every_flag_has_a_help_line(command):
 
 
 def test_every_benchmark_flag_has_a_help_line():
-    from gpt2ipu.bench.cli import STAGES
+    from gpt2ipu.bench.common import STAGES
 
     missing = []
     for stage, module_name in sorted(STAGES.items()):

@@ -4,14 +4,12 @@ touches the network), and the shards stage's max_tokens cap."""
 
 import gzip
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-from gpt2ipu.data import corpus, hub
+from gpt2ipu.data import hub
 from gpt2ipu.data.corpus import DocumentReader, Piece, TextFields, find_corpus_files, pieces_from_manifest, plan_parts
 from gpt2ipu.data.dump import dump_manifest, dump_part
 from gpt2ipu.data.formats.megatron import MMapIndexedDataset
@@ -24,8 +22,8 @@ from gpt2ipu.errors import UserError
 FORMATS = ("parquet", "jsonl", "jsonl.gz", "jsonl.zst")
 
 
-def read_all(pieces, fields=TextFields(), include_title=True, batch_bytes=1 << 16):
-    reader = DocumentReader(list(pieces), fields, include_title)
+def read_all(pieces, fields=None, include_title=True, batch_bytes=1 << 16):
+    reader = DocumentReader(list(pieces), fields or TextFields(), include_title)
     return [text for batch in reader.batches(batch_bytes) for text in batch], reader.counts
 
 

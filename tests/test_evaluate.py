@@ -21,7 +21,7 @@ from gpt2ipu.data.tokenizer import load_tokenizer
 from gpt2ipu.errors import UserError
 from gpt2ipu.evaluate import data as evaldata
 from gpt2ipu.evaluate.lambada import score_lambada
-from gpt2ipu.evaluate.wiki import count_words, score_wikitext, sliding_windows, wikitext_detokenize
+from gpt2ipu.evaluate.wiki import count_words, score_wikitext_megatron, sliding_windows, wikitext_detokenize
 
 WINDOW = 64
 
@@ -150,7 +150,7 @@ def test_window_arguments_are_checked():
 
 @pytest.mark.parametrize("batch_size,stride", [(1, 32), (3, 17), (8, 63), (5, None)])
 def test_wikitext_batched_equals_one_window_at_a_time(model, tokenizer, wiki_text, batch_size, stride):
-    result = score_wikitext(model, tokenizer, wiki_text, stride=stride, batch_size=batch_size)
+    result = score_wikitext_megatron(model, tokenizer, wiki_text, stride=stride, batch_size=batch_size)
     expected = reference_wiki(model, tokenizer, wiki_text, WINDOW, stride or WINDOW // 2)
     assert result["tokens"] == expected["tokens"] and result["words"] == expected["words"]
     assert result["windows"] > 10
@@ -359,3 +359,38 @@ def test_a_local_copy_of_the_real_lambada_is_verified_against_the_pinned_hash(tm
     figures = evaldata.prepare_eval_set("lambada", tmp_path / "l", source="download", url=path.as_uri(),
                                         sha256=evaldata.LAMBADA_SHA256)
     assert figures["records"] == 5153 and figures["verified"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The conventions' names, listed once (issue 19)
+
+
+def test_the_convention_names_are_one_list_that_the_schema_matches():
+    from pathlib import Path
+
+    import yaml
+
+    from gpt2ipu.evaluate import cli, conventions, hellaswag, lambada, wiki
+    from gpt2ipu.report import evaluation as report_evaluation
+
+    assert lambada.CONVENTIONS is conventions.LAMBADA and hellaswag.CONVENTIONS is conventions.HELLASWAG
+    assert (wiki.CONVENTIONS, wiki.DOCUMENTS) == (conventions.WIKITEXT, conventions.WIKITEXT_DOCUMENTS)
+    assert wiki.CONVENTIONS is conventions.WIKITEXT and wiki.DOCUMENTS is conventions.WIKITEXT_DOCUMENTS
+    assert report_evaluation.conventions is conventions
+    parser = __import__("argparse").ArgumentParser()
+    cli.add_arguments(parser)
+    tasks = next(a for a in parser._actions if a.dest == "task").choices
+    for task, names in (("lambada", conventions.LAMBADA), ("wiki", conventions.WIKITEXT),
+                        ("hellaswag", conventions.HELLASWAG)):
+        assert tasks[task].get_default("conventions") == ",".join(names)
+    # YAML cannot import: the schema's enums are checked against the list instead.
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schema.yaml").read_text())
+    listed = schema["properties"]["evaluate"]["properties"]["conventions"]["properties"]
+    assert {task: tuple(entry["items"]["enum"]) for task, entry in listed.items()} == conventions.BY_TASK
+
+
+def test_the_megatron_wikitext_scorer_is_named_for_its_convention():
+    from gpt2ipu.evaluate import wiki
+
+    assert not hasattr(wiki, "score_wikitext")   # it covered only the Megatron convention
+    assert callable(wiki.score_wikitext_megatron) and callable(wiki.score_wikitext_lm_eval)

@@ -208,8 +208,8 @@ def test_generated_set_has_the_release_format_and_is_deterministic(tmp_path):
 def test_bad_hellaswag_file_is_a_clear_error_and_writes_nothing(tmp_path, hf_dir, capsys, content, message):
     (tmp_path / "hellaswag_val.jsonl").write_text(content)
     out = tmp_path / "r.json"
-    code = cli_main(["evaluate", "hellaswag", "--model-dir", str(hf_dir), "--data", str(tmp_path / "hellaswag_val.jsonl"),
-                     "--out", str(out), "--device", "cpu"])
+    code = cli_main(["evaluate", "hellaswag", "--model-dir", str(hf_dir),
+                     "--data", str(tmp_path / "hellaswag_val.jsonl"), "--out", str(out), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err), err
     assert "Traceback" not in err and not out.exists()
@@ -223,12 +223,6 @@ def test_a_local_copy_is_fetched_unpinned_with_its_hash_recorded(tmp_path, capsy
     assert figures["records"] == 1 and figures["verified"] is False
     assert figures["sha256"] in capsys.readouterr().err
     assert evaldata.DEFAULT_SOURCES["hellaswag"]["sha256"] is None
-
-
-def test_cli_convention_names_are_the_modules():
-    from gpt2ipu.evaluate import cli, hellaswag
-
-    assert cli.HELLASWAG_CONVENTIONS == hellaswag.CONVENTIONS
 
 
 # ----------------------------------------------------------------------------------------------

@@ -288,13 +288,6 @@ def test_unknown_convention_is_a_clear_error(tmp_path, hf_dir, capsys):
     assert not (tmp_path / "w.json").exists()
 
 
-def test_cli_convention_names_are_the_modules():
-    from gpt2ipu.evaluate import cli, lambada, wiki
-
-    assert cli.LAMBADA_CONVENTIONS == lambada.CONVENTIONS
-    assert (cli.WIKI_CONVENTIONS, cli.WIKI_DOCUMENTS) == (wiki.CONVENTIONS, wiki.DOCUMENTS)
-
-
 # ----------------------------------------------------------------------------------------------
 # Hub ids
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from gpt2ipu.data import extract, shards as shards_stage
+from gpt2ipu.data import extract
+from gpt2ipu.data import shards as shards_stage
 from gpt2ipu.data.formats.megatron import MMapWriter
 from gpt2ipu.errors import UserError
 from gpt2ipu.generate.batch import read_prompts
@@ -171,3 +172,13 @@ def test_prompts_not_utf8_names_file_and_byte(tmp_path):
     assert str(prompts) in message and "not UTF-8" in message and "byte offset 16" in message and "line 2" in message
     prompts.write_text("first prompt\nCaf\u00e9 au lait\n", encoding="utf-8")
     assert read_prompts(prompts) == ["first prompt", "Caf\u00e9 au lait"]
+
+
+def test_the_workflow_config_check_names_the_key(tmp_path):
+    from gpt2ipu.workflow_config import validate_config
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    validate_config(config, REPO / "config" / "schema.yaml")
+    config["evaluate"]["batch_size"] = 0
+    with pytest.raises(UserError, match=r"config key 'evaluate\.batch_size'"):
+        validate_config(config, REPO / "config" / "schema.yaml")

@@ -181,8 +181,9 @@ def test_default_date_is_latest():
 
 @pytest.mark.slow
 def test_workflow_reextracts_a_replaced_local_dump(tmp_path):
+    from test_workflow import jobs_run, make_workdir, planned_jobs, snakemake
+
     from gpt2ipu.data.sample_dump import write_sample_part
-    from test_workflow import make_workdir, planned_jobs, snakemake, jobs_run
 
     dump_path = tmp_path / "dumps" / "wiki.xml.bz2"
     write_sample_part(tmp_path / "v1", part=1, parts=1, pages=30, seed=1)

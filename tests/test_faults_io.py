@@ -78,7 +78,8 @@ def test_torch_and_safetensors_write_failures_are_recognised(monkeypatch):
     assert storage_errno(RuntimeError(torch_text)) == errno.ENOSPC
     monkeypatch.setattr(fsutil.resource, "getrlimit", lambda _: (1 << 20, fsutil.resource.RLIM_INFINITY))
     assert storage_errno(RuntimeError(torch_text)) == errno.EFBIG  # ulimit -f set: that is the cause
-    assert storage_errno(RuntimeError('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')) == errno.ENOSPC
+    rust_text = 'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    assert storage_errno(RuntimeError(rust_text)) == errno.ENOSPC
     assert storage_errno(RuntimeError("some bug")) is None
     wrapped = RuntimeError("save failed")
     wrapped.__cause__ = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
@@ -136,7 +137,8 @@ def test_real_checkpoint_write_past_file_size_limit(tmp_path):
     """, tmp_path)
     assert proc.returncode == 3, proc.stderr
     final = tmp_path / "state" / "checkpoints" / "step-00000010"
-    assert "MESSAGE state/checkpoints/step-00000010: File too large (EFBIG)" in proc.stderr and "unexpected pos" not in proc.stderr
+    assert "MESSAGE state/checkpoints/step-00000010: File too large (EFBIG)" in proc.stderr
+    assert "unexpected pos" not in proc.stderr
     assert not final.exists() and leftovers(final.parent) == []
 
 
@@ -203,7 +205,8 @@ def test_run_stage_writes_storage_error_to_log_and_terminal(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         run_stage(snakemake, stage, out_dir=snakemake.output[0])
     assert info.value.code == 1
-    expected = f"gpt2ipu rule shards: error: {tmp_path}/out: {ENOSPC_TEXT} (ENOSPC) while writing {tmp_path}/out/train-00001.tfrecord; free space on"
+    expected = (f"gpt2ipu rule shards: error: {tmp_path}/out: {ENOSPC_TEXT} (ENOSPC) while writing "
+                f"{tmp_path}/out/train-00001.tfrecord; free space on")
     log = (tmp_path / "rule.log").read_text()
     assert log.startswith("progress 1/2\n") and expected in log and "Traceback" not in log
     err = capsys.readouterr().err
@@ -221,7 +224,8 @@ def test_run_stage_reports_raw_oserror_of_a_storage_kind(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         run_stage(fake_snakemake(tmp_path), stage)
     assert info.value.code == 1
-    expected = f"gpt2ipu rule shards: error: {folder}/report.json: Permission denied (EACCES) while writing it; make {folder} writable"
+    expected = (f"gpt2ipu rule shards: error: {folder}/report.json: Permission denied (EACCES) while writing it; "
+                f"make {folder} writable")
     assert expected in (tmp_path / "rule.log").read_text() and expected in capsys.readouterr().err
 
 

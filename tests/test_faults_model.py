@@ -78,7 +78,8 @@ def test_missing_tensors_are_one_clear_message(saved_model, tmp_path):
         load_hf_dir(folder)
     message = str(err.value)
     assert str(folder) in message and "n_layer 3" in message and "missing" in message
-    assert "12 tensor(s) missing (transformer.h.2.attn.c_attn.bias" in message and "does not belong to these weights" in message
+    assert "12 tensor(s) missing (transformer.h.2.attn.c_attn.bias" in message
+    assert "does not belong to these weights" in message
 
 
 def test_n_embd_not_a_multiple_of_n_head_names_the_config(saved_model, tmp_path):
@@ -167,3 +168,42 @@ def test_resuming_a_checkpoint_of_another_model_is_one_clear_message(tmp_path):
     assert str(kept[-1]) in message and "[16, 64]" in message and "[32, 64]" in message
     assert "--resume-training-from-checkpoint none" in message
     assert sorted((tmp_path / "state" / "checkpoints").iterdir()) == kept   # nothing written or removed
+
+
+# ----------------------------------------------------------------------------------------------
+# n_head changes no tensor shape (issue 19): the architecture recorded in model.safetensors
+
+
+def test_a_head_count_edited_in_config_json_is_refused(saved_model, tmp_path):
+    folder = edited_copy(saved_model, tmp_path, n_head=4)   # 64 / 4: divisible, every shape the same
+    with pytest.raises(UserError) as err:
+        load_hf_dir(folder)
+    message = str(err.value)
+    assert str(folder) in message and "n_head 4 where the weights were saved with n_head 2" in message
+    assert '"n_head": 2' in message and "config.json" in message
+
+
+def test_the_record_is_the_saved_models_own(saved_model):
+    from safetensors import safe_open
+
+    with safe_open(str(saved_model / "model.safetensors"), framework="pt") as weights:
+        record = json.loads(weights.metadata()["gpt2ipu_architecture"])
+    assert record == {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": POSITIONS, "vocab_size": VOCAB}
+    assert load_hf_dir(saved_model).config.n_head == 2
+
+
+def test_a_folder_without_the_record_loads_as_before_and_is_still_checked(saved_model, tmp_path):
+    """transformers' or the hub's files have no record: a legitimate custom size (6 heads of 64)
+    loads; a head count that does not divide n_embd is refused; another one cannot be told."""
+    torch.manual_seed(0)
+    folder = tmp_path / "custom"
+    save_hf_dir(GPT(config_for("gpt2-test", POSITIONS, vocab_size=VOCAB, n_layer=1, n_embd=384, n_head=6)), folder)
+    tensors = load_file(folder / "model.safetensors")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})   # as save_pretrained writes it
+    assert load_hf_dir(folder).config.n_head == 6
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_head": 5}))
+    with pytest.raises(UserError, match=r"config\.json: n_embd \(384\) must be a multiple of n_head \(5\)"):
+        load_hf_dir(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "n_head": 4}))
+    assert load_hf_dir(folder).config.n_head == 4   # nothing to check it against: loads, as documented

@@ -17,19 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import plain_loss
 import torch
 import torch.nn.functional as F
+from conftest import plain_loss
 
 from gpt2ipu import ops
+from gpt2ipu.cli import main as gpt2ipu_main
 from gpt2ipu.generate import decode
 from gpt2ipu.model import loss as model_loss
+from gpt2ipu.model.loss import chunked_lm_loss
 from gpt2ipu.ops import build as ops_build
 from gpt2ipu.ops import load as ops_load
 from gpt2ipu.ops import selfcheck
 from gpt2ipu.train import sample_index
-from gpt2ipu.cli import main as gpt2ipu_main
-from gpt2ipu.model.loss import chunked_lm_loss
 from gpt2ipu.train.data import build_doc_idx
 from gpt2ipu.train.sample_index import build_sample_idx, build_sample_idx_loop, build_sample_idx_numpy
 

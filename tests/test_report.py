@@ -76,7 +76,8 @@ def test_evaluation_table_lists_every_task_and_convention(tmp_path):
                 "lm_eval": {"word_perplexity": 70.0, "byte_perplexity": 2.5, "token_perplexity": 25.0, "words": 480,
                             "bytes": 2600}})
     write_json(tmp_path / "sample-gpt2" / "hellaswag.json",
-               {"lm_eval": {"acc": 0.3, "acc_norm": 0.35, "acc_bytes": 0.34, "samples": 20, "gold_token_perplexity": 60.0},
+               {"lm_eval": {"acc": 0.3, "acc_norm": 0.35, "acc_bytes": 0.34, "samples": 20,
+                            "gold_token_perplexity": 60.0},
                 "llm_c": {"acc": 0.28, "acc_norm": 0.31, "samples": 20, "gold_token_perplexity": 61.0}})
     headers, rows = evaluation.evaluation_table(tmp_path, ["sample-gpt2", "sample-gpt2-medium"])
     assert [(r[1], r[2]) for r in rows] == [("LAMBADA", "last_token"), ("LAMBADA", "last_word"),
@@ -118,7 +119,8 @@ def test_a_file_that_is_not_a_benchmark_result_is_named(tmp_path):
 def test_resource_rows_read_snakemake_benchmark_files(tmp_path):
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     (tmp_path / "pretrain").mkdir()
-    (tmp_path / "pretrain" / "sample-gpt2.tsv").write_text(header + "120.5\t0:02:00\t2600.1\t3000\t2500\t2550\t10\t500\t190\t230\n")
+    (tmp_path / "pretrain" / "sample-gpt2.tsv").write_text(
+        header + "120.5\t0:02:00\t2600.1\t3000\t2500\t2550\t10\t500\t190\t230\n")
     (tmp_path / "extract").mkdir()
     # A job too short for Snakemake to sample memory writes NA.
     (tmp_path / "extract" / "sample-part1.tsv").write_text(header + "0.4\t0:00:00\tNA\tNA\tNA\tNA\tNA\tNA\t0\t0\n")

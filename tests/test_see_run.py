@@ -11,7 +11,6 @@ import zipfile
 
 import pytest
 import yaml
-
 from test_workflow import make_workdir, snakemake
 
 pytestmark = pytest.mark.slow

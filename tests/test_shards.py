@@ -9,10 +9,10 @@ from tfrecord.torch.dataset import MultiTFRecordDataset, TFRecordDataset
 
 from gpt2ipu.bench.shards import write_with_tfrecord_package
 from gpt2ipu.cli import main
-from gpt2ipu.data.formats.megatron import MMapIndexedDataset, MMapWriter
 from gpt2ipu.data import shards as shards_stage
-from gpt2ipu.data.shards import balanced_shard_sizes
+from gpt2ipu.data.formats.megatron import MMapIndexedDataset, MMapWriter
 from gpt2ipu.data.formats.tfrecord import read_tfrecord_samples, write_tfrecord_shard
+from gpt2ipu.data.shards import balanced_shard_sizes
 from gpt2ipu.errors import UserError
 from gpt2ipu.provenance import write_provenance
 
@@ -100,7 +100,8 @@ SETTINGS = dict(max_len=31, valid_fraction=0.1, seed=7, samples_per_shard=50)
 
 
 def read_split(out: Path, split: str, stats: dict):
-    shards = [read_tfrecord_samples(out / name, (out / name).with_suffix(".index")) for name in stats["shard_files"][split]]
+    shards = [read_tfrecord_samples(out / name, (out / name).with_suffix(".index"))
+              for name in stats["shard_files"][split]]
     return shards, MMapIndexedDataset(out / f"{split}_text_document")
 
 
@@ -170,11 +171,13 @@ def test_rerun_is_byte_identical_and_seed_changes_the_split(tmp_path, parts):
 def test_tiny_valid_fraction_still_gets_one_document_and_zero_gets_no_valid_split(tmp_path):
     docs = make_documents(3, 4) + [np.full(200, 5, dtype=np.uint16)]
     folder = make_token_part(tmp_path / "p", docs, provenance=False)
-    stats = shards_stage.shards([folder], tmp_path / "tiny", max_len=3, valid_fraction=1e-6, seed=0, samples_per_shard=10)
+    stats = shards_stage.shards([folder], tmp_path / "tiny", max_len=3, valid_fraction=1e-6, seed=0,
+                                samples_per_shard=10)
     assert stats["valid_documents"] == 1 and stats["train_documents"] == 3
     assert stats["bytes"]["dump"] is None and stats["bytes"]["extract"] is None
 
-    stats = shards_stage.shards([folder], tmp_path / "none", max_len=3, valid_fraction=0.0, seed=0, samples_per_shard=10)
+    stats = shards_stage.shards([folder], tmp_path / "none", max_len=3, valid_fraction=0.0, seed=0,
+                                samples_per_shard=10)
     assert stats["valid_samples"] == 0 and stats["train_documents"] == 4
     assert not list((tmp_path / "none").glob("valid*"))
 

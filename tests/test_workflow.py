@@ -189,15 +189,17 @@ def test_training_killed_then_rerun_resumes_from_its_checkpoint(built):
     state_root = workdir / "results" / "train_state"
     before = set(state_root.glob("*")) if state_root.is_dir() else set()
     proc = start(workdir, "results/models/sample-gpt2-test/final", *overrides)
-    new_checkpoints = lambda: [p for p in state_root.glob("*/checkpoints/step-*/training_state.pt")
-                               if p.parents[2] not in before]
+    def new_checkpoints():
+        return [p for p in state_root.glob("*/checkpoints/step-*/training_state.pt") if p.parents[2] not in before]
+
     kill_when(proc, lambda: bool(new_checkpoints()))  # SIGKILL: a crash, an OOM kill, a lost node
     # After a hard kill Snakemake's lock is stale; `--unlock` is its documented remedy.
     snakemake(workdir, "--unlock")
     snakemake(workdir, "results/models/sample-gpt2-test/final", *overrides)
     log = (workdir / "logs" / "sample" / "pretrain-gpt2-test.log").read_text()
     assert "resuming from" in log, log[-2000:]
-    steps = [json.loads(l)["step"] for l in (workdir / "results/models/sample-gpt2-test/metrics.jsonl").read_text().splitlines()]
+    metrics = (workdir / "results/models/sample-gpt2-test/metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in metrics]
     assert steps == list(range(1, 31))
 
 
@@ -243,7 +245,8 @@ def test_evaluation_and_generation_targets_run_on_the_trained_model(built):
         # the vocabulary size (measured: 0.8-1.02x of it), so that is the scale, within a factor of 2.
         assert 1.0 < figures["token_perplexity"] < 2 * vocab_size, (convention, figures)
         # Per passage (a target word may be several tokens), so at least the per-token figure.
-        assert math.isfinite(figures["perplexity"]) and figures["perplexity"] >= figures["token_perplexity"] * (1 - 1e-12)
+        assert math.isfinite(figures["perplexity"])
+        assert figures["perplexity"] >= figures["token_perplexity"] * (1 - 1e-12)
     assert math.isclose(lambada["last_token"]["perplexity"], lambada["last_token"]["token_perplexity"])
     wikitext = json.loads((workdir / outputs[1]).read_text())
     assert wikitext["provenance"]["stage"] == "evaluate_wiki"
@@ -260,4 +263,5 @@ def test_evaluation_and_generation_targets_run_on_the_trained_model(built):
     hellaswag = json.loads((workdir / outputs[3]).read_text())
     assert hellaswag["provenance"]["stage"] == "evaluate_hellaswag" and hellaswag["samples"] > 0
     for convention in ("lm_eval", "llm_c"):
-        assert 0.0 <= hellaswag[convention]["acc_norm"] <= 1.0 and hellaswag[convention]["samples"] == hellaswag["samples"]
+        assert 0.0 <= hellaswag[convention]["acc_norm"] <= 1.0
+        assert hellaswag[convention]["samples"] == hellaswag["samples"]

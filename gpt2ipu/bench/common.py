@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timing by medians, and the one JSON shape every benchmark prints.
+"""Shared benchmark plumbing: the benchmarks by name, timing by medians, the one JSON shape every
+benchmark prints and the machine it ran on.
 
 Output keys: `ours` (our throughput), `unit`, `baselines` ({name: throughput}), `speedup`
 ({name: ours / baseline}), plus whatever else a benchmark adds (`peak_mem_mb`, `repeats`, notes).
@@ -6,9 +7,27 @@ Output keys: `ours` (our throughput), `unit`, `baselines` ({name: throughput}), 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+# `gpt2ipu bench <stage>` and the suite's `bench:` names -> the module that runs it.
+STAGES = {
+    "tokenize": "gpt2ipu.bench.tokenize",
+    "tokenize_text": "gpt2ipu.bench.tokenize_text",
+    "shards": "gpt2ipu.bench.shards",
+    "extract": "gpt2ipu.bench.extract",
+    "train": "gpt2ipu.bench.train",
+    "evaluate": "gpt2ipu.bench.evaluate",
+    "generate": "gpt2ipu.bench.generate",
+    "loss": "gpt2ipu.bench.loss",
+    "sample_index": "gpt2ipu.bench.sample_index",
+}
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -45,4 +64,30 @@ def report(ours: float, unit: str, baselines: Mapping[str, float], **extra: Any)
         "baselines": dict(baselines),
         "speedup": {name: (ours / value if value else float("inf")) for name, value in baselines.items()},
         **extra,
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """Where a benchmark ran: CPU model, cores (all, and those this process may use), torch, GPU."""
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
     }

@@ -35,6 +35,8 @@ import torch
 
 from gpt2ipu.bench.common import interleaved_median_seconds, report
 from gpt2ipu.bench.lm_eval_baseline import lm_eval_available
+from gpt2ipu.evaluate.conventions import HELLASWAG as HELLASWAG_CONVENTIONS
+from gpt2ipu.evaluate.conventions import LAMBADA as LAMBADA_CONVENTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_LAMBADA = REPO.parent / "shared" / "data" / "lambada_test.jsonl"
@@ -92,9 +94,9 @@ def plain_lambada(model, tokenizer, texts, window: int) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> dict:
     from gpt2ipu.data.tokenizer import load_tokenizer
+    from gpt2ipu.devices import resolve_device
     from gpt2ipu.evaluate.data import read_lambada, sample_lambada_texts
     from gpt2ipu.evaluate.lambada import score_lambada
-    from gpt2ipu.devices import resolve_device
     from gpt2ipu.model import GPT, config_for
 
     if args.threads:
@@ -137,7 +139,8 @@ def run(args: argparse.Namespace) -> dict:
         if device.type != "cpu":
             extra["lm_eval_note"] = "the lm_eval comparison runs on the CPU only"
         elif not lm_eval_available():
-            extra["lm_eval_note"] = "lm-evaluation-harness is not installed (pip install -e '.[compare]'): no lm_eval baseline"
+            extra["lm_eval_note"] = ("lm-evaluation-harness is not installed (pip install -e '.[compare]'): "
+                                     "no lm_eval baseline")
         else:
             extra["lm_eval"] = compare_with_lm_eval(model, tokenizer, texts, args)
             if "lambada" in extra["lm_eval"]:
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         preset=args.preset, samples=n, data=str(data) if data else "generated sample",
         batch_size=args.batch_size, device=str(device), precision="fp32", threads=torch.get_num_threads(),
         repeats=args.repeats, results_identical=identical, forward_sequences=ours["forward_sequences"],
-        accuracy={c: ours[c]["accuracy"] for c in ("lambada_openai", "last_word", "last_token")}, **extra,
+        accuracy={c: ours[c]["accuracy"] for c in LAMBADA_CONVENTIONS}, **extra,
     )
 
 
@@ -212,7 +215,8 @@ def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> d
     if "lambada" in tasks:
         ours_lambada(lambada_samples)
         agreement["lambada_max_abs_loglikelihood_diff"] = max(
-            abs(s["loglikelihood"] - ll) for s, (_, ll, _) in zip(lambada_samples, theirs[baseline.LAMBADA_TASK]["samples"]))
+            abs(s["loglikelihood"] - ll)
+            for s, (_, ll, _) in zip(lambada_samples, theirs[baseline.LAMBADA_TASK]["samples"]))
         agreement["lambada_greedy_identical"] = [s["greedy"] for s in lambada_samples] == \
             [g for _, _, g in theirs[baseline.LAMBADA_TASK]["samples"]]
         timed.update(ours_lambada=ours_lambada,
@@ -220,7 +224,8 @@ def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> d
     if "wikitext" in tasks:
         wiki = ours_wiki(wiki_samples)
         agreement["wikitext_max_rel_loglikelihood_diff"] = max(
-            abs(s["loglikelihood"] - ll) / abs(ll) for s, (_, ll, _) in zip(wiki_samples, theirs[baseline.WIKITEXT_TASK]["samples"]))
+            abs(s["loglikelihood"] - ll) / abs(ll)
+            for s, (_, ll, _) in zip(wiki_samples, theirs[baseline.WIKITEXT_TASK]["samples"]))
         timed.update(ours_wiki=ours_wiki,
                      lm_eval_wiki=lambda: baseline.run_lm_eval(lm, [baseline.wikitext_task(pages)]))
     if "hellaswag" in tasks:
@@ -232,7 +237,7 @@ def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> d
         agreement["hellaswag_acc_acc_norm_identical"] = [(s["acc"], s["acc_norm"]) for s in hellaswag_samples] == \
             [(bool(m["acc"]), bool(m["acc_norm"])) for m in hellaswag_theirs["metrics"]]
         timed.update(ours_hellaswag=ours_hellaswag,
-                     ours_hellaswag_all=lambda: ours_hellaswag(conventions=("lm_eval", "llm_c")),
+                     ours_hellaswag_all=lambda: ours_hellaswag(conventions=HELLASWAG_CONVENTIONS),
                      lm_eval_hellaswag=lambda: baseline.run_lm_eval(lm, [baseline.hellaswag_task(records)]))
     print(f"bench evaluate: lm_eval agreement {agreement}", file=sys.stderr)
     seconds = interleaved_median_seconds(timed, args.repeats)

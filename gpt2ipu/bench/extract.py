@@ -25,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from gpt2ipu.bench.common import report
 from gpt2ipu.data.extract import extract
@@ -109,6 +109,27 @@ def interleaved_medians(contenders: dict[str, Callable[[], int]], repeats: int) 
     return counts, median, median_cpu
 
 
+def speed_figures(counts: dict[str, int], seconds: dict[str, float], cpu: dict[str, float]) -> dict:
+    """Articles/s of every contender (`ours`, `ours_cli`, `wikiextractor_p<P>`), the baselines with the
+    fastest wikiextractor again as `wikiextractor_best`, and the ratios against it, by wall time and
+    by CPU time."""
+    rates = {name: counts[name] / seconds[name] for name in counts}
+    baselines = {name: rate for name, rate in rates.items() if name.startswith("wikiextractor_")}
+    best = max(baselines, key=baselines.get)
+    baselines["wikiextractor_best"] = baselines[best]
+    per_cpu_second = {name: counts[name] / cpu[name] for name in counts}
+    best_per_cpu_second = max(v for name, v in per_cpu_second.items() if name.startswith("wikiextractor_"))
+    return {
+        "ours": rates["ours"],
+        "baselines": baselines,
+        "best_baseline": best,
+        "ours_cli": rates["ours_cli"],
+        "ours_cli_speedup_vs_best": rates["ours_cli"] / baselines[best],
+        "articles_per_cpu_second": per_cpu_second,
+        "cpu_speedup_vs_best": per_cpu_second["ours"] / best_per_cpu_second,
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     dump = args.dump
     if not dump.is_file():
@@ -122,24 +143,15 @@ def run(args: argparse.Namespace) -> dict:
         for p in baseline_processes:
             contenders[f"wikiextractor_p{p}"] = wikiextractor_run(dump, p, scratch)
         counts, seconds, cpu = interleaved_medians(contenders, args.repeats)
-    rates = {name: counts[name] / seconds[name] for name in contenders}
-    baselines = {name: rate for name, rate in rates.items() if name.startswith("wikiextractor_")}
-    best = max(baselines, key=baselines.get)
-    baselines["wikiextractor_best"] = baselines[best]
-    per_cpu_second = {name: counts[name] / cpu[name] for name in contenders}
-    best_per_cpu_second = max(v for name, v in per_cpu_second.items() if name.startswith("wikiextractor_"))
+    figures = speed_figures(counts, seconds, cpu)
     return report(
-        rates["ours"],
+        figures.pop("ours"),
         "articles/s",
-        baselines,
-        best_baseline=best,
-        ours_cli=rates["ours_cli"],
-        ours_cli_speedup_vs_best=rates["ours_cli"] / baselines[best],
+        figures.pop("baselines"),
+        **figures,
         articles=counts,
         median_seconds=seconds,
         median_cpu_seconds=cpu,
-        articles_per_cpu_second=per_cpu_second,
-        cpu_speedup_vs_best=per_cpu_second["ours"] / best_per_cpu_second,
         load_average={"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()},
         repeats=args.repeats,
         processes=args.processes,

@@ -48,12 +48,12 @@ def run(args: argparse.Namespace) -> dict:
     import transformers
 
     from gpt2ipu import ops
-    from gpt2ipu.model.hf import save_hf_dir
     from gpt2ipu.devices import precision_dtype, resolve_device
-    from gpt2ipu.pretrained import load_model
     from gpt2ipu.generate.decode import use_decode_layout
     from gpt2ipu.generate.sampling import SamplingConfig, generate
     from gpt2ipu.model import GPT, config_for
+    from gpt2ipu.model.hf import save_hf_dir
+    from gpt2ipu.pretrained import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,8 +13,9 @@ returns.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 LAMBADA_TASK = "lambada_openai_local"
 WIKITEXT_TASK = "wikitext_local"

@@ -174,8 +174,8 @@ def _loss_function(variant: str, tokens: int, vocab: int, chunk_size: int):
         return lambda h, w, y: fused_lm_loss(h, w, y, chunk_size=chunk_size)[0]
     if variant == "torch_linear_cross_entropy":
         return lambda h, w, y: F.cross_entropy(F.linear(h, w), y)
-    from gpt2ipu.model.loss import chunked_lm_loss
     from gpt2ipu.model.loss import FUSED_BLOCK_ELEMENTS as BLOCK_ELEMENTS
+    from gpt2ipu.model.loss import chunked_lm_loss
 
     if variant == "chunked_lm_loss_tokens":
         token_chunks = math.ceil(tokens / max(1, BLOCK_ELEMENTS // vocab))

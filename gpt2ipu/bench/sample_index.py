@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=float, default=1e8, help="tokens per epoch")
     parser.add_argument("--docs", type=float, default=1e6, help="documents")
     parser.add_argument("--epochs", type=int, default=3, help="passes over the documents")
-    parser.add_argument("--seq-length", type=int, default=1024, help="tokens per sample (plus the one shared with the next)")
+    parser.add_argument("--seq-length", type=int, default=1024,
+                        help="tokens per sample (plus the one shared with the next)")
     parser.add_argument("--repeats", type=int, default=9, help="timed runs of ours and numpy_vectorized (median)")
     parser.add_argument("--reference-repeats", type=int, default=3,
                         help="timed runs of Megatron's numpy reference (median; seconds each, not ms)")

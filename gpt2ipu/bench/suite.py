@@ -8,43 +8,14 @@ plus the `machine` it ran on, since a throughput means little without it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
-import platform
-from pathlib import Path
 from typing import Any
 
-from gpt2ipu.bench.cli import STAGES
+from gpt2ipu.bench.common import STAGES, machine
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import write_text_atomic
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module says."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict[str, Any]:
-    """Where a benchmark ran: CPU model, cores (all, and those this process may use), torch, GPU."""
-    import torch
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "system": f"{platform.system()} {platform.release()}",
-    }
 
 
 def parse_bench_args(name: str, bench: str, args: list[str]) -> argparse.Namespace:

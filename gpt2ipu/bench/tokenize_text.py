@@ -77,7 +77,8 @@ def measure_rss(sizes: list[int], work: Path, threads: int) -> dict:
               f"peak RSS {peaks[documents]} MB", file=sys.stderr)
         part.unlink()
     smallest, largest = min(peaks), max(peaks)
-    return {"peak_rss_mb_by_documents": peaks, "rss_ratio_largest_to_smallest": round(peaks[largest] / peaks[smallest], 3)}
+    return {"peak_rss_mb_by_documents": peaks,
+            "rss_ratio_largest_to_smallest": round(peaks[largest] / peaks[smallest], 3)}
 
 
 def run(args: argparse.Namespace) -> dict:

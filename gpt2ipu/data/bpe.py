@@ -14,8 +14,9 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -97,7 +98,8 @@ def train_bpe(articles_paths: Sequence[str | os.PathLike | Sequence[dict]], out_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--articles", nargs="+", required=True, help="articles.jsonl file(s) from the extract stage")
     parser.add_argument("--out-dir", required=True, help="folder for tokenizer.json and provenance.json")
-    parser.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, bytes and <|endoftext|> included")
+    parser.add_argument("--vocab-size", type=int, required=True,
+                        help="ids in the vocabulary, bytes and <|endoftext|> included")
     parser.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences for a pair to be merged")
     parser.add_argument("--no-title", dest="include_title", action="store_false",
                         help="train on the article text only, without the title line")

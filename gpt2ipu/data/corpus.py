@@ -39,9 +39,10 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file
@@ -393,9 +394,9 @@ class DocumentReader:
             raise UserError(f"{self._where(path, offset, line_number)}: a JSON {type(record).__name__}, not an object "
                             f"with a \"{self.fields.text}\" field; {self.hint}")
         if self.fields.text not in record:
-            raise UserError(f"{self._where(path, offset, line_number)}: has no \"{self.fields.text}\" field (its fields: "
-                            f"{', '.join(map(str, record)) or 'none'}); set the text field (config key text.text_field) "
-                            f"or {self.hint}")
+            raise UserError(f"{self._where(path, offset, line_number)}: has no \"{self.fields.text}\" field "
+                            f"(its fields: {', '.join(map(str, record)) or 'none'}); set the text field "
+                            f"(config key text.text_field) or {self.hint}")
         text = record[self.fields.text]
         if text is not None and not isinstance(text, str):
             raise UserError(f"{self._where(path, offset, line_number)}: field \"{self.fields.text}\" holds a "

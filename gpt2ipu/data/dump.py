@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from gpt2ipu.data.corpus import DEFAULT_PART_BYTES
 from gpt2ipu.data.hub import DEFAULT_BYTES_PER_TOKEN
@@ -32,7 +33,6 @@ from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file, write_text_atomic
 
 DATASETS = ("sample", "enwiki", "local", "text", "hf")
-WIKI_DATASETS = ("sample", "enwiki", "local")
 DEFAULT_MIRROR = "https://dumps.wikimedia.org"
 LOCAL_SUFFIXES = (".xml.bz2", ".xml")
 
@@ -58,7 +58,8 @@ def local_parts(paths: list[str]) -> list[dict[str, str]]:
         resolved = str(path.resolve())
         _refuse_repeat(by_path, resolved, number, raw, "the same file twice", f"are both {resolved}")
         sha256 = sha256_file(path)
-        _refuse_repeat(by_sha256, sha256, number, raw, "the same dump twice", f"have the same content (sha256 {sha256})")
+        _refuse_repeat(by_sha256, sha256, number, raw, "the same dump twice",
+                       f"have the same content (sha256 {sha256})")
         # Part names become folder names and wildcard values: keep them plain and unique.
         name = re.sub(r"[^A-Za-z0-9._-]", "_", path.name[: -len(suffix)]).lstrip(".") or "part"
         unique, n = name, 1
@@ -191,7 +192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     manifest.add_argument("--max-parts", type=int, default=None, help="enwiki: use only the first N parts")
     manifest.add_argument("--text-path", action="append", default=[],
                           help="text: a corpus file, folder or glob (repeatable)")
-    manifest.add_argument("--part-bytes", type=int, default=DEFAULT_PART_BYTES, help="text: about this many bytes a part")
+    manifest.add_argument("--part-bytes", type=int, default=DEFAULT_PART_BYTES,
+                          help="text: about this many bytes a part")
     manifest.add_argument("--txt-unit", choices=("file", "line"), default="file",
                           help="text: a .txt file is one document (file) or holds one per line (line)")
     manifest.add_argument("--hf-repo", help="hf: the Hub dataset, owner/name")
@@ -205,7 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sample_text = actions.add_parser("sample-text", help="write a generated text corpus (Parquet, JSON lines, text)")
     sample_text.add_argument("--out", required=True,
-                             help="file to write; its suffix picks the format (.parquet, .jsonl, .jsonl.gz, .jsonl.zst, .txt)")
+                             help="file to write; its suffix picks the format "
+                                  "(.parquet, .jsonl, .jsonl.gz, .jsonl.zst, .txt)")
     sample_text.add_argument("--documents", type=int, default=10000, help="documents to write (default 10000)")
     sample_text.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
 
@@ -219,12 +222,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sample.add_argument("--part", type=int, default=1, help="1-based part number")
     sample.add_argument("--parts", type=int, default=1, help="how many parts the sample is split into (default 1)")
     sample.add_argument("--pages", type=int, default=3000, help="pages in all parts together")
-    sample.add_argument("--seed", type=int, default=1234, help="generator seed: same seed, byte-identical dump (default 1234)")
+    sample.add_argument("--seed", type=int, default=1234,
+                        help="generator seed: same seed, byte-identical dump (default 1234)")
 
     download = actions.add_parser("download", help="download one enwiki part, resumable, sha1-checked")
     download.add_argument("--url", required=True, help="URL of one dump part (pages-articlesN.xml-pA pB.bz2)")
-    download.add_argument("--sha1", required=True, help="the part's sha1 from the mirror's sha1sums file; checked before the part appears")
-    download.add_argument("--out-dir", required=True, help="folder to write pages.xml.bz2 into (a .partial beside it resumes)")
+    download.add_argument("--sha1", required=True,
+                          help="the part's sha1 from the mirror's sha1sums file; checked before the part appears")
+    download.add_argument("--out-dir", required=True,
+                          help="folder to write pages.xml.bz2 into (a .partial beside it resumes)")
     download.add_argument("--retries", type=int, default=5, help="attempts per download, with backoff (default 5)")
     download.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
 

@@ -30,10 +30,11 @@ import signal
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator
+from typing import IO
 from xml.sax.saxutils import escape as xml_escape
 
 from tqdm import tqdm

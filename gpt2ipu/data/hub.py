@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gpt2ipu.data.corpus import corpus_format, part_name, unique_names
 from gpt2ipu.errors import UserError
@@ -155,7 +156,8 @@ def hub_parts(*, repo: str, subset: str | None, split: str, revision: str | None
     chosen.sort(key=lambda e: e.path)
     if not chosen:
         raise UserError(f"{repo} at {sha[:12]}: no .parquet / .jsonl(.gz/.zst) / .txt file for subset {subset!r}, "
-                        f"split {split!r}{f', files {list(files)}' if files else ''}; check hf.subset, hf.split, hf.files")
+                        f"split {split!r}{f', files {list(files)}' if files else ''}; check hf.subset, hf.split, "
+                        "hf.files")
     if max_files is not None:
         chosen = chosen[:max_files]
     if max_tokens is not None:

@@ -44,8 +44,8 @@ from gpt2ipu.data.sample_vocab import (
     PREPS,
     PUBLISHERS,
     TOPICS,
-    Topic,
     VOWELS,
+    Topic,
 )
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
@@ -361,7 +361,7 @@ class Writer:
     def table(self) -> str:
         rng = self.rng
         noun = rng.choice(self.topic.nouns)
-        rows = [f'{{| class="wikitable sortable"', f"|+ {_plural(noun).capitalize()} by year",
+        rows = ['{| class="wikitable sortable"', f"|+ {_plural(noun).capitalize()} by year",
                 f"! Year !! {noun.capitalize()} !! Place"]
         for year in sorted(rng.sample(range(1800, 2015), rng.randint(2, 6))):
             rows += ["|-", f"| {year} || {rng.randint(1, 5000):,} || {self.link()}"]

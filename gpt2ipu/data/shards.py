@@ -109,7 +109,8 @@ def open_token_part(folder: str | Path) -> TokenPart:
     figures = read_part_figures(folder)
     for key, actual in (("articles", documents), ("tokens", int(dataset.tokens.size))):
         if key in figures and figures[key] != actual:
-            raise UserError(f"{folder}: provenance.json says {figures[key]} {key} but tokens.idx holds {actual}; {advice}")
+            raise UserError(f"{folder}: provenance.json says {figures[key]} {key} but tokens.idx holds {actual}; "
+                            f"{advice}")
     return TokenPart(folder, dataset, figures)
 
 
@@ -221,7 +222,8 @@ def shards(token_dirs: list, out_dir, *, max_len: int, valid_fraction: float, se
         cap_tokens(parts, max_tokens)
     all_sizes = np.concatenate([part.sizes() for part in parts]).astype(np.int64)
     if len(all_sizes) == 0:
-        raise UserError(f"the tokens folders {', '.join(map(str, token_dirs))} hold no documents; check the extract stage's output")
+        raise UserError(f"the tokens folders {', '.join(map(str, token_dirs))} hold no documents; check the extract "
+                        "stage's output")
     is_valid = choose_valid_documents(len(all_sizes), valid_fraction, seed)
     splits = [s for s in SPLITS if s == "train" or valid_fraction > 0]
     sample_len = max_len + 1

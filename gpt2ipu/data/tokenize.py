@@ -14,9 +14,10 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -155,11 +156,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding threads")
     parser.add_argument("--vocab-dir", default=None,
                         help="folder with GPT-2's encoder.json + vocab.bpe (or vocab.json + merges.txt)")
-    parser.add_argument("--bpe-tokenizer", default=None, help="tokenizer.json from `gpt2ipu train-bpe` instead of GPT-2's")
+    parser.add_argument("--bpe-tokenizer", default=None,
+                        help="tokenizer.json from `gpt2ipu train-bpe` instead of GPT-2's")
     parser.add_argument("--no-title", dest="include_title", action="store_false",
                         help="documents are the article text only, without the title line")
     parser.add_argument("--text-field", default="text", help="corpus files: the field or column of the text")
-    parser.add_argument("--title-field", default=None, help="corpus files: a title field (document = title, blank line, text)")
+    parser.add_argument("--title-field", default=None,
+                        help="corpus files: a title field (document = title, blank line, text)")
     parser.add_argument("--id-field", default=None, help="corpus files: an id field, named in error messages")
     parser.add_argument("--txt-unit", choices=TXT_UNITS, default="file",
                         help=".txt files: each file one document (file) or each non-empty line one (line)")

@@ -26,9 +26,9 @@ import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -315,7 +315,8 @@ class TrainedBPETokenizer(Tokenizer):
         try:
             self.backend = HFTokenizer.from_file(str(self.path))
         except Exception as err:  # the library raises a bare Exception on a malformed file
-            raise UserError(f"{self.path}: not a `tokenizers` tokenizer.json ({err}); retrain it with `gpt2ipu train-bpe`")
+            raise UserError(f"{self.path}: not a `tokenizers` tokenizer.json ({err}); retrain it with "
+                            "`gpt2ipu train-bpe`") from err
         eos_id = self.backend.token_to_id(EOT)
         if eos_id is None:
             raise UserError(f"{self.path}: has no {EOT} token; retrain it with `gpt2ipu train-bpe`")

@@ -6,13 +6,8 @@ import argparse
 import json
 
 from gpt2ipu.devices import PRECISIONS
+from gpt2ipu.evaluate import conventions
 from gpt2ipu.evaluate.data import DEFAULT_SOURCES, EVAL_SETS, SAMPLE_SEED
-
-# The names only (the task modules import torch, which `gpt2ipu --help` should not wait for).
-LAMBADA_CONVENTIONS = ("lambada_openai", "last_word", "last_token")
-WIKI_CONVENTIONS = ("lm_eval", "megatron")
-WIKI_DOCUMENTS = ("articles", "whole")
-HELLASWAG_CONVENTIONS = ("lm_eval", "llm_c")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             description="WikiText perplexity: lm-eval's rolling windows per document, "
                                         "Megatron-LM's sliding windows; see docs/evaluation.md")
     _model_arguments(wiki)
-    wiki.add_argument("--conventions", default=",".join(WIKI_CONVENTIONS),
+    wiki.add_argument("--conventions", default=",".join(conventions.WIKITEXT),
                       help="comma-separated: lm_eval (lm-evaluation-harness's wikitext: word and byte "
                            "perplexity, bits per byte), megatron (sliding windows: token, word, adjusted)")
-    wiki.add_argument("--documents", default="articles", choices=WIKI_DOCUMENTS,
+    wiki.add_argument("--documents", default="articles", choices=conventions.WIKITEXT_DOCUMENTS,
                       help="lm_eval convention: each article a document (lm-eval's), or the whole file as one")
     wiki.add_argument("--stride", type=int, default=None,
                       help="megatron convention: new tokens scored per window (default: half the window)")
@@ -58,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                description="LAMBADA in lm-eval's lambada_openai, last_word (strict) and "
                                            "last_token conventions; see docs/evaluation.md")
     _model_arguments(lambada)
-    lambada.add_argument("--conventions", default=",".join(LAMBADA_CONVENTIONS),
+    lambada.add_argument("--conventions", default=",".join(conventions.LAMBADA),
                          help="comma-separated: lambada_openai (lm-evaluation-harness's), last_word "
                               "(Megatron-LM's strict), last_token (the GPT-2 paper's)")
     lambada.add_argument("--limit", type=int, default=None, help="only the first N passages")
@@ -68,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              "(acc, acc_norm) and llm.c's / nanoGPT's (ending's summed and mean "
                                              "loss) conventions; see docs/evaluation.md")
     _model_arguments(hellaswag)
-    hellaswag.add_argument("--conventions", default=",".join(HELLASWAG_CONVENTIONS),
+    hellaswag.add_argument("--conventions", default=",".join(conventions.HELLASWAG),
                            help="comma-separated: lm_eval (lm-evaluation-harness's hellaswag), llm_c "
                                 "(llm.c's and build-nanogpt's)")
     hellaswag.add_argument("--limit", type=int, default=None, help="only the first N items")
@@ -81,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--out-dir", required=True, help="folder to write the set and its provenance.json into")
     data.add_argument("--url", default=None,
                       help="where to download from (http(s):// or file://); default: the set's known source "
-                           "with its pinned sha256: " + ", ".join(f"{k}: {v['url']}" for k, v in DEFAULT_SOURCES.items()))
+                           "with its pinned sha256: "
+                           + ", ".join(f"{k}: {v['url']}" for k, v in DEFAULT_SOURCES.items()))
     data.add_argument("--sha256", default=None, help="expected sha256 of the data file (with --url)")
     data.add_argument("--member", default=None, help="path of the data file inside a zip archive (with --url)")
     data.add_argument("--retries", type=int, default=5, help="download attempts, with backoff (default 5)")

@@ -31,15 +31,17 @@ import math
 import os
 import re
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from gpt2ipu.errors import UserError
+from gpt2ipu.evaluate import conventions
 from gpt2ipu.evaluate.data import HELLASWAG_NAME, data_file, read_hellaswag
 from gpt2ipu.evaluate.scoring import score_continuations
 
-CONVENTIONS = ("lm_eval", "llm_c")
+CONVENTIONS = conventions.HELLASWAG
 
 
 def preprocess(text: str) -> str:
@@ -90,7 +92,8 @@ def check_conventions(conventions: Sequence[str]) -> None:
             raise UserError(f"HellaSwag convention {convention!r}: choose from {', '.join(CONVENTIONS)}")
 
 
-def fit_groups(context: list[int], endings: list[list[int]], limit: int, index: int) -> list[tuple[list[int], list[list[int]]]]:
+def fit_groups(context: list[int], endings: list[list[int]], limit: int,
+               index: int) -> list[tuple[list[int], list[list[int]]]]:
     """One group (context, endings) when every context + ending fits `limit` tokens; else one group
     per ending, each with as many of the context's last tokens as fit beside that ending."""
     longest = max(len(e) for e in endings)
@@ -115,7 +118,8 @@ def decide(convention: str, label: int, endings: list[str], nll: list[float], to
         chars = np.array([float(len(e)) for e in endings])
         nbytes = np.array([float(len(e.encode("utf-8"))) for e in endings])
         with np.errstate(divide="ignore", invalid="ignore"):   # an empty ending: lm-eval divides by 0 too
-            picks = {"pred": _first_max(lls), "pred_norm": _first_max(lls / chars), "pred_bytes": _first_max(lls / nbytes)}
+            picks = {"pred": _first_max(lls), "pred_norm": _first_max(lls / chars),
+                     "pred_bytes": _first_max(lls / nbytes)}
     else:
         mean_loss = np.array(nll, dtype=np.float64) / np.array(tokens, dtype=np.float64)
         picks = {"pred": _first_max(-np.array(nll, dtype=np.float64)), "pred_norm": _first_max(-mean_loss)}
@@ -159,7 +163,8 @@ def score_hellaswag(model, tokenizer, records: Sequence[dict], *, conventions: S
         for index, record in enumerate(records):
             context, endings, context_ids, ending_ids = item_request(tokenizer, record, convention)
             fitted = fit_groups(context_ids, ending_ids, limit, index)
-            plans.append((convention, index, context, endings, ending_ids, range(len(groups), len(groups) + len(fitted))))
+            plans.append((convention, index, context, endings, ending_ids,
+                          range(len(groups), len(groups) + len(fitted))))
             groups.extend(fitted)
     scores = score_continuations(model, groups, batch_size=batch_size, desc="hellaswag")
     per_convention: dict[str, tuple[list, list, list]] = {c: ([], [], []) for c in conventions}

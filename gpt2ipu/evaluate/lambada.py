@@ -29,13 +29,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+from gpt2ipu.errors import UserError
+from gpt2ipu.evaluate import conventions
 from gpt2ipu.evaluate.data import LAMBADA_NAME, data_file, read_lambada
 from gpt2ipu.evaluate.scoring import score_requests
-from gpt2ipu.errors import UserError
 
-CONVENTIONS = ("lambada_openai", "last_word", "last_token")
+CONVENTIONS = conventions.LAMBADA
 
 
 def split_lambada_openai(tokenizer, text: str) -> tuple[list[int], list[int]]:

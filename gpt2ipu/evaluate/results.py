@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from gpt2ipu.fsutil import write_text_atomic
 from gpt2ipu.provenance import provenance_record

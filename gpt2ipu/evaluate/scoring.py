@@ -18,8 +18,8 @@ third of a WikiText window's time, and a float32 one rounds a NLL near 10 nats b
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

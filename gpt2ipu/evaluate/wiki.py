@@ -41,15 +41,17 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from gpt2ipu.errors import UserError
+from gpt2ipu.evaluate import conventions
 from gpt2ipu.evaluate.data import WIKITEXT_NAME, data_file, read_wikitext
 from gpt2ipu.evaluate.scoring import score_requests
-from gpt2ipu.errors import UserError
 
-CONVENTIONS = ("lm_eval", "megatron")
-DOCUMENTS = ("articles", "whole")
+CONVENTIONS = conventions.WIKITEXT
+DOCUMENTS = conventions.WIKITEXT_DOCUMENTS
 
 
 def check_conventions(conventions: Sequence[str], documents: str) -> None:
@@ -169,9 +171,11 @@ def perplexities(nll: float, num_tokens: int, num_words: int) -> dict[str, float
     }
 
 
-def score_wikitext(model, tokenizer, word_level_text: str, *, window: int | None = None,
-                   stride: int | None = None, batch_size: int = 8, log_samples: list | None = None) -> dict[str, Any]:
-    """The perplexities of `model` on a WikiText word-level text (see the module doc).
+def score_wikitext_megatron(model, tokenizer, word_level_text: str, *, window: int | None = None,
+                            stride: int | None = None, batch_size: int = 8,
+                            log_samples: list | None = None) -> dict[str, Any]:
+    """The `megatron` convention's perplexities of `model` on a WikiText word-level text (sliding
+    windows over the whole text; see the module doc).
 
     window: tokens per window (default: the model's context); stride: new tokens scored per
     window (default: half the window); log_samples, when given, gets one record per window.
@@ -274,8 +278,8 @@ def evaluate_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: st
         figures["lm_eval"] = score_wikitext_lm_eval(model, tokenizer, text, documents=documents,
                                                     batch_size=batch_size, log_samples=samples)
     if "megatron" in conventions:  # at the top level, where results files have always had them
-        figures.update(score_wikitext(model, tokenizer, text, window=window, stride=stride, batch_size=batch_size,
-                                      log_samples=samples))
+        figures.update(score_wikitext_megatron(model, tokenizer, text, window=window, stride=stride,
+                                               batch_size=batch_size, log_samples=samples))
     params = {"conventions": list(conventions), "documents": documents, "stride": figures.get("stride", stride),
               "window": figures.get("window", window), "batch_size": batch_size, "device": str(device_used),
               "precision": precision, "tokenizer": tokenizer.name}

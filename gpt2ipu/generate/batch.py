@@ -11,16 +11,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import parse_json_record
-from gpt2ipu.generate.decode import use_decode_layout
 from gpt2ipu.generate import sampling
+from gpt2ipu.generate.decode import use_decode_layout
 from gpt2ipu.generate.sampling import SamplingConfig
 from gpt2ipu.pretrained import load_pretrained
 

@@ -69,17 +69,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None,
                         help="batch mode: prompts file (one per line, or .jsonl with {\"prompt\": ...}); "
                              "without it, an interactive prompt loop")
-    parser.add_argument("--out", default=None, help="batch mode: output JSON lines (default: <prompts>.jsonl beside it)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most (default 64)")
+    parser.add_argument("--out", default=None,
+                        help="batch mode: output JSON lines (default: <prompts>.jsonl beside it)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="tokens to generate per prompt at most (default 64)")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="logits divided by this before sampling (default 1.0)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="logits divided by this before sampling (default 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (CTRL)")
     parser.add_argument("--stop-token", default="<|endoftext|>",
                         help="a single token that ends a continuation (Python escapes allowed, e.g. '\\n'); "
                              "'none' to always generate --max-new-tokens")
-    parser.add_argument("--seed", type=int, default=1234, help="sampling seed; prompt i samples with seed + i (default 1234)")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="sampling seed; prompt i samples with seed + i (default 1234)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch mode: prompts decoded together")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights' dtype (default fp32)")

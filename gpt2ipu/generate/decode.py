@@ -10,6 +10,7 @@ import torch
 
 from gpt2ipu.ops import load_ops
 
+
 def use_decode_layout(model) -> None:
     """Make the model's matrix products fast for decoding on CPU (same values; CUDA models are left as they are).
 

@@ -15,12 +15,13 @@ Works on any Hugging Face GPT-2 folder, on CPU or CUDA, with fp32 / bf16 / fp16 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
 from gpt2ipu.errors import UserError
+
 
 @dataclass
 class SamplingConfig:

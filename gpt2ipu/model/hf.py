@@ -10,6 +10,13 @@ Layouts: Hugging Face's GPT-2 uses Conv1D, whose weight is [in, out]; our nn.Lin
 so the four projection matrices of each block are transposed on the way out and in. The LM head
 is tied to `transformer.wte.weight` and is not written (transformers re-ties it on load, and
 safetensors refuses shared storage anyway).
+
+Head count: `n_head` changes no tensor's shape, so a config.json with the wrong one would load and
+score garbage. `write_hf_files` therefore records the architecture (n_layer, n_head, n_embd,
+n_positions, vocab_size) in model.safetensors' metadata, and `load_hf_dir` refuses a config.json
+that disagrees with that record. A folder without the record (transformers' save_pretrained, the
+hub, files written before the record existed) gets the checks its shapes allow, n_embd a multiple
+of n_head among them, and loads as before.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt2ipu.errors import UserError
@@ -33,6 +41,9 @@ CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weig
 # Buffers that older transformers versions saved with each block; they hold no learned values.
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# model.safetensors' metadata key holding the architecture the weights were saved with (JSON).
+ARCHITECTURE_KEY = "gpt2ipu_architecture"
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
 
 
 def hf_config(config: GPTConfig, eos_token_id: int | None = None) -> dict:
@@ -101,7 +112,9 @@ def write_hf_files(model: GPT, folder: str | os.PathLike, eos_token_id: int | No
     folder = Path(folder)
     config = hf_config(unwrap(model).config, eos_token_id)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(hf_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    architecture = {key: getattr(unwrap(model).config, key) for key in ARCHITECTURE_FIELDS}
+    save_file(hf_state_dict(model), str(folder / WEIGHTS_NAME),
+              metadata={"format": "pt", ARCHITECTURE_KEY: json.dumps(architecture, sort_keys=True)})
 
 
 def save_hf_dir(model: GPT, out_dir: str | os.PathLike, *, eos_token_id: int | None = None, extra=None) -> Path:
@@ -117,9 +130,11 @@ def config_from_hf(config_path: Path, **overrides) -> GPTConfig:
     try:
         hf = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{config_path}: not a readable JSON config ({err}); point to a Hugging Face GPT-2 folder") from err
+        raise UserError(f"{config_path}: not a readable JSON config ({err}); point to a Hugging Face GPT-2 "
+                        "folder") from err
     if hf.get("model_type") != "gpt2":
-        raise UserError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2' (only GPT-2 checkpoints load here)")
+        raise UserError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2' (only GPT-2 "
+                        "checkpoints load here)")
     n_embd = hf.get("n_embd", 768)
     unsupported = {
         "activation_function": hf.get("activation_function", "gelu_new") not in SUPPORTED_ACTIVATIONS,
@@ -130,7 +145,8 @@ def config_from_hf(config_path: Path, **overrides) -> GPTConfig:
     }
     bad = [key for key, is_bad in unsupported.items() if is_bad]
     if bad:
-        raise UserError(f"{config_path}: this GPT-2 variant is not supported here ({', '.join(f'{k}={hf.get(k)!r}' for k in bad)})")
+        raise UserError(f"{config_path}: this GPT-2 variant is not supported here "
+                        f"({', '.join(f'{k}={hf.get(k)!r}' for k in bad)})")
     return GPTConfig(
         vocab_size=hf.get("vocab_size", 50257),
         n_positions=hf.get("n_positions", 1024),
@@ -167,8 +183,38 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as err:  # an unpickling refusal or a corrupt file: both are the user's to fix
-            raise UserError(f"{legacy}: cannot be read as plain tensors ({err}); convert it to model.safetensors") from err
-    raise UserError(f"{folder}: no {WEIGHTS_NAME} (or its index, or pytorch_model.bin); is it a Hugging Face model folder?")
+            raise UserError(f"{legacy}: cannot be read as plain tensors ({err}); convert it to "
+                            "model.safetensors") from err
+    raise UserError(f"{folder}: no {WEIGHTS_NAME} (or its index, or pytorch_model.bin); is it a Hugging Face model "
+                    "folder?")
+
+
+def saved_architecture(folder: Path) -> dict[str, int] | None:
+    """The architecture recorded in `folder`'s model.safetensors when gpt2ipu wrote it, else None."""
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            record = (weights.metadata() or {}).get(ARCHITECTURE_KEY)
+        return None if record is None else {key: int(value) for key, value in json.loads(record).items()}
+    except Exception:  # an unreadable record is no record: the tensors' own checks still apply
+        return None
+
+
+def check_saved_architecture(folder: Path, config: GPTConfig) -> None:
+    """Refuse a config.json whose architecture differs from the one recorded with the weights."""
+    record = saved_architecture(folder)
+    if record is None:
+        return
+    differ = [key for key in ARCHITECTURE_FIELDS if key in record and record[key] != getattr(config, key)]
+    if differ:
+        said = ", ".join(f"{key} {getattr(config, key)} where the weights were saved with {key} {record[key]}"
+                         for key in differ)
+        fix = ", ".join(f'"{key}": {record[key]}' for key in differ)
+        raise UserError(f"{folder}: config.json does not belong to these weights: it has {said} (recorded in "
+                        f"{WEIGHTS_NAME}); loaded, they would score garbage. Set {fix} in config.json, or put "
+                        "back the config.json saved with them")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -184,7 +230,8 @@ def load_hf_dir(folder: str | os.PathLike, **config_overrides) -> GPT:
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise UserError(f"{folder}: no {CONFIG_NAME}; point to a folder saved by gpt2ipu or transformers' save_pretrained")
+        raise UserError(f"{folder}: no {CONFIG_NAME}; point to a folder saved by gpt2ipu or transformers' "
+                        "save_pretrained")
     config = config_from_hf(config_path, **config_overrides)
     tensors = read_hf_weights(folder)
     try:
@@ -193,7 +240,9 @@ def load_hf_dir(folder: str | os.PathLike, **config_overrides) -> GPT:
     except UserError as err:  # e.g. n_embd not a multiple of n_head: name the file it came from
         raise UserError(f"{config_path}: {err}; fix config.json or use the one saved with these weights") from err
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    model.load_state_dict(_to_our_names(tensors, expected, config, folder), assign=True)
+    state = _to_our_names(tensors, expected, config, folder)
+    check_saved_architecture(folder, config)  # after the shapes: what they cannot show (n_head)
+    model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.wte.weight  # assign=True made two Parameters; re-tie them
     return model

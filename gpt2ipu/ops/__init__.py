@@ -13,7 +13,15 @@ code that uses it, with a pure fallback there:
 Nothing here imports torch at import time: the Snakefile imports `build_key`.
 """
 
-from gpt2ipu.ops.build import OPS_DIR_ENV, build_key, build_ops, find_source_dir, read_status, ready_ops_dir, source_files
+from gpt2ipu.ops.build import (
+           OPS_DIR_ENV,
+           build_key,
+           build_ops,
+           find_source_dir,
+           read_status,
+           ready_ops_dir,
+           source_files,
+)
 from gpt2ipu.ops.load import load_ops, loaded_ops, ops_reason
 
 __all__ = ["OPS_DIR_ENV", "build_key", "build_ops", "find_source_dir", "load_ops", "loaded_ops", "ops_reason",

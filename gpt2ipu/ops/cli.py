@@ -10,6 +10,7 @@ from gpt2ipu.errors import UserError
 from gpt2ipu.ops.build import OPS_DIR_ENV, build_ops, find_source_dir, source_files
 from gpt2ipu.ops.load import load_ops, ops_reason
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="ops_action", metavar="ACTION", required=True)
     build = actions.add_parser("build", help="compile custom_ops/ into DIR (status.json says whether it worked)")

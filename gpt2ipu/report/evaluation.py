@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from gpt2ipu.errors import UserError
+from gpt2ipu.evaluate import conventions
 
 HEADERS = ["model", "task", "convention", "accuracy", "perplexity", "per-token perplexity", "scored"]
 # The results file of each task, in results/eval/<run>/, in the order the table lists them.
 TASK_FILES = {"lambada": "lambada.json", "wikitext": "wikitext.json", "hellaswag": "hellaswag.json"}
-WIKITEXT_CONVENTIONS = ("token", "word", "adjusted")
+# Megatron-LM's one NLL over three counts (gpt2ipu.evaluate.wiki.perplexities).
+MEGATRON_PERPLEXITIES = ("token", "word", "adjusted")
 
 
 def read_results(path: Path) -> dict:
@@ -50,9 +52,10 @@ def wikitext_rows(run: str, results: dict) -> list[list[Any]]:
             if f"{name}_perplexity" in lm_eval:
                 rows.append([run, "WikiText", f"lm_eval {name}", None, lm_eval[f"{name}_perplexity"],
                              lm_eval.get("token_perplexity"), lm_eval.get(f"{name}s")])
-    for name in WIKITEXT_CONVENTIONS:
+    for name in MEGATRON_PERPLEXITIES:
         if f"{name}_perplexity" in results:
-            rows.append([run, "WikiText", f"megatron {name}", results.get("token_accuracy") if name == "token" else None,
+            accuracy = results.get("token_accuracy") if name == "token" else None
+            rows.append([run, "WikiText", f"megatron {name}", accuracy,
                          results[f"{name}_perplexity"], results.get("token_perplexity"),
                          results.get("scored_tokens") if name == "token" else results.get("words")])
     return rows
@@ -62,7 +65,7 @@ def hellaswag_rows(run: str, results: dict) -> list[list[Any]]:
     """One row per convention and accuracy (lm_eval, then llm_c: acc, acc_norm); the per-token
     perplexity is the right endings'."""
     rows = []
-    for convention in ("lm_eval", "llm_c"):
+    for convention in conventions.HELLASWAG:
         figures = results.get(convention)
         if isinstance(figures, dict):
             rows += [[run, "HellaSwag", f"{convention} {metric}", figures[metric], None,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
@@ -52,8 +53,9 @@ def report_pages(*, results_dir: str | Path, benchmarks_dir: str | Path, dataset
             builders[section](tmp)
             if not any(tmp.rglob("*.*")):
                 write(tmp / "none" / "empty.html",
-                      html_page(f"{section}: nothing yet", paragraph(f"Nothing of this kind exists yet for "
-                                                                     f"dataset {dataset!r}. Run: {FILL_WITH[section]}")))
+                      html_page(f"{section}: nothing yet",
+                                paragraph(f"Nothing of this kind exists yet for dataset {dataset!r}. "
+                                          f"Run: {FILL_WITH[section]}")))
             counts[section] = sum(1 for p in tmp.rglob("*") if p.is_file())
     print(f"report pages: {counts}", file=sys.stderr)
     return counts
@@ -68,7 +70,8 @@ def write(path: Path, text: str) -> None:
 def table_page(path: Path, title: str, headers: list[str], rows: list[list[Any]], note: str = "") -> None:
     """The table as an HTML page (what the report shows) and as Markdown beside it (.md)."""
     write(path, html_page(title, *([paragraph(note)] if note else []), html_table(headers, rows)))
-    write(path.with_suffix(".md"), f"# {title}\n\n{note + chr(10) + chr(10) if note else ''}{markdown_table(headers, rows)}")
+    lead = f"{note}\n\n" if note else ""
+    write(path.with_suffix(".md"), f"# {title}\n\n{lead}{markdown_table(headers, rows)}")
 
 
 def runs_of(folder: Path, dataset: str) -> list[str]:

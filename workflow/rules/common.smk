@@ -11,7 +11,7 @@ import json
 
 from snakemake.exceptions import WorkflowError
 
-from gpt2ipu.config import active_recipe_name, shard_max_len, validate_config
+from gpt2ipu.workflow_config import active_recipe_name, shard_max_len, validate_config
 from gpt2ipu.errors import UserError
 from gpt2ipu.sizes import PRESETS
 from gpt2ipu.train.config import check_recipes, check_sizes, recipe_for_model

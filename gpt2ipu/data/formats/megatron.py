@@ -109,7 +109,7 @@ class MMapWriter:
         self._bin.close()
         self._bin_tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "MMapWriter":
+    def __enter__(self) -> MMapWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,4 +1,4 @@
-"""The run configuration (config/config.yaml): validation with messages that name the key.
+"""The workflow's run configuration (config/config.yaml): its schema check, with messages that name the key.
 
 Snakemake's own `validate` reports the whole schema path; users need the dotted key, the bad
 value and what is allowed, so the workflow calls `validate_config` instead.
@@ -7,7 +7,8 @@ value and what is allowed, so the workflow calls `validate_config` instead.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jsonschema
 import yaml
