@@ -13,6 +13,7 @@ import sys
 
 from gpt2ipu import __version__
 from gpt2ipu.errors import UserError
+from gpt2ipu.log import LEVEL_VARIABLE, LEVELS, setup_logging
 
 COMMANDS = {
     "dump": ("gpt2ipu.data.dump", "make one MediaWiki dump part: the embedded sample, or an enwiki download"),
@@ -33,6 +34,8 @@ COMMANDS = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2ipu", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gpt2ipu {__version__}")
+    parser.epilog = (f"--log-level {{{','.join(LEVELS)}}} before the command sets which messages show (default "
+                     f"info; also ${LEVEL_VARIABLE}).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -41,13 +44,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def program_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--log-level's value, argv without it) for a --log-level given before the command: it is the
+    program's setting, so no command's own arguments (a training config, say) ever see it."""
+    for i, arg in enumerate(argv):
+        if arg in COMMANDS:
+            break
+        if arg == "--log-level" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if arg.startswith("--log-level="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None, argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
+    level, argv = program_log_level(argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 2
+    try:
+        setup_logging(level)
+    except UserError as err:
+        print(f"gpt2ipu: error: {err}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:

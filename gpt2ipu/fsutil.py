@@ -18,13 +18,15 @@ import os
 import re
 import shutil
 import stat
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from gpt2ipu.errors import StorageError
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 try:
     import resource
@@ -268,9 +270,8 @@ def _remove_stale_temps(final: Path) -> None:
             removed.append(entry.name)
             total += size
     if removed:
-        print(f"gpt2ipu: removed {len(removed)} stale temporar{'y' if len(removed) == 1 else 'ies'} of a killed "
-              f"earlier run from {final.parent} ({total} bytes): {', '.join(sorted(removed))}",
-              file=sys.stderr)
+        log.info(f"gpt2ipu: removed {len(removed)} stale temporar{'y' if len(removed) == 1 else 'ies'} of a killed "
+                 f"earlier run from {final.parent} ({total} bytes): {', '.join(sorted(removed))}")
 
 
 def _prepare(final: Path) -> None:

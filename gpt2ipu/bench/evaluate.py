@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -37,6 +36,9 @@ from gpt2ipu.bench.common import interleaved_median_seconds, report
 from gpt2ipu.bench.lm_eval_baseline import lm_eval_available
 from gpt2ipu.evaluate.conventions import HELLASWAG as HELLASWAG_CONVENTIONS
 from gpt2ipu.evaluate.conventions import LAMBADA as LAMBADA_CONVENTIONS
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_LAMBADA = REPO.parent / "shared" / "data" / "lambada_test.jsonl"
@@ -117,9 +119,8 @@ def run(args: argparse.Namespace) -> dict:
                     and (plain is None or (ours[c]["correct"] == plain["correct"][c]
                                            and math.isclose(ours[c]["nll"], plain["nll"][c], rel_tol=1e-6)))
                     for c in ("last_word", "last_token"))
-    print(f"bench evaluate: {len(texts)} passages from {data or 'the generated sample'}, {args.preset}, "
-          f"batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, results identical: {identical}",
-          file=sys.stderr)
+    log.info(f"bench evaluate: {len(texts)} passages from {data or 'the generated sample'}, {args.preset}, "
+             f"batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, results identical: {identical}")
 
     def sync(result):
         if device.type == "cuda":
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
             if "lambada" in extra["lm_eval"]:
                 baselines["lm_eval"] = extra["lm_eval"]["lambada"]["baselines"]["lm_eval"]
     if "lm_eval_note" in extra:
-        print(f"bench evaluate: {extra['lm_eval_note']}", file=sys.stderr)
+        log.info(f"bench evaluate: {extra['lm_eval_note']}")
     return report(
         n / seconds["ours"],
         "passages/s (all conventions; lm_eval: lambada_openai only)",
@@ -239,7 +240,7 @@ def compare_with_lm_eval(model, tokenizer, texts, args: argparse.Namespace) -> d
         timed.update(ours_hellaswag=ours_hellaswag,
                      ours_hellaswag_all=lambda: ours_hellaswag(conventions=HELLASWAG_CONVENTIONS),
                      lm_eval_hellaswag=lambda: baseline.run_lm_eval(lm, [baseline.hellaswag_task(records)]))
-    print(f"bench evaluate: lm_eval agreement {agreement}", file=sys.stderr)
+    log.info(f"bench evaluate: lm_eval agreement {agreement}")
     seconds = interleaved_median_seconds(timed, args.repeats)
     if "lambada" in tasks:
         results["lambada"] = report(len(texts) / seconds["ours_lambada"], "passages/s (lambada_openai)",

@@ -31,6 +31,9 @@ from pathlib import Path
 from gpt2ipu.bench.common import report
 from gpt2ipu.data.extract import extract
 from gpt2ipu.errors import UserError
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DUMP = REPO.parent / "shared" / "data" / "enwiki-sample-206-pages.xml.bz2"
@@ -103,7 +106,7 @@ def interleaved_medians(contenders: dict[str, Callable[[], int]], repeats: int) 
             cpu[name].append(cpu_seconds() - cpu_start)
             if count != counts[name]:
                 raise RuntimeError(f"{name} gave {count} articles, then {counts[name]}")
-        print(f"bench extract: round {round_index + 1}/{repeats} done", file=sys.stderr)
+        log.info(f"bench extract: round {round_index + 1}/{repeats} done")
     median = {name: statistics.median(t) for name, t in wall.items()}
     median_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     return counts, median, median_cpu

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,9 @@ import torch
 
 from gpt2ipu.bench.common import interleaved_median_seconds, report
 from gpt2ipu.devices import PRECISIONS
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 CPU_BF16_NOTE = ("bf16 skipped on CPU: PyTorch's CPU bf16 matrix-vector products, which batch-1 decoding is "
                  "made of, are no faster than fp32 here (no bf16 GEMV fast path), so a CPU bf16 figure would "
@@ -87,9 +89,9 @@ def run(args: argparse.Namespace) -> dict:
         return out[:, args.prompt_tokens:].tolist()
 
     identical = run_ours() == run_transformers()
-    print(f"bench generate: {args.preset}, batch {args.batch_size}, prompt {args.prompt_tokens}, "
-          f"{args.new_tokens} new tokens, {device}, {args.precision}, {torch.get_num_threads()} threads, "
-          f"tokens identical: {identical}", file=sys.stderr)
+    log.info(f"bench generate: {args.preset}, batch {args.batch_size}, prompt {args.prompt_tokens}, "
+             f"{args.new_tokens} new tokens, {device}, {args.precision}, {torch.get_num_threads()} threads, "
+             f"tokens identical: {identical}")
     seconds = interleaved_median_seconds({"ours": run_ours, "transformers_generate": run_transformers},
                                          args.repeats)
     tokens = args.batch_size * args.new_tokens

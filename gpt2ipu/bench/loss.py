@@ -32,6 +32,9 @@ import time
 
 from gpt2ipu.bench.common import report
 from gpt2ipu.errors import UserError
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 VARIANTS = ("ours", "torch_linear_cross_entropy", "chunked_lm_loss", "chunked_lm_loss_tokens")
 
@@ -57,15 +60,15 @@ def run(args: argparse.Namespace) -> dict:
         ops_dir = ops.ready_ops_dir(args.ops_dir, scratch)
         workers = {name: _Worker(name, shape, ops_dir) for name in VARIANTS}
         try:
-            print(f"bench loss: N={args.tokens} V={args.vocab} d={args.dim} fp32, chunk {chunk_size}, "
-                  f"1 warm-up + {args.repeats} runs of each variant, in turn", file=sys.stderr)
+            log.info(f"bench loss: N={args.tokens} V={args.vocab} d={args.dim} fp32, chunk {chunk_size}, "
+                     f"1 warm-up + {args.repeats} runs of each variant, in turn")
             runs = {name: [] for name in VARIANTS}
             for round_index in range(args.repeats + 1):
                 for name, worker in workers.items():
                     result = worker.step()
                     if round_index:
                         runs[name].append(result)
-                    print(f"  {name}: {result['seconds']:.2f} s", file=sys.stderr)
+                    log.info(f"  {name}: {result['seconds']:.2f} s")
         finally:
             for worker in workers.values():
                 worker.close()

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
 
 from gpt2ipu.bench.common import median_seconds, report
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,15 +58,15 @@ def run(args: argparse.Namespace) -> dict:
         os.environ[ops.OPS_DIR_ENV] = ops.ready_ops_dir(args.ops_dir, scratch)
         if ops.load_ops() is None:
             raise AssertionError(f"bench sample_index: the compiled ops do not load: {ops.ops_reason()}")
-        print(f"bench sample_index: {tokens_per_epoch:.3g} tokens in {docs} documents x {args.epochs} epochs, "
-              f"seq_length {args.seq_length}, {args.repeats} repeats", file=sys.stderr)
+        log.info(f"bench sample_index: {tokens_per_epoch:.3g} tokens in {docs} documents x {args.epochs} epochs, "
+                 f"seq_length {args.seq_length}, {args.repeats} repeats")
         ours_idx = build_sample_idx(*inputs)
         seconds = {"ours": median_seconds(lambda: build_sample_idx(*inputs), args.repeats),
                    "numpy_vectorized": median_seconds(lambda: build_sample_idx_numpy(*inputs), args.repeats)}
     same = {"numpy_vectorized": _same(ours_idx, build_sample_idx_numpy(*inputs))}
     if not args.skip_reference:
-        print(f"bench sample_index: Megatron's numpy reference ({args.reference_repeats} runs, about a second "
-              f"each)", file=sys.stderr)
+        log.info(f"bench sample_index: Megatron's numpy reference ({args.reference_repeats} runs, about a second "
+                 f"each)")
         same["megatron_numpy_reference"] = _same(ours_idx, build_sample_idx_loop(*inputs))
         seconds["megatron_numpy_reference"] = median_seconds(lambda: build_sample_idx_loop(*inputs),
                                                              args.reference_repeats, warmup=0)

@@ -9,7 +9,6 @@ Both must decode to the same samples; whether the files are byte-identical is re
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +16,9 @@ import numpy as np
 
 from gpt2ipu.bench.common import median_seconds, report
 from gpt2ipu.data.formats.tfrecord import read_tfrecord_samples, write_tfrecord_shard
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 VOCAB_SIZE = 50257
 
@@ -45,8 +47,7 @@ def run(args: argparse.Namespace) -> dict:
     megabytes = samples.size * 2 / 1e6
     with tempfile.TemporaryDirectory(prefix="gpt2ipu-bench-shards-") as tmp:
         ours_path, theirs_path = Path(tmp) / "ours.tfrecord", Path(tmp) / "theirs.tfrecord"
-        print(f"bench shards: {args.samples} samples x {args.max_len + 1} tokens, {args.repeats} repeats",
-              file=sys.stderr)
+        log.info(f"bench shards: {args.samples} samples x {args.max_len + 1} tokens, {args.repeats} repeats")
         ours = median_seconds(lambda: write_tfrecord_shard(ours_path, samples), args.repeats)
         theirs = median_seconds(lambda: write_with_tfrecord_package(theirs_path, samples), args.repeats)
         decoded_ours = read_tfrecord_samples(ours_path, ours_path.with_suffix(".index"))

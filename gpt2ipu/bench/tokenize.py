@@ -23,6 +23,9 @@ import numpy as np
 from gpt2ipu.bench.common import interleaved_median_seconds, report
 from gpt2ipu.data.tokenize import read_document_batches, tokenize
 from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast, load_tokenizer
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DUMP = REPO.parent / "shared" / "data" / "enwiki-sample-206-pages.xml.bz2"
@@ -57,8 +60,8 @@ def run(args: argparse.Namespace) -> dict:
         tokenizer = load_tokenizer()
         hf = hf_gpt2_tokenizer_fast()
         threads, repeats = args.threads, args.repeats
-        print(f"bench tokenize: {len(texts)} articles, {mb:.2f} MB of text, {threads} threads, "
-              f"{repeats} repeats", file=sys.stderr)
+        log.info(f"bench tokenize: {len(texts)} articles, {mb:.2f} MB of text, {threads} threads, "
+                 f"{repeats} repeats")
 
         tokens, sizes = tokenizer.encode_documents(texts, threads)
         expected = flatten_with_eos(tokenizer.encoding.encode_ordinary_batch(texts, num_threads=threads),

@@ -29,6 +29,9 @@ from gpt2ipu.data.formats.megatron import MMapIndexedDataset
 from gpt2ipu.data.sample_text import write_sample_corpus
 from gpt2ipu.data.tokenize import tokenize
 from gpt2ipu.data.tokenizer import load_tokenizer
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,8 +76,8 @@ def measure_rss(sizes: list[int], work: Path, threads: int) -> dict:
         command = ["tokenize", "--documents", str(part), "--out-dir", str(work / f"rss-{documents}-tokens"),
                    "--workers", str(threads)]
         peaks[documents] = round(child_peak_rss_mb(command, work), 1)
-        print(f"bench tokenize_text: {documents} documents ({part.stat().st_size / 1e6:.0f} MB Parquet): "
-              f"peak RSS {peaks[documents]} MB", file=sys.stderr)
+        log.info(f"bench tokenize_text: {documents} documents ({part.stat().st_size / 1e6:.0f} MB Parquet): "
+                 f"peak RSS {peaks[documents]} MB")
         part.unlink()
     smallest, largest = min(peaks), max(peaks)
     return {"peak_rss_mb_by_documents": peaks,
@@ -93,8 +96,8 @@ def run(args: argparse.Namespace) -> dict:
         texts = [t for batch in reader.batches() for t in batch]
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         tokenizer, threads = load_tokenizer(), args.threads
-        print(f"bench tokenize_text: {len(texts)} documents, {mb:.1f} MB of text, {threads} threads, "
-              f"{args.repeats} repeats", file=sys.stderr)
+        log.info(f"bench tokenize_text: {len(texts)} documents, {mb:.1f} MB of text, {threads} threads, "
+                 f"{args.repeats} repeats")
 
         out = work / "tokens"
         stage = lambda: tokenize([Piece(str(parquet), "parquet")], out, workers=threads)  # noqa: E731

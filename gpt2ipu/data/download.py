@@ -25,7 +25,10 @@ from tqdm import tqdm
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir, file_digest
+from gpt2ipu.log import package_logger
 from gpt2ipu.provenance import write_provenance
+
+log = package_logger(__name__)
 
 PAGES_NAME = "pages.xml.bz2"
 # Small network reads: bytes in a read cut short by a dropped connection are lost, the rest are
@@ -224,7 +227,7 @@ def fetch_with_retries(url: str, partial: Path, *, retries: int, timeout: float,
                 raise UserError(f"download of {url} failed after {attempts} attempts ({err}); "
                                 f"rerun to resume from the {kept} bytes kept in {partial}") from None
             wait = backoff_s * 2 ** (attempts - 1)
-            print(f"download of {url}: {err}; retrying in {wait:.0f} s", file=sys.stderr)
+            log.info(f"download of {url}: {err}; retrying in {wait:.0f} s")
             time.sleep(wait)
 
 

@@ -42,7 +42,10 @@ from wikiextractor.extract import Extractor, define_template, redirectRE
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
+from gpt2ipu.log import package_logger
 from gpt2ipu.provenance import write_provenance
+
+log = package_logger(__name__)
 
 ARTICLES_NAME = "articles.jsonl"
 MIN_WIKIEXTRACTOR = (3, 0, 8)
@@ -547,6 +550,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     figures = extract(args.dump, args.out_dir, processes=args.processes,
                           expand_templates=args.expand_templates, min_chars=args.min_chars)
-    print(f"extract: {figures['articles']} articles from {figures['pages']} pages in {figures['seconds']} s "
-          f"-> {args.out_dir / ARTICLES_NAME}", file=sys.stderr)
+    log.info(f"extract: {figures['articles']} articles from {figures['pages']} pages in {figures['seconds']} s "
+             f"-> {args.out_dir / ARTICLES_NAME}")
     return 0

@@ -44,7 +44,10 @@ from gpt2ipu.data.formats.megatron import MMapIndexedDataset, write_index
 from gpt2ipu.data.formats.tfrecord import write_tfrecord_shard
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
+from gpt2ipu.log import package_logger
 from gpt2ipu.provenance import PROVENANCE_NAME, read_figures, write_provenance
+
+log = package_logger(__name__)
 
 SPLITS = ("train", "valid")
 STREAM_TOKENS = 1 << 24
@@ -353,6 +356,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     stats = shards(args.tokens, args.out_dir, max_len=args.max_len, valid_fraction=args.valid_fraction,
                    seed=args.seed, samples_per_shard=args.samples_per_shard, max_tokens=args.max_tokens)
-    print(f"gpt2ipu shards: {stats['train_samples']} train / {stats['valid_samples']} valid samples "
-          f"in {args.out_dir}", file=sys.stderr)
+    log.info(f"gpt2ipu shards: {stats['train_samples']} train / {stats['valid_samples']} valid samples "
+             f"in {args.out_dir}")
     return 0

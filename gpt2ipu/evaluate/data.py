@@ -32,7 +32,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -41,7 +40,10 @@ from urllib.parse import unquote, urlparse
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir, parse_json_record, sha256_file
+from gpt2ipu.log import package_logger
 from gpt2ipu.provenance import write_provenance
+
+log = package_logger(__name__)
 
 LAMBADA_NAME = "lambada_test.jsonl"
 WIKITEXT_NAME = "wiki.test.tokens"
@@ -361,8 +363,7 @@ def fetch_eval_file(name: str, out_dir: str | os.PathLike, *, url: str, sha256: 
                             f"{sha256}, got {actual}; the bad file was deleted, rerun to fetch it again "
                             f"(if it fails again, the URL serves other bytes: {CONFIG_HINT})")
         if not sha256:
-            print(f"note: {url} is not pinned; its sha256 is {actual} (set it in the config to pin it)",
-                  file=sys.stderr)
+            log.info(f"note: {url} is not pinned; its sha256 is {actual} (set it in the config to pin it)")
         figures = check_format(name, target)
         figures.update(bytes=target.stat().st_size, sha256=actual, verified=bool(sha256),
                        seconds=round(time.perf_counter() - start, 3))

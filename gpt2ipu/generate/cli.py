@@ -12,6 +12,9 @@ from gpt2ipu.devices import PRECISIONS
 from gpt2ipu.generate import batch
 from gpt2ipu.generate.batch import load_for_generation, max_prompt_tokens, prompt_ids, stop_token_id
 from gpt2ipu.generate.sampling import Generation, SamplingConfig, generate
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 
 class _Printer:
@@ -50,7 +53,7 @@ def interactive(model, tokenizer, config: SamplingConfig, *, out=None) -> int:
             line = input("Input: ")
             ids, truncated = prompt_ids(tokenizer, line, limit)
             if truncated:
-                print(f"(prompt truncated to its last {limit} tokens)", file=sys.stderr)
+                log.info(f"(prompt truncated to its last {limit} tokens)")
             printer = _Printer(tokenizer, out)
             (gen,) = generate(model, [ids], config, pad_id=tokenizer.eos_id, seeds=[config.seed + turn],
                               vocab_limit=tokenizer.vocab_size, on_token=printer, timed=True)

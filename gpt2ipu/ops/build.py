@@ -25,6 +25,9 @@ from typing import Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir, write_text_atomic
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 OPS_DIR_ENV = "GPT2IPU_OPS_DIR"
 
@@ -102,7 +105,7 @@ def build_ops(source_dir: str | os.PathLike | None, build_dir: str | os.PathLike
     previous = read_status(build_dir)
     if not force and previous and previous.get("built") and previous.get("key") == key \
             and (Path(build_dir) / previous["library"]).is_file():
-        print(f"gpt2ipu ops: reusing the build in {build_dir}", file=sys.stderr)
+        log.info(f"gpt2ipu ops: reusing the build in {build_dir}")
         return previous
     sources = source_files(source_dir)
     start = time.monotonic()
@@ -122,7 +125,7 @@ def build_ops(source_dir: str | os.PathLike | None, build_dir: str | os.PathLike
         write_provenance(tmp, "ops", {"cflags": CFLAGS, "ldflags": LDFLAGS, "key": key}, sources,
                          {"built": status["built"], "seconds": status["seconds"]})
     verdict = "built" if status["built"] else f"NOT built ({status['reason']})"
-    print(f"gpt2ipu ops: {verdict} in {status['seconds']} s -> {build_dir}", file=sys.stderr)
+    log.info(f"gpt2ipu ops: {verdict} in {status['seconds']} s -> {build_dir}")
     return status
 
 
@@ -143,8 +146,8 @@ def _compile(sources: list[Path], out_dir: Path, timeout_s: float, jobs: int | N
     units = [str(p.resolve()) for p in sources if p.suffix == ".cpp"]  # headers count for the key only
     request = json.dumps({"sources": units, "out_dir": str(out_dir)})
     command = [sys.executable, "-c", "import sys, gpt2ipu.ops.build as o; o._compile_child(sys.argv[1])", request]
-    print(f"gpt2ipu ops: compiling {', '.join(Path(u).name for u in units)} with {compiler} "
-          f"(about half a minute on two cores)", file=sys.stderr, flush=True)
+    log.info(f"gpt2ipu ops: compiling {', '.join(Path(u).name for u in units)} with {compiler} "
+             f"(about half a minute on two cores)")
     # Streamed line by line into our stderr (the rule's log): a compile has no progress to show
     # with a bar, but its lines appear as they come.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

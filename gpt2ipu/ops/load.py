@@ -9,12 +9,14 @@ whose results are the same.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+from gpt2ipu.log import package_logger
 from gpt2ipu.ops.build import NAMESPACE, OPS_DIR_ENV, STATUS_NAME, _torch_version, read_status
+
+log = package_logger(__name__)
 
 _lock = threading.Lock()
 
@@ -49,7 +51,7 @@ def load_ops(build_dir: str | os.PathLike | None = None, *, quiet: bool = False)
             _outcomes[key] = (namespace, why)
             if not quiet and _announce(namespace is not None):
                 path = "compiled ops" if namespace is not None else "pure PyTorch / numpy paths (same results)"
-                print(f"gpt2ipu ops: using the {path}: {why}", file=sys.stderr, flush=True)
+                log.info(f"gpt2ipu ops: using the {path}: {why}")
         return _outcomes[key][0]
 
 

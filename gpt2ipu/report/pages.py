@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
+from gpt2ipu.log import package_logger
 from gpt2ipu.report import bench, data, evaluation, resources, training
 from gpt2ipu.tables import html_page, html_table, markdown_table, paragraph
+
+log = package_logger(__name__)
 
 SECTIONS = ("data", "training", "evaluation", "generation", "benchmarks", "profile", "resources")
 # What to run when a section is empty (shown on its page).
@@ -57,7 +59,7 @@ def report_pages(*, results_dir: str | Path, benchmarks_dir: str | Path, dataset
                                 paragraph(f"Nothing of this kind exists yet for dataset {dataset!r}. "
                                           f"Run: {FILL_WITH[section]}")))
             counts[section] = sum(1 for p in tmp.rglob("*") if p.is_file())
-    print(f"report pages: {counts}", file=sys.stderr)
+    log.info(f"report pages: {counts}")
     return counts
 
 
