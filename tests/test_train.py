@@ -396,3 +396,25 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_at_the_last_good_checkpo
     good = latest_checkpoint(cfg.state_dir)
     assert good is not None and good.name == "step-00000001"
     assert str(good) in str(stopped.value) and "gradient norm" in str(stopped.value)
+
+
+def test_a_training_backward_writes_its_gradient_buffers_rather_than_zeroing_them():
+    """The vocabulary-chunked loss zero-filled its [tokens, C] hidden gradient and the position
+    lookup its [n_positions, C] one, then added into them; both are written now. (What remains
+    zeroed is inside PyTorch's kernels: the CPU flash-attention backward's q/k/v gradients.)"""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpt2ipu.model import GPT, config_for
+
+    torch.manual_seed(0)
+    config = config_for("gpt2-test", 32)
+    model = GPT(config)
+    ids = torch.randint(0, config.vocab_size, (2, 33))
+    loss = model(ids[:, :-1], ids[:, 1:], vocab_chunks=4).loss
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    zeroed = [tuple(e.input_shapes[0]) for e in prof.events()
+              if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes and e.input_shapes[0]]
+    tokens = 2 * 32
+    assert (tokens, config.n_embd) not in zeroed and (config.n_positions, config.n_embd) not in zeroed, zeroed

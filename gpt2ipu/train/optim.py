@@ -154,11 +154,6 @@ class StepInBackward:
                 single = type(optimizer)([{**_options(group), "params": [param]}])
                 param.register_post_accumulate_grad_hook(self._make_hook(index, single))
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The training optimizer whose parameters this updates (None once it is gone)."""
-        return self._optimizer()
-
     def _make_hook(self, index: int, single: torch.optim.Optimizer):
         def hook(param: torch.Tensor) -> None:
             optimizer = self._optimizer()
