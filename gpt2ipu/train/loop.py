@@ -162,8 +162,8 @@ class Run:
         return parallel.clip_grad_norm_(params, max_norm, self.info)
 
     def step(self, batch) -> dict[str, torch.Tensor]:
-        """One optimizer step of training on `batch` (a StepBatch of the run's data): the one step that
-        training, `gpt2ipu profile` and `gpt2ipu bench train` run.
+        """One optimizer step of training on `batch` (a TrainStep of the run's data: its micro-batches):
+        the one step that training, `gpt2ipu profile` and `gpt2ipu bench train` run.
 
         Forward and backward over its micro-batches (accumulation), the gradients' norm clipped to
         --grad-clip (measured only when 0), the optimizer and LR-scheduler steps. Returns device
