@@ -75,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 autocast if a probe finds bf16 matmuls at least 2x faster than fp32")
     parser.add_argument("--token-chunks", type=int, default=None,
-                        help="the loss in token chunks instead of vocabulary chunks; the ours_token_chunks "
-                             f"ablation's (default by precision: {DEFAULT_TOKEN_CHUNKS})")
+                        help="the loss in this many token chunks instead of vocabulary chunks (`gpt2ipu train "
+                             "--enable-sequence-serialized`); also the ours_token_chunks ablation's (default there, "
+                             f"by precision: {DEFAULT_TOKEN_CHUNKS})")
     parser.add_argument("--compile", action="store_true", help="torch.compile our blocks (compile time not counted)")
     parser.add_argument("--ablations", action="store_true", help="also run ours with each choice undone: " + ", ".join(ABLATIONS))
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="cpu or cuda (default: cuda when available)")
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> dict:
     peak, peak_source = peak_flops(args.device, precision)
     token_chunks = args.token_chunks or DEFAULT_TOKEN_CHUNKS[precision]
     knobs = {**DEFAULT_KNOBS, "vocab_chunks": args.vocab_chunks, "compile": args.compile,
-             "grad_accum": args.grad_accum or DEFAULT_KNOBS["grad_accum"], "grad_clip": args.grad_clip}
+             "grad_accum": args.grad_accum or DEFAULT_KNOBS["grad_accum"], "grad_clip": args.grad_clip,
+             "token_chunks": args.token_chunks or 1}
     variants = {"ours": knobs, "hf_gpt2": {"grad_accum": knobs["grad_accum"], "grad_clip": knobs["grad_clip"]}}
     if args.ablations:
         variants.update({name: {**knobs, **change} for name, change in ABLATIONS.items()})
