@@ -1,4 +1,5 @@
-"""Optimizers and the training step that `gpt2ipu bench train` measures and training runs.
+"""Optimizers and the one-process optimizer step (`train_step`), which `Run.step`
+(gpt2ipu/train/loop.py) runs for training, `gpt2ipu profile` and `gpt2ipu bench train`.
 
 `make_optimizer` gives the original's --optimizer choices (AdamW, Adam, LAMB) with weight decay on
 matrices only (embeddings and projections; not biases or LayerNorm gains, as in the original and
