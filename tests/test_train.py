@@ -255,9 +255,9 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap():
 def tiny_config(tmp_path, **values):
     from gpt2ipu.train.config import TrainConfig
 
-    base = dict(model="gpt2-test", max_len=16, batch_size=2, gradient_accumulation=2, dataset="generated",
-                generated_samples=64, device="cpu", progress=False, state_dir=str(tmp_path / "s"),
-                resume_training_from_checkpoint="none", checkpoint_every=0, final_checkpoint=False)
+    base = {"model": "gpt2-test", "max_len": 16, "batch_size": 2, "gradient_accumulation": 2, "dataset": "generated",
+            "generated_samples": 64, "device": "cpu", "progress": False, "state_dir": str(tmp_path / "s"),
+            "resume_training_from_checkpoint": "none", "checkpoint_every": 0, "final_checkpoint": False}
     return TrainConfig(**{**base, **values})
 
 

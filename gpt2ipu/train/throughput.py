@@ -104,7 +104,7 @@ class Throughput:
 
     @classmethod
     def of(cls, *, n_params: int, n_layer: int, n_embd: int, seq_len: int, samples_per_step: int, device,
-           precision: str, world_size: int = 1) -> "Throughput":
+           precision: str, world_size: int = 1) -> Throughput:
         """A step of `samples_per_step` samples of `seq_len` tokens; the peak probe runs here, once."""
         peak, source = peak_flops(device, precision)
         return cls(tokens_per_step=samples_per_step * seq_len, samples_per_step=samples_per_step,
