@@ -101,16 +101,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     stopped = re.search(r"the training loss became (nan|inf|-inf) at step (\d+)", result.stderr)
     assert stopped, result.stderr
     nan_step = int(stopped.group(2))
-    checkpoints = sorted((tmp_path / "s" / "checkpoints").glob("step-*"))
+    from gpt2ipu.train.state import checkpoint_dirs
+
+    checkpoints = checkpoint_dirs(tmp_path / "s")   # the resumable ones
     assert checkpoints, "the NaN came before any checkpoint: the test would check nothing"
     last_good = checkpoints[-1]
-    assert f"last good checkpoint is {last_good}" in result.stderr
-    assert last_good.name == f"step-{nan_step - 1:08d}"   # every finite step was saved, none after
+    assert f"is {last_good};" in result.stderr and "last good checkpoint" in result.stderr
+    # Step N runs on the weights saved at step N - 1: that checkpoint's next step was not finite,
+    # so the last good one is N - 2, and N - 1 is set aside where resuming does not pick it up.
+    assert last_good.name == f"step-{nan_step - 2:08d}"
+    assert (tmp_path / "s" / "checkpoints" / f"step-{nan_step - 1:08d}.next-step-non-finite").is_dir()
 
     from gpt2ipu.model.hf import load_hf_dir
     from gpt2ipu.train.state import load_training_state
 
-    assert load_training_state(last_good)["step"] == nan_step - 1
+    assert load_training_state(last_good)["step"] == nan_step - 2
     model = load_hf_dir(last_good)
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     for checkpoint in checkpoints:  # none of the kept checkpoints holds non-finite weights
@@ -242,3 +247,174 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap():
     assert not applied and mmapped >= 64 * 2**20
     applied, mmapped = probe("keep")
     assert applied and mmapped < 64 * 2**20
+
+
+# ---- the training step, its figures and its stops, in process (fast) ------------------------
+
+
+def tiny_config(tmp_path, **values):
+    from gpt2ipu.train.config import TrainConfig
+
+    base = {"model": "gpt2-test", "max_len": 16, "batch_size": 2, "gradient_accumulation": 2, "dataset": "generated",
+            "generated_samples": 64, "device": "cpu", "progress": False, "state_dir": str(tmp_path / "s"),
+            "resume_training_from_checkpoint": "none", "checkpoint_every": 0, "final_checkpoint": False}
+    return TrainConfig(**{**base, **values})
+
+
+def tiny_run(tmp_path, said=None, **values):
+    from gpt2ipu.train import parallel
+    from gpt2ipu.train.config import resolve
+    from gpt2ipu.train.loop import build_run, model_config_of
+
+    resolved = resolve(tiny_config(tmp_path, **values))
+    say = said.append if said is not None else (lambda message: None)
+    return build_run(resolved.config, model_config_of(resolved.config), None, resolved.loss_chunks,
+                     parallel.init_distributed("cpu", 1), say)
+
+
+def test_validation_too_small_for_one_pipeline_step_logs_no_made_up_loss(tmp_path):
+    """Pipeline stages score whole steps of --gradient-accumulation micro-batches; validation data
+    that cannot fill one gave `valid_loss 0.0` (a perfect model). Now: nothing, said once."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gpt2ipu.train import loop
+
+    said = []
+    run = tiny_run(tmp_path, said, eval_batches=8)
+    run.pipeline = SimpleNamespace(n_microbatches=16, run=lambda micro_batches, dtype, train: (torch.tensor(2.0),
+                                                                                                torch.tensor(0.0)))
+    assert len(run.valid_data) < 16 * run.cfg.batch_size
+    score = getattr(loop, "validation_loss", None) or (lambda run, say: loop.evaluate(run))
+    assert score(run, said.append) == {}
+    assert score(run, said.append) == {}
+    notes = [m for m in said if "no validation loss" in m]
+    assert len(notes) == 1 and "fewer than one evaluation step" in notes[0]
+
+
+def test_generated_validation_data_fills_a_pipeline_step():
+    from gpt2ipu.train.config import TrainConfig
+    from gpt2ipu.train.loop import validation_samples
+
+    cfg = TrainConfig(layers_per_ipu=[1, 1], gradient_accumulation=16, eval_batches=8, batch_size=2)
+    assert validation_samples(cfg, 1) == 16 * 2
+    assert validation_samples(TrainConfig(eval_batches=8, batch_size=2, gradient_accumulation=16), 2) == 8 * 2 * 2
+
+
+def test_stated_peaks_match_the_gpu_name_exactly(monkeypatch):
+    """"L4" is in "NVIDIA L40S": a substring match gave the L40S the L4's peak (MFU 3x too high)."""
+    import torch
+
+    try:
+        from gpt2ipu.train.throughput import peak_flops
+    except ImportError:
+        from gpt2ipu.train.loop import peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    peak, source = peak_flops(torch.device("cuda"), "bf16")
+    assert peak == 362e12 and "L40S" in source
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    assert peak_flops(torch.device("cuda"), "bf16")[0] == 121e12
+
+
+def test_training_counts_flops_as_palm_and_nanogpt_do(tmp_path):
+    """One count: 6 N + 12 L C T a token, N without the position embeddings (GPT.num_parameters),
+    as bench train counted them; training counted the position embeddings too."""
+    from gpt2ipu.model import GPT
+
+    run = tiny_run(tmp_path)
+    speed = run.throughput() if hasattr(run, "throughput") else __import__(
+        "gpt2ipu.train.loop", fromlist=["Throughput"]).Throughput.measure(run)
+    config = run.model_config
+    n = GPT(config).num_parameters()
+    assert n == sum(p.numel() for p in run.raw_model.parameters()) - config.n_positions * config.n_embd
+    assert speed.flops_per_token == 6 * n + 12 * config.n_layer * config.n_embd * run.cfg.max_len
+    rates = speed.rates(2.0)
+    assert rates["mfu"] == pytest.approx(speed.flops_per_token * rates["tokens_per_s"] / speed.peak)
+
+
+def count_steps(monkeypatch):
+    """Count the calls of Run.step, the one training step."""
+    from gpt2ipu.train.loop import Run
+
+    calls = []
+    real = Run.step
+
+    def step(self, batch):
+        calls.append(len(batch.micro_batches))
+        return real(self, batch)
+
+    monkeypatch.setattr(Run, "step", step)
+    return calls
+
+
+def test_bench_train_runs_the_recipes_step(monkeypatch):
+    """`bench train` measured one micro-batch, token chunks and no clipping, its own step; it now
+    runs Run.step on the sample recipe's shape (accumulation 2, clipping, vocabulary chunks)."""
+    from gpt2ipu.bench import train as bench
+
+    calls = count_steps(monkeypatch)
+    spec = {"preset": "gpt2-test", "size": {}, "max_len": 16, "batch_size": 2, "steps": 2, "warmup": 1,
+            "precision": "fp32", "device": "cpu", "variant": "ours",
+            "knobs": {**bench.DEFAULT_KNOBS, "keep_freed_memory": False}}
+    result = bench._child(spec)
+    assert calls == [2, 2, 2]   # warmup + steps, each of the recipe's two micro-batches
+    assert result["samples_per_step"] == 4
+    assert bench.DEFAULT_KNOBS["grad_clip"] == 1.0 and bench.DEFAULT_KNOBS["vocab_chunks"] == 4
+
+
+def test_training_runs_the_one_step(monkeypatch, tmp_path):
+    from gpt2ipu.train.loop import train
+
+    calls = count_steps(monkeypatch)
+    result = train(tiny_config(tmp_path, max_steps=2))
+    assert result["steps"] == 2 and calls == [2, 2]
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_at_the_last_good_checkpoint(monkeypatch, tmp_path):
+    """Step 3's loss is finite and its gradient is not: the weights saved at step 2 made it, so
+    the last good checkpoint is step 1, kept even with --keep-checkpoints 1."""
+    import torch
+
+    from gpt2ipu.train import loop
+    from gpt2ipu.train.state import latest_checkpoint
+
+    real = loop.train_step
+    calls = []
+
+    def train_step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            result["grad_norm"] = torch.tensor(float("nan"))
+        return result
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    cfg = tiny_config(tmp_path, max_steps=6, checkpoint_every=1, keep_checkpoints=1)
+    with pytest.raises(UserError, match="at step 3") as stopped:
+        loop.train(cfg)
+    good = latest_checkpoint(cfg.state_dir)
+    assert good is not None and good.name == "step-00000001"
+    assert str(good) in str(stopped.value) and "gradient norm" in str(stopped.value)
+
+
+def test_a_training_backward_writes_its_gradient_buffers_rather_than_zeroing_them():
+    """The vocabulary-chunked loss zero-filled its [tokens, C] hidden gradient and the position
+    lookup its [n_positions, C] one, then added into them; both are written now. (What remains
+    zeroed is inside PyTorch's kernels: the CPU flash-attention backward's q/k/v gradients.)"""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpt2ipu.model import GPT, config_for
+
+    torch.manual_seed(0)
+    config = config_for("gpt2-test", 32)
+    model = GPT(config)
+    ids = torch.randint(0, config.vocab_size, (2, 33))
+    loss = model(ids[:, :-1], ids[:, 1:], vocab_chunks=4).loss
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    zeroed = [tuple(e.input_shapes[0]) for e in prof.events()
+              if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes and e.input_shapes[0]]
+    tokens = 2 * 32
+    assert (tokens, config.n_embd) not in zeroed and (config.n_positions, config.n_embd) not in zeroed, zeroed

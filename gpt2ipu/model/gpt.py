@@ -101,9 +101,6 @@ class GPTConfig:
     # step time in fp32 and under bf16 autocast, and less memory (measured: docs/design-measurements.md).
     recompute_gelu: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def config_for(preset: str, max_len: int, vocab_size: int = 50257, *, n_layer: int | None = None,
                n_embd: int | None = None, n_head: int | None = None, n_positions: int | None = None,
@@ -259,6 +256,7 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape   # [B, T]
         past_len = 0 if cache is None else cache.length
+        plain = position_ids is None and attention_mask is None and past_len == 0   # 0 .. T-1: `embed` takes None
         if position_ids is None:
             position_ids = _positions(attention_mask, past_len, T, input_ids.device)
         if past_len + T > self.config.n_positions and position_ids.max() >= self.config.n_positions:
@@ -269,7 +267,7 @@ class GPT(nn.Module):
         # A sparse gradient for a tied weight (this batch's rows only) rather than a second dense
         # [V, d] one for the LM head's to meet; not when sharded (FSDP reduces dense gradients).
         sparse = self.config.tie_word_embeddings and self.sparse_embedding_grad
-        x = embed(self, input_ids, position_ids, tied=tied, sparse=sparse)   # [B, T, C]
+        x = embed(self, input_ids, None if plain else position_ids, tied=tied, sparse=sparse)   # [B, T, C]
         mask = _attention_mask(attention_mask, past_len, T, input_ids.device)   # [B or 1, 1, T, past + T] or None
         for i, block in enumerate(self.h):
             x = run_block(block, x, mask, None if cache is None else (cache, i), self.config.recompute)   # [B, T, C]
@@ -307,10 +305,13 @@ class GPT(nn.Module):
 # The pieces of a forward pass that a pipeline stage (gpt2ipu/train/pipeline.py) also runs on its
 # share of the model: the embedding, one block, the LM-head loss.
 
-def embed(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, *, tied: TiedGrad | None = None,
-          sparse: bool = False) -> torch.Tensor:
+def embed(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None, *,
+          tied: TiedGrad | None = None, sparse: bool = False) -> torch.Tensor:
     """Token plus position embeddings of input_ids [B, T] (model's `wte`, `wpe`, `drop`), [B, T, C].
 
+    position_ids [B or 1, T], or None for 0 .. T-1 (training): then the first T rows of the
+    position table are added as they are, and their gradient is the batch's sum, written; a
+    lookup's backward zero-fills an [n_positions, C] gradient and adds every row into it.
     tied: the chunked loss's gradient buffer for a tied weight (the lookup's backward completes it);
     sparse: a sparse weight gradient otherwise (not under torch.compile, which has no sparse tensors).
     """
@@ -318,7 +319,12 @@ def embed(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
         tokens = TiedEmbedding.apply(input_ids, model.wte.weight, tied)   # [B, T, C]
     else:
         tokens = F.embedding(input_ids, model.wte.weight, sparse=sparse and not torch.compiler.is_compiling())
-    return model.drop(tokens + model.wpe(position_ids))   # [B, T, C]; positions [B or 1, T]
+    if position_ids is None:
+        table = model.wpe.weight
+        positions = table if input_ids.shape[1] == table.shape[0] else table[:input_ids.shape[1]]   # [T, C]
+    else:
+        positions = model.wpe(position_ids)   # [B or 1, T, C]
+    return model.drop(tokens + positions)   # [B, T, C]
 
 
 def run_block(block: Block, x: torch.Tensor, mask=None, cache=None, recompute: bool = False) -> torch.Tensor:

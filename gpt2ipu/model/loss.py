@@ -189,7 +189,9 @@ class _VocabChunkedLoss(torch.autograd.Function):
         hidden, weight, targets, lse, scale = ctx.saved_tensors
         h = hidden.to(ctx.dtype)
         row_weight = (scale * grad_loss)[:, None]
-        grad_hidden = torch.zeros_like(hidden, dtype=_softmax_dtype(hidden.dtype))
+        # Both gradients are written, never zero-filled first: the first slice's product writes
+        # grad_hidden, the others add to it; each slice writes its own rows of grad_weight.
+        grad_hidden = None
         grad_weight = torch.empty_like(weight)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         for lo, hi in _slices(weight.shape[0], ctx.n_chunks):
@@ -198,17 +200,22 @@ class _VocabChunkedLoss(torch.autograd.Function):
             in_chunk = (targets >= lo) & (targets < hi)
             grad_logits[rows[in_chunk], targets[in_chunk] - lo] -= 1
             grad_logits = grad_logits.mul_(row_weight).to(ctx.dtype)
-            _add_matmul(grad_hidden, grad_logits, w)
-            grad_weight[lo:hi] = grad_logits.t() @ h
+            grad_hidden = _add_matmul(grad_hidden, grad_logits, w, _softmax_dtype(hidden.dtype))
+            if grad_weight.dtype == grad_logits.dtype:
+                torch.mm(grad_logits.t(), h, out=grad_weight[lo:hi])
+            else:
+                grad_weight[lo:hi] = grad_logits.t() @ h
         return grad_hidden.to(hidden.dtype), hand_over(ctx.tied, grad_weight), None, None, None, None
 
 
-def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b, in place when the dtypes allow (fp32), else through an upcast product."""
+def _add_matmul(out: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """out + a @ b in `dtype` (in place when the dtypes allow); out None: a @ b, written, not added to zeros."""
+    if out is None:
+        return (a @ b).to(dtype)
     if out.dtype == a.dtype:
-        out.addmm_(a, b)
-    else:
-        out += (a @ b).to(out.dtype)
+        return out.addmm_(a, b)
+    out += (a @ b).to(out.dtype)
+    return out
 
 
 def _slices(length: int, n_chunks: int) -> list[tuple[int, int]]:

@@ -3,7 +3,9 @@
 Steps run in three phases (torch.profiler's schedule): `wait_steps` unprofiled steps, one profiler
 warm-up step (traced, then discarded), then `active_steps` recorded with input shapes, memory and
 FLOPs. The first step allocates the optimizer state and picks kernels, so it is not what a step
-costs: with `wait_steps` 0 it is the discarded warm-up step.
+costs: with `wait_steps` 0 it is the discarded warm-up step. Each step is `Run.step`, the one the
+training loop runs; profile.json also gives the tokens/s and MFU of the unprofiled steps after the
+first (`--wait-steps` 2 or more), computed as training computes them (gpt2ipu/train/throughput.py).
 
 What is written, in one folder that appears only when complete:
 
@@ -34,8 +36,7 @@ from gpt2ipu.provenance import write_provenance
 from gpt2ipu.tables import html_page, html_table, markdown_table, paragraph
 from gpt2ipu.train import parallel
 from gpt2ipu.train.config import TrainConfig, resolve, workflow_run_config
-from gpt2ipu.train.loop import build_run, inputs_and_labels, model_config_of
-from gpt2ipu.train.optim import train_step
+from gpt2ipu.train.loop import build_run, model_config_of
 
 SNAPSHOT_NAME = "memory_snapshot.pickle"
 MB = 1 << 20
@@ -85,16 +86,12 @@ def profile_steps(*, cfg: TrainConfig, out_dir: str | Path, wait_steps: int = 0,
     cuda = info.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     batches = iter(run.batches)
-    step_chunks = run.loss_chunks.for_tokens(cfg.batch_size * cfg.max_len)
-    max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    speed = run.throughput()
 
     def one_step() -> float:
-        """The training loop's step (gpt2ipu.train.loop.train), timed to its end."""
+        """The training loop's step (Run.step, as gpt2ipu.train.loop.train runs it), timed to its end."""
         start = time.perf_counter()
-        micro_batches = [inputs_and_labels(b, info.device) for b in next(batches).micro_batches]
-        result = train_step(run.model, run.optimizer, micro_batches, loss_chunks=step_chunks,
-                            autocast_dtype=run.autocast_dtype, scaler=run.scaler, max_grad_norm=max_grad_norm)
-        run.scheduler.step()
+        result = run.step(next(batches))
         result["loss"].item()   # waits for the step (CUDA is asynchronous)
         return time.perf_counter() - start
 
@@ -122,10 +119,16 @@ def profile_steps(*, cfg: TrainConfig, out_dir: str | Path, wait_steps: int = 0,
         shutil.copyfile(traces[-1], tmp / "trace.json.gz")
 
         tables = top_operator_tables(prof, active_steps, top, cuda)
+        # The step's speed as training logs it (Run.throughput), from the unprofiled steps after the
+        # first (which allocates the optimizer state); None without two unprofiled steps.
+        timed = seconds[1:wait_steps]
+        rates = speed.rates(sorted(timed)[len(timed) // 2]) if timed else {}
         figures = {"model": cfg.model, "device": str(info.device), "precision": cfg.precision,
                    "tokens_per_step": cfg.global_batch * cfg.max_len, "wait_steps": wait_steps,
                    "active_steps": active_steps, "step_seconds_unprofiled": seconds[:wait_steps],
-                   "step_seconds_profiled": seconds[wait_steps + 1:], "tables": tables}
+                   "step_seconds_profiled": seconds[wait_steps + 1:],
+                   "tokens_per_s_unprofiled": rates.get("tokens_per_s"), "mfu_unprofiled": rates.get("mfu"),
+                   "mfu_peak_source": speed.peak_source, "tables": tables}
         write_tables(tmp, figures)
         (tmp / "profile.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         write_provenance(tmp, "profile", params={**dataclasses.asdict(cfg), "wait_steps": wait_steps,

@@ -154,7 +154,8 @@ class TrainConfig:
     final_checkpoint: bool = _flag(True, "save a resumable checkpoint after the last step (false: for benchmarks and "
                                          "throwaway runs; a sharded run with --save-model-path saves it anyway, "
                                          "since its model is consolidated from it)")
-    keep_checkpoints: int = _flag(2, "checkpoints kept in --state-dir, the newest; older ones are deleted (0 = keep all)")
+    keep_checkpoints: int = _flag(2, "checkpoints kept in --state-dir, the newest, at least 2 (the newest is good "
+                                     "only once its next step ran finite); older ones are deleted (0 = keep all)")
     progress: bool = _flag(True, "show a progress bar on stderr")
     # the original's IPU-only flags, accepted and explained (see IPU_ONLY_FLAGS)
     matmul_proportion: list[float] | None = _ipu_only("matmul_proportion")

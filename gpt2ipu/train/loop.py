@@ -2,8 +2,10 @@
 
 Reads top to bottom like nanoGPT's train.py: `train` resolves the config, builds the run (data,
 model, optimizer, schedule: `build_run`), resumes it (`resume`), then loops over optimizer steps
-(micro-batches with gradient accumulation, clipping, the LR schedule), logging metrics, validating
-(`evaluate`) and saving checkpoints (`save_checkpoint`). Resume is exact: the checkpoint holds
+(`Run.step`: micro-batches with gradient accumulation, clipping, the LR schedule; the one step that
+`gpt2ipu profile` and `gpt2ipu bench train` also run), logging metrics (tokens/s and MFU:
+gpt2ipu/train/throughput.py), validating (`validation_loss`) and saving checkpoints
+(`save_checkpoint`). Resume is exact: the checkpoint holds
 weights, optimizer, scheduler, scaler, RNG states and the data position, and the data order is a
 pure function of (seed, epoch), so a run killed at any point and started again reaches the same
 weights.
@@ -20,13 +22,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from gpt2ipu.devices import autocast_dtype, precision_dtype
+from gpt2ipu.devices import autocast_dtype
 from gpt2ipu.errors import UserError
 from gpt2ipu.model import GPT, config_for
 from gpt2ipu.model.gpt import GPTConfig
@@ -38,8 +40,9 @@ from gpt2ipu.train.config import LossChunks, TrainConfig, check_layout, resolve,
 from gpt2ipu.train.data import ResumableBatches, make_train_dataset
 from gpt2ipu.train.metrics import MetricsLog, plot_loss_curve
 from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
-from gpt2ipu.train.state import (latest_checkpoint, load_training_state, restore_rng_states, rng_states,
-                                 save_training_checkpoint)
+from gpt2ipu.train.state import (checkpoint_dirs, latest_checkpoint, load_training_state, restore_rng_states,
+                                 rng_states, save_training_checkpoint, set_aside)
+from gpt2ipu.train.throughput import Throughput
 
 if TYPE_CHECKING:
     from gpt2ipu.train.pipeline import Pipeline
@@ -74,11 +77,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if not run.sharded:   # DDP wraps after resume, which loads into the bare model
         run.model = parallel.apply_data_parallel(run.model, info)
 
-    speed = Throughput.measure(run)
+    speed = run.throughput()
     metrics = MetricsLog(cfg.state_dir, resume_step=start_step, enabled=info.is_main)
     resized = ", ".join(f"{key} {getattr(cfg, key)}" for key in SIZE_KEYS if getattr(cfg, key) is not None)
-    say(f"model {cfg.model}{' with ' + resized if resized else ''}: {speed.n_params / 1e6:.1f}M parameters, "
-        f"device {info.device}, precision {cfg.precision}, "
+    say(f"model {cfg.model}{' with ' + resized if resized else ''}: {run.n_params / 1e6:.1f}M parameters "
+        f"(position embeddings not counted), device {info.device}, precision {cfg.precision}, "
         f"{describe_layout(cfg, info, stage_sizes)}, global batch {cfg.global_batch} x {cfg.max_len} tokens, "
         f"{run.total_steps} steps ({run.batches.steps_per_epoch}/epoch); MFU against the {speed.peak_source} "
         f"({speed.peak / 1e9:.0f} GFLOP/s)")
@@ -87,31 +90,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run.model.train()
     step, last = start_step, {}
     steps = iter(run.batches)
-    train_chunks = run.loss_chunks.for_tokens(cfg.batch_size * cfg.max_len)   # every training micro-batch's shape
-    max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     while step < run.total_steps:
         start = time.perf_counter()
         lr = run.scheduler.get_last_lr()[0]
-        micro_batches = [inputs_and_labels(batch, info.device) for batch in next(steps).micro_batches]
-        if run.pipeline is not None:
-            result = run.pipeline.train_step(run.optimizer, micro_batches, autocast_dtype=run.autocast_dtype,
-                                             max_grad_norm=max_grad_norm)
-        else:
-            result = train_step(run.model, run.optimizer, micro_batches, loss_chunks=train_chunks,
-                                autocast_dtype=run.autocast_dtype, scaler=run.scaler, max_grad_norm=max_grad_norm,
-                                clip_grad_norm=run.clip_grad_norm())
-        run.scheduler.step()
+        result = run.step(next(steps))
         step += 1
 
         stats = parallel.mean_over_replicas(torch.stack([result["loss"], result["accuracy"]]), info)
         loss_value, acc_value = stats[0].item(), stats[1].item()   # .item() waits for the step
         seconds = time.perf_counter() - start
-        if not math.isfinite(loss_value):
-            raise non_finite_loss(loss_value, step, cfg.state_dir)
+        grad_norm = float(result["grad_norm"])
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            raise non_finite_step(loss_value, grad_norm, step, cfg.state_dir, info)
         record = {"step": step, "epoch": run.batches.epoch, "loss": loss_value, "accuracy": acc_value, "lr": lr,
-                  "grad_norm": float(result["grad_norm"]), **speed.rates(seconds)}
+                  "grad_norm": grad_norm, **speed.rates(seconds)}
         if step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            record.update(evaluate(run))
+            record.update(validation_loss(run, say))
         if step % cfg.log_every == 0 or "valid_loss" in record or step == run.total_steps:
             metrics.log(record)
         last = record
@@ -143,7 +137,7 @@ class Run:
     model: torch.nn.Module
     raw_model: torch.nn.Module
     model_config: GPTConfig       # the whole model's, whatever share of it this process holds
-    n_params: int                 # the whole model's parameters
+    n_params: int                 # the whole model's parameters less its position embeddings (GPT.num_parameters)
     pipeline: Pipeline | None     # this process's pipeline stage and schedule (--pipeline-stages > 1)
     optimizer: torch.optim.Optimizer
     scheduler: Any               # a torch LR scheduler (transformers' schedules)
@@ -153,17 +147,49 @@ class Run:
     total_steps: int
     loss_chunks: LossChunks
     autocast_dtype: torch.dtype | None   # None: fp32 or FSDP's mixed precision, no autocast
+    said: set[str] = field(default_factory=set)   # messages said once per run (say_once)
 
     @property
     def sharded(self) -> bool:
         """Whether each process holds a share of the model (FSDP, pipeline stages): checkpoints are then DCP's."""
         return self.cfg.fsdp or self.pipeline is not None
 
-    def clip_grad_norm(self) -> Callable:
-        """The gradient clipping of this layout: PyTorch's, or parallel.clip_grad_norm_ over shards and stages."""
+    def clip_gradients(self, params, max_norm: float) -> torch.Tensor:
+        """Clip the gradients' global norm to max_norm (this layout's: PyTorch's, or parallel.clip_grad_norm_
+        over shards and stages); returns the norm before clipping."""
         if not self.sharded:
-            return torch.nn.utils.clip_grad_norm_
-        return lambda params, max_norm: parallel.clip_grad_norm_(params, max_norm, self.info)
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return parallel.clip_grad_norm_(params, max_norm, self.info)
+
+    def step(self, batch) -> dict[str, torch.Tensor]:
+        """One optimizer step of training on `batch` (a TrainStep of the run's data: its micro-batches):
+        the one step that training, `gpt2ipu profile` and `gpt2ipu bench train` run.
+
+        Forward and backward over its micro-batches (accumulation), the gradients' norm clipped to
+        --grad-clip (measured only when 0), the optimizer and LR-scheduler steps. Returns device
+        tensors, no host sync: loss and accuracy (this process's mean over the micro-batches) and
+        grad_norm.
+        """
+        cfg, device = self.cfg, self.info.device
+        micro_batches = [inputs_and_labels(micro, device) for micro in batch.micro_batches]
+        max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        if self.pipeline is not None:
+            result = self.pipeline.train_step(self.optimizer, micro_batches, autocast_dtype=self.autocast_dtype,
+                                              max_grad_norm=max_grad_norm)
+        else:
+            chunks = self.loss_chunks.for_tokens(micro_batches[0][0].numel())
+            result = train_step(self.model, self.optimizer, micro_batches, loss_chunks=chunks,
+                                autocast_dtype=self.autocast_dtype, scaler=self.scaler, max_grad_norm=max_grad_norm,
+                                clip_grad_norm=self.clip_gradients)
+        self.scheduler.step()
+        return result
+
+    def throughput(self) -> Throughput:
+        """Tokens/s and MFU of this run's steps (the device peak is probed here, once)."""
+        cfg, mcfg = self.cfg, self.model_config
+        return Throughput.of(n_params=self.n_params, n_layer=mcfg.n_layer, n_embd=mcfg.n_embd, seq_len=cfg.max_len,
+                             samples_per_step=cfg.global_batch, device=self.info.device, precision=cfg.precision,
+                             world_size=self.info.world_size)
 
 
 def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] | None, loss_chunks: LossChunks,
@@ -183,7 +209,7 @@ def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] 
     if has_valid_split(cfg):
         valid_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="valid", max_len=cfg.max_len,
                                         vocab_size=cfg.vocab_size, seed=cfg.seed + 1, num_epochs=1,
-                                        generated_samples=max(cfg.eval_batches * cfg.batch_size * info.dp_size, 1))
+                                        generated_samples=validation_samples(cfg, info.dp_size))
     else:
         valid_data = None
         say("no validation split (shards.valid_fraction 0): training without validation")
@@ -199,7 +225,7 @@ def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] 
         say(f"starting from the weights in {cfg.checkpoint_input_dir}")
     else:
         model = GPT(model_config)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_parameters()   # the whole model's, before any split (FLOP count: throughput.py)
     model, raw_model, pipeline, autocast = parallelize(model, cfg, stage_sizes, loss_chunks, info)
     optimizer = make_optimizer(raw_model, kind=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -214,6 +240,13 @@ def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] 
                scaler=torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"),
                batches=batches, valid_data=valid_data, total_steps=total_steps, loss_chunks=loss_chunks,
                autocast_dtype=autocast)
+
+
+def validation_samples(cfg: TrainConfig, dp_size: int) -> int:
+    """Samples of generated validation data: --eval-batches micro-batches per replica, and at least one
+    pipeline step's (--gradient-accumulation micro-batches: the schedule runs whole steps)."""
+    micro_batches = max(cfg.eval_batches, cfg.gradient_accumulation if cfg.stages > 1 else 1, 1)
+    return micro_batches * cfg.batch_size * dp_size
 
 
 def model_config_of(cfg: TrainConfig) -> GPTConfig:
@@ -363,37 +396,55 @@ def inputs_and_labels(batch: torch.Tensor, device: torch.device) -> tuple[torch.
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
-    """Mean loss over up to --eval-batches validation micro-batches, averaged over the processes.
+def validation_loss(run: Run, say: Say) -> dict[str, float]:
+    """valid_loss and valid_ppl: the mean loss over --eval-batches validation micro-batches (pipeline
+    stages: whole steps of --gradient-accumulation micro-batches, the schedule's fixed shape, at
+    least one), averaged over the processes.
 
-    {} (nothing to log) when the shards have no validation split.
+    {} (nothing logged) when there is nothing to score: no validation split, or fewer validation
+    samples than one evaluation step takes; the latter is said once per run. Never a made-up figure.
     """
     cfg, info, model = run.cfg, run.info, run.model
     if run.valid_data is None:
         return {}
-    model.eval()
-    # Pipeline stages take the training step's micro-batches: the schedule's shapes are fixed.
     per_step = run.pipeline.n_microbatches if run.pipeline else 1
     batch_size = cfg.batch_size if run.pipeline else min(cfg.batch_size, len(run.valid_data) // info.dp_size)
+    needed = max(batch_size, 1) * per_step * info.dp_size
+    if batch_size == 0 or len(run.valid_data) < needed:
+        say_once(run, say, f"no validation loss: the validation split has {len(run.valid_data)} samples, fewer than "
+                           f"one evaluation step takes ({max(batch_size, 1)} x {per_step} micro-batch(es) x "
+                           f"{info.dp_size} replica(s) = {needed}); make the split larger (shards.valid_fraction)"
+                           + (" or use fewer micro-batches (--gradient-accumulation)" if run.pipeline else ""))
+        return {}
+    model.eval()
     total = torch.zeros(2, device=info.device)
-    if batch_size > 0 and len(run.valid_data) >= batch_size * per_step * info.dp_size:
-        with ResumableBatches(run.valid_data, micro_batch=batch_size, grad_accum=per_step, rank=info.dp_rank,
-                              world_size=info.dp_size, seed=cfg.seed, shuffle=False) as valid_batches:
-            for i, valid_step in enumerate(valid_batches):
-                if i * per_step >= cfg.eval_batches:
-                    break
-                micro_batches = [inputs_and_labels(batch, info.device) for batch in valid_step.micro_batches]
-                if run.pipeline:
-                    loss, _ = run.pipeline.run(micro_batches, run.autocast_dtype, train=False)
-                else:
-                    inputs, labels = micro_batches[0]
-                    with autocast(info.device, run.autocast_dtype):
-                        loss, _, _ = model(inputs, labels, **run.loss_chunks.for_tokens(inputs.numel()))
-                total += torch.stack([loss.detach().float(), torch.ones((), device=info.device)])
+    with ResumableBatches(run.valid_data, micro_batch=batch_size, grad_accum=per_step, rank=info.dp_rank,
+                          world_size=info.dp_size, seed=cfg.seed, shuffle=False) as valid_batches:
+        for i, valid_step in enumerate(valid_batches):
+            if i * per_step >= cfg.eval_batches:
+                break
+            micro_batches = [inputs_and_labels(batch, info.device) for batch in valid_step.micro_batches]
+            if run.pipeline:
+                loss, _ = run.pipeline.run(micro_batches, run.autocast_dtype, train=False)
+            else:
+                inputs, labels = micro_batches[0]
+                with autocast(info.device, run.autocast_dtype):
+                    loss, _, _ = model(inputs, labels, **run.loss_chunks.for_tokens(inputs.numel()))
+            total += torch.stack([loss.detach().float(), torch.ones((), device=info.device)])
     model.train()
     total = parallel.mean_over_replicas(total, info)
-    mean = (total[0] / total[1].clamp(min=1)).item()
+    if total[1].item() == 0:
+        say_once(run, say, "no validation loss: the validation data gave no batch")
+        return {}
+    mean = (total[0] / total[1]).item()
     return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0))}
+
+
+def say_once(run: Run, say: Say, message: str) -> None:
+    """`say(message)` the first time this run has it to say."""
+    if message not in run.said:
+        run.said.add(message)
+        say(message)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -424,11 +475,23 @@ def save_checkpoint(run: Run, step: int) -> None:
     parallel.barrier(info)
 
 
-def non_finite_loss(loss_value: float, step: int, state_dir: str) -> UserError:
-    """The error that stops a run whose loss became NaN or infinite, naming the checkpoint to resume from."""
+def non_finite_step(loss_value: float, grad_norm: float, step: int, state_dir: str,
+                    info: parallel.DistInfo) -> UserError:
+    """The error that stops a run whose loss or gradient norm became NaN or infinite at `step`.
+
+    Step N runs on the weights saved at step N - 1, so that checkpoint is not good: its next step
+    was not finite. The main process sets aside every checkpoint from step N - 1 on (state.set_aside),
+    so the message, and a rerun resuming from the latest checkpoint, name one whose next step was finite.
+    """
+    if info.is_main:
+        for folder in checkpoint_dirs(state_dir):
+            if int(folder.name.split("-")[1]) >= step - 1:
+                set_aside(folder)
     last_good = latest_checkpoint(state_dir)
-    return UserError(f"the training loss became {loss_value} at step {step}; stopping. The last good "
-                     f"checkpoint is {last_good or '(none yet)'}; lower --learning-rate, raise warmup, "
+    what = (f"the training loss became {loss_value}" if not math.isfinite(loss_value)
+            else f"the gradient norm became {grad_norm} (loss {loss_value})")
+    return UserError(f"{what} at step {step}; stopping. The last good checkpoint (the last whose next step was "
+                     f"finite) is {last_good or '(none yet)'}; lower --learning-rate, raise warmup, "
                      "or use --precision fp32, then rerun to resume from it")
 
 
@@ -444,70 +507,6 @@ def finish(run: Run) -> None:
             plot_loss_curve(metrics_path, Path(cfg.state_dir) / "loss.png")
     parallel.barrier(info)
     parallel.shutdown(info)
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Turns a step's wall time into tokens/s, samples/s and MFU (model FLOPs utilization)."""
-
-    n_params: int
-    tokens_per_step: int
-    samples_per_step: int
-    flops_per_token: float
-    peak: float          # one device's matmul peak, FLOP/s
-    peak_source: str     # where `peak` comes from, for the run's summary line
-    world_size: int
-
-    @classmethod
-    def measure(cls, run: Run) -> "Throughput":
-        """The run's model size, step size and device peak (the peak probe runs here, once)."""
-        cfg, mcfg, n_params = run.cfg, run.model_config, run.n_params
-        peak, source = peak_flops(run.info.device, cfg.precision)
-        return cls(n_params=n_params, tokens_per_step=cfg.global_batch * cfg.max_len,
-                   samples_per_step=cfg.global_batch,
-                   flops_per_token=flops_per_token(n_params, mcfg.n_layer, mcfg.n_embd, cfg.max_len),
-                   peak=peak, peak_source=source, world_size=run.info.world_size)
-
-    def rates(self, seconds: float) -> dict[str, float]:
-        """tokens_per_s, samples_per_s and mfu of one optimizer step that took `seconds`."""
-        return {"tokens_per_s": self.tokens_per_step / seconds, "samples_per_s": self.samples_per_step / seconds,
-                "mfu": self.flops_per_token * self.tokens_per_step / seconds / (self.peak * self.world_size)}
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N for the matmuls (forward 2N, backward 4N) plus attention."""
-    return 6 * n_params + 12 * n_layer * n_embd * seq_len
-
-
-# Vendors' stated dense bf16/fp16 matmul peaks (FLOP/s), by a substring of the CUDA device name.
-STATED_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
-
-def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """The device's matmul peak: stated for known GPUs, otherwise measured with a large matmul."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in STATED_PEAKS.items():
-            if key in name and precision in ("bf16", "fp16"):
-                return value, f"stated dense {precision} peak of {name}"
-    size = 2048
-    dtype = torch.float32 if device.type == "cpu" else precision_dtype(precision)
-    # A private generator: the probe must not move the training RNG (exact resume depends on it).
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    best = float("inf")
-    for _ in range(5):  # the fastest of several: the probe estimates what the hardware can do
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best, f"measured {size}x{size} {dtype} matmul (best of 5)"
 
 
 def gather_rng(states: dict, info: parallel.DistInfo) -> list[dict]:

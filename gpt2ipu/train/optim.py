@@ -1,4 +1,5 @@
-"""Optimizers and the training step that `gpt2ipu bench train` measures and training runs.
+"""Optimizers and the one-process optimizer step (`train_step`), which `Run.step`
+(gpt2ipu/train/loop.py) runs for training, `gpt2ipu profile` and `gpt2ipu bench train`.
 
 `make_optimizer` gives the original's --optimizer choices (AdamW, Adam, LAMB) with weight decay on
 matrices only (embeddings and projections; not biases or LayerNorm gains, as in the original and
@@ -153,11 +154,6 @@ class StepInBackward:
             for param in group["params"]:
                 single = type(optimizer)([{**_options(group), "params": [param]}])
                 param.register_post_accumulate_grad_hook(self._make_hook(index, single))
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The training optimizer whose parameters this updates (None once it is gone)."""
-        return self._optimizer()
 
     def _make_hook(self, index: int, single: torch.optim.Optimizer):
         def hook(param: torch.Tensor) -> None:

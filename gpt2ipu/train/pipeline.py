@@ -33,9 +33,6 @@ import torch.nn as nn
 from gpt2ipu.model.gpt import GPT, embed, lm_loss, run_block
 from gpt2ipu.train.parallel import DistInfo, clip_grad_norm_
 
-SCHEDULES = ("1f1b", "gpipe")
-
-
 class StageModule(nn.Module):
     """One pipeline stage's share of a GPT (see the module docstring), with the GPT's parameter names."""
 
@@ -58,7 +55,7 @@ class StageModule(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None):
         """First stage: input_ids [B, T] -> hidden [B, T, C]; middle: hidden -> hidden; last: (loss, accuracy)."""
         if self.first:
-            x = embed(self, x, torch.arange(x.shape[1], device=x.device).unsqueeze(0))   # [B, T, C]
+            x = embed(self, x, None)   # [B, T, C], positions 0 .. T-1
         for block in self.h.values():
             x = run_block(block, x, recompute=self.config.recompute)   # [B, T, C]
         if not self.last:

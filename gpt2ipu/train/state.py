@@ -8,6 +8,11 @@ Layout of `<state_dir>/checkpoints/step-00000100/` (written atomically, the last
                                      numbers and strings, loaded with torch.load(weights_only=True)
     train_config.json                the TrainConfig of the run, for the record
 
+A checkpoint is good once the step after it has run finite (its weights gave a finite loss and
+gradient). The newest is not yet known to be, so pruning keeps at least two (`keep` 1 keeps the
+one before it too), and a run that stops on a non-finite step sets the checkpoints that are not
+good aside (`set_aside`: renamed, so resuming never picks them up; kept for a look).
+
 No pickle of Python objects: numpy's RNG is not used by training (data order comes from seeded
 generators keyed by epoch), so torch's CPU/CUDA generator states are all there is to save.
 """
@@ -63,9 +68,23 @@ def save_training_checkpoint(state_dir: str | os.PathLike, step: int, save_weigh
         save_weights(tmp)
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
-    for old in checkpoint_dirs(state_dir)[:-keep] if keep > 0 else []:
+    # max(keep, 2): the newest is not known good until the next step has run (see the module docstring).
+    for old in checkpoint_dirs(state_dir)[:-max(keep, 2)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+NOT_GOOD_SUFFIX = ".next-step-non-finite"
+
+
+def set_aside(folder: str | os.PathLike) -> Path:
+    """Rename a checkpoint whose next step was not finite out of the resumable ones: <name>.next-step-non-finite."""
+    folder = Path(folder)
+    target = folder.with_name(folder.name + NOT_GOOD_SUFFIX)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(folder, target)
+    return target
 
 
 def load_training_state(folder: str | os.PathLike) -> dict[str, Any]:
