@@ -183,7 +183,8 @@ def test_chunked_loss_single_token_and_no_grad(chunks):
 def test_loss_refuses_chunking_both_axes():
     # The flags -> chunks translation is tested where it happens: tests/test_train.py (resolve).
     with pytest.raises(ValueError):
-        chunked_lm_loss(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), vocab_chunks=2, token_chunks=2)
+        chunked_lm_loss(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long),
+                        vocab_chunks=2, token_chunks=2)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])

@@ -44,7 +44,7 @@ def test_step_in_backward_equals_a_step_after_backward(kind):
         norms = []
         with warnings.catch_warnings():
             warnings.simplefilter("error")   # e.g. the scheduler's "lr_scheduler.step() before optimizer.step()"
-            for step in range(3):
+            for _step in range(3):
                 result = train_step(model, optimizer, [(ids, labels)], loss_chunks={"token_chunks": 2},
                                     max_grad_norm=max_grad_norm)
                 scheduler.step()
@@ -115,11 +115,12 @@ def test_the_seam_steps_one_parameter_on_the_optimizers_own_state(cls, options):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    groups = lambda ps: [{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}]
+    def groups(ps):
+        return [{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}]
     ordinary = cls(groups(params), lr=1e-2, **options)
     ours = cls(groups(copies), lr=1e-2, **options)
     singles = [cls([{**optim._options(group), "params": [p]}]) for group in ours.param_groups for p in group["params"]]
-    for step in range(3):
+    for _step in range(3):
         grads = [torch.randn_like(p) for p in params]
         for p, q, g in zip(params, copies, grads):
             p.grad, q.grad = g.clone(), g.clone()

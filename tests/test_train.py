@@ -77,7 +77,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
            "--state-dir", str(tmp_path / "two")]
     two = subprocess.run(cmd, capture_output=True, text=True, env=single_thread_env(), timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    losses = lambda p: [json.loads(line)["loss"] for line in (p / "metrics.jsonl").read_text().splitlines()]
+    def losses(p):
+        return [json.loads(line)["loss"] for line in (p / "metrics.jsonl").read_text().splitlines()]
     one_losses, two_losses = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one_losses) == len(two_losses) == 4
     assert one_losses == pytest.approx(two_losses, rel=1e-5)
@@ -211,7 +212,8 @@ def test_every_train_flag_says_what_it_does():
 @pytest.mark.slow
 def test_trains_on_cuda(tmp_path, precision):
     command = [arg if arg != "cpu" else "cuda" for arg in train_command(
-        "--max-steps", 4, "--precision", precision, "--state-dir", tmp_path / "s", "--save-model-path", tmp_path / "final")]
+        "--max-steps", 4, "--precision", precision, "--state-dir", tmp_path / "s",
+        "--save-model-path", tmp_path / "final")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
@@ -225,7 +227,8 @@ import ctypes, sys, torch
 from gpt2ipu.train.allocator import keep_freed_memory
 class MallInfo(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False

@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the loss in this many vocabulary chunks, `gpt2ipu train "
                              "--embedding-serialization-factor` (default: the sample recipe's)")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per variant run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first allocates optimizer state)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first (the first allocates optimizer state)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 autocast if a probe finds bf16 matmuls at least 2x faster than fp32")
@@ -79,8 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--enable-sequence-serialized`); also the ours_token_chunks ablation's (default there, "
                              f"by precision: {DEFAULT_TOKEN_CHUNKS})")
     parser.add_argument("--compile", action="store_true", help="torch.compile our blocks (compile time not counted)")
-    parser.add_argument("--ablations", action="store_true", help="also run ours with each choice undone: " + ", ".join(ABLATIONS))
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run ours with each choice undone: " + ", ".join(ABLATIONS))
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes; above 1, compare the parallel layouts of --layout instead of the "
                              "one-process variants (gpt2ipu/bench/train_layouts.py)")
@@ -131,7 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     step_seconds = {name: statistics.median(r["median_step_s"] for r in rs) for name, rs in runs.items()}
     # Training's figures (gpt2ipu/train/throughput.py) of each variant's step, against the one peak.
     speeds = {name: Throughput(tokens_per_step=rs[0]["samples_per_step"] * args.max_len,
-                               samples_per_step=rs[0]["samples_per_step"], flops_per_token=runs["ours"][0]["flops_per_token"],
+                               samples_per_step=rs[0]["samples_per_step"],
+                               flops_per_token=runs["ours"][0]["flops_per_token"],
                                peak=peak, peak_source=peak_source, world_size=1).rates(step_seconds[name])
               for name, rs in runs.items()}
     throughput = {name: rates["tokens_per_s"] for name, rates in speeds.items()}
@@ -190,8 +194,10 @@ def _choose_precision(requested: str, device: str) -> tuple[str, str]:
     bf16 = measured_matmul_flops(device, torch.bfloat16, size=1024)
     ratio = bf16 / fp32
     if ratio >= 2:
-        return "bf16", f"bf16 autocast: bf16 matmul probe {bf16 / 1e9:.0f} GFLOP/s vs fp32 {fp32 / 1e9:.0f} ({ratio:.1f}x)"
-    return "fp32", f"bf16 skipped: bf16 matmul probe {bf16 / 1e9:.0f} GFLOP/s vs fp32 {fp32 / 1e9:.0f} ({ratio:.1f}x, under 2x)"
+        return "bf16", (f"bf16 autocast: bf16 matmul probe {bf16 / 1e9:.0f} GFLOP/s vs fp32 {fp32 / 1e9:.0f} "
+                        f"({ratio:.1f}x)")
+    return "fp32", (f"bf16 skipped: bf16 matmul probe {bf16 / 1e9:.0f} GFLOP/s vs fp32 {fp32 / 1e9:.0f} "
+                    f"({ratio:.1f}x, under 2x)")
 
 
 def size_flags(args: argparse.Namespace) -> dict[str, int]:

@@ -5,8 +5,9 @@ model, sequence length and global batch), so what is measured is the trainer its
 
   ddp    N replicas, DDP (each process holds the whole model, its gradients and optimizer state)
   fsdp   N replicas, FSDP2 (each holds 1/N of them; a block's full weights only while it runs)
-  pp     N pipeline stages, 1F1B over the global batch as micro-batches of one sample, layers split so that the last stage's LM head and loss count as
-         V / (12 n_embd) layers of work (GPT-2 medium: 14 + 10 layers)
+  pp     N pipeline stages, 1F1B over the global batch as micro-batches of one sample, layers split
+         so that the last stage's LM head and loss count as V / (12 n_embd) layers of work
+         (GPT-2 medium: 14 + 10 layers)
 
 Throughput: the median tokens/s over each run's steps after `--warmup` (the loop's own per-step
 timing, metrics.jsonl). Memory: every process's peak (CPU: peak RSS; CUDA: max allocated), and
@@ -90,7 +91,8 @@ def run(args, size: dict[str, int]) -> dict:
     layouts = [name.strip() for name in args.layout.split(",") if name.strip()]
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown or not layouts:
-        raise SystemExit(f"bench train: --layout takes a comma-separated list of {', '.join(LAYOUTS)}, got {args.layout!r}")
+        raise SystemExit(f"bench train: --layout takes a comma-separated list of {', '.join(LAYOUTS)}, "
+                         f"got {args.layout!r}")
     model = config_for(args.preset, args.max_len, **size)
     split = head_balanced_split(model.n_layer, args.nproc, model.vocab_size, model.n_embd)
     measured = {}

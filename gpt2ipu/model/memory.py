@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 class TiedGrad:
     """One [V, d] gradient buffer shared by the LM head and the token embedding of a tied weight.
 

@@ -18,7 +18,7 @@ __all__ = ["add_arguments", "run"]
 
 def run(args: argparse.Namespace) -> int:
     """Train with the flags' config; print the last step's metrics as one JSON line on stdout (rank 0 only)."""
-    from gpt2ipu.train.loop import train   # torch is imported only once a run starts, not for --help
+    from gpt2ipu.train.loop import train  # torch is imported only once a run starts, not for --help
 
     cfg = config_from_args(args)
     # Each step reuses the last step's pages (gpt2ipu/train/allocator.py); not under FSDP, whose

@@ -184,7 +184,7 @@ class TrainConfig:
         return self.ipus_per_replica or self.pipeline_stages
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str) -> TrainConfig:
         """A config from `--config`/flag values (strings are converted); unknown keys name `source`."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
@@ -359,7 +359,7 @@ def check_sizes(sizes: dict[str, Any], recipe_name: str, recipe: dict[str, Any],
     Called by the workflow when it starts, like `check_recipes`: a size that cannot be built (n_embd
     not a multiple of n_head, fewer layers than pipeline stages) fails before any job runs.
     """
-    for name, size in sizes.items():
+    for name, _size in sizes.items():
         source = f"config key 'train.sizes.{name}'"
         if name in PRESETS or name in PRESET_TARGETS:
             taken = ("a model preset's" if name in PRESETS

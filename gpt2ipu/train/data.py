@@ -23,8 +23,9 @@ with micro-batches of B/2 update the model from exactly the same samples.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -123,7 +124,8 @@ class TFRecordSamples:
         paths = [found[i] for i in sorted(found)]
         for path in paths:
             if not path.with_suffix(".index").is_file():
-                raise UserError(f"{path.with_suffix('.index')}: index of {path.name} is missing; rerun the shards stage")
+                raise UserError(f"{path.with_suffix('.index')}: index of {path.name} is missing; "
+                                "rerun the shards stage")
         return paths
 
     def _check_max_len(self) -> None:
@@ -241,7 +243,8 @@ class MMapSamples:
     def unshuffled(self, k: int) -> np.ndarray:
         """Sample k in stream order (Megatron's GPTDataset.__getitem__ after the shuffle)."""
         docs = self._docs()
-        (first_pos, first_offset), (last_pos, last_offset) = self.sample_idx[k].tolist(), self.sample_idx[k + 1].tolist()
+        first_pos, first_offset = self.sample_idx[k].tolist()
+        last_pos, last_offset = self.sample_idx[k + 1].tolist()
         if first_pos == last_pos:
             pieces = [docs.get(int(self.doc_idx[first_pos]), first_offset, last_offset - first_offset + 1)]
         else:
@@ -418,7 +421,7 @@ class ResumableBatches:
         """
         self._loader = None  # its iterator's finalizer shuts the workers down
 
-    def __enter__(self) -> "ResumableBatches":
+    def __enter__(self) -> ResumableBatches:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,26 +22,34 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gpt2ipu.data.shards import STATS_NAME
 from gpt2ipu.devices import autocast_dtype
 from gpt2ipu.errors import UserError
 from gpt2ipu.model import GPT, config_for
 from gpt2ipu.model.gpt import GPTConfig
 from gpt2ipu.model.hf import CONFIG_NAME, config_from_hf, load_hf_dir, save_hf_dir, write_hf_files
-from gpt2ipu.data.shards import STATS_NAME
 from gpt2ipu.sizes import SIZE_KEYS
 from gpt2ipu.train import parallel
 from gpt2ipu.train.config import LossChunks, TrainConfig, check_layout, resolve, stage_layers
 from gpt2ipu.train.data import ResumableBatches, make_train_dataset
 from gpt2ipu.train.metrics import MetricsLog, plot_loss_curve
 from gpt2ipu.train.optim import make_optimizer, parameter_groups, train_step
-from gpt2ipu.train.state import (checkpoint_dirs, latest_checkpoint, load_training_state, restore_rng_states,
-                                 rng_states, save_training_checkpoint, set_aside)
+from gpt2ipu.train.state import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_training_state,
+    restore_rng_states,
+    rng_states,
+    save_training_checkpoint,
+    set_aside,
+)
 from gpt2ipu.train.throughput import Throughput
 
 if TYPE_CHECKING:
@@ -68,7 +76,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     for note in resolved.notes:
         say(note)
     if info.device.type == "cpu" and cfg.precision != "fp32":
-        say(f"--precision {cfg.precision} on CPU: this CPU may have no fast {cfg.precision} path (fp32 is the default here).")
+        say(f"--precision {cfg.precision} on CPU: this CPU may have no fast {cfg.precision} path "
+            "(fp32 is the default here).")
 
     run = build_run(cfg, model_config, stage_sizes, resolved.loss_chunks, info, say)
     start_step = resume(run, say)
@@ -253,7 +262,8 @@ def model_config_of(cfg: TrainConfig) -> GPTConfig:
     """The configuration of the model the run trains: --checkpoint-input-dir's, else the --model preset's
     with --n-layer, --n-embd, --n-head, --n-positions in place of its own."""
     if cfg.checkpoint_input_dir:
-        return config_from_hf(Path(cfg.checkpoint_input_dir) / CONFIG_NAME, recompute=cfg.recompute_checkpoint_every_layer)
+        return config_from_hf(Path(cfg.checkpoint_input_dir) / CONFIG_NAME,
+                              recompute=cfg.recompute_checkpoint_every_layer)
     return config_for(cfg.model, cfg.max_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                       n_head=cfg.n_head, n_positions=cfg.n_positions, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                       resid_pdrop=cfg.dropout, recompute=cfg.recompute_checkpoint_every_layer)

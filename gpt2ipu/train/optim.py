@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -202,7 +202,7 @@ def _step_with_state_of(optimizer: torch.optim.Optimizer, single: torch.optim.Op
 
 # Each optimizer's StepInBackward, made on its first step in backward. Weak keys: an optimizer
 # that is gone takes its entry with it.
-_STEPPERS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, StepInBackward]" = weakref.WeakKeyDictionary()
+_STEPPERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, StepInBackward] = weakref.WeakKeyDictionary()
 
 
 def step_in_backward_for(optimizer: torch.optim.Optimizer) -> StepInBackward:
@@ -256,7 +256,8 @@ def train_step(
     original's gradient accumulation). Under DDP, gradients are all-reduced on the last micro-batch
     only; FSDP reduce-scatters each micro-batch's (`gradient_sync`). With max_grad_norm (inf:
     measure only) the gradients are clipped to it (by `clip_grad_norm`, PyTorch's unless the
-    parameters are sharded: parallel.clip_grad_norm_) and their norm before clipping is returned; a GradScaler (fp16) scales the loss and unscales before clipping.
+    parameters are sharded: parallel.clip_grad_norm_) and their norm before clipping is returned; a
+    GradScaler (fp16) scales the loss and unscales before clipping.
     zero_grad(set_to_none=True): the next backward writes fresh gradients instead of adding to
     zeroed buffers, and the memory is free in between. Returns the mean loss and accuracy as
     device tensors (no host sync here) and the gradient norm (None without max_grad_norm).

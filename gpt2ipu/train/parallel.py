@@ -18,8 +18,8 @@ pp_rank * dp + dp_rank. What the original IPU flags become:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist

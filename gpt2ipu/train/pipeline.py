@@ -33,6 +33,7 @@ import torch.nn as nn
 from gpt2ipu.model.gpt import GPT, embed, lm_loss, run_block
 from gpt2ipu.train.parallel import DistInfo, clip_grad_norm_
 
+
 class StageModule(nn.Module):
     """One pipeline stage's share of a GPT (see the module docstring), with the GPT's parameter names."""
 
