@@ -10,8 +10,9 @@ become the two ways of chunking:
     online log-sum-exp across slices; backward recomputes each slice's logits.
   * token_chunks=F (`--enable-sequence-serialized`, chunks of `--serialized-seq-len` tokens; the
     training config turns that into F): the tokens in F slices, each against the whole vocabulary.
-    Each slice's gradient is computed right away in forward (the loss is the last node of the graph, so its gradient is known up to the scalar
-    that backward multiplies in), so nothing is recomputed: as fast as the plain loss, and leaner.
+    Each slice's gradient is computed right away in forward (the loss is the last node of the
+    graph, so its gradient is known up to the scalar that backward multiplies in), so nothing is
+    recomputed: as fast as the plain loss, and leaner.
 
 Both are hand-written autograd Functions because autograd alone would keep every slice's logits.
 
