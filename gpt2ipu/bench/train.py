@@ -39,6 +39,9 @@ import tempfile
 import time
 
 from gpt2ipu.bench.common import report
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 # What each of our choices is worth: `ours` with one choice changed (see --ablations).
 ABLATIONS = {
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    log.info(message)
 
 
 def _cuda_available() -> bool:

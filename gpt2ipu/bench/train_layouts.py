@@ -26,6 +26,9 @@ import tempfile
 from pathlib import Path
 
 from gpt2ipu.bench.common import report
+from gpt2ipu.log import package_logger
+
+log = package_logger(__name__)
 
 LAYOUTS = ("ddp", "fsdp", "pp")
 GOALS = {"memory_ratio_max": 0.6, "throughput_ratio_min": 0.8}   # per-rank memory and tokens/s against DDP
@@ -97,7 +100,7 @@ def run(args, size: dict[str, int]) -> dict:
     split = head_balanced_split(model.n_layer, args.nproc, model.vocab_size, model.n_embd)
     measured = {}
     for i, layout in enumerate(layouts):
-        print(f"bench train: layout {layout} on {args.nproc} processes", file=sys.stderr, flush=True)
+        log.info(f"bench train: layout {layout} on {args.nproc} processes")
         measured[layout] = run_layout(layout, args, size, split, port=29700 + os.getpid() % 200 + i)
     ours_name = next((name for name in layouts if name != "ddp"), layouts[0])
     baselines = {name: m["tokens_per_s"] for name, m in measured.items() if name != ours_name}

@@ -32,18 +32,21 @@ import torch
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_dir
+from gpt2ipu.log import package_logger
 from gpt2ipu.provenance import write_provenance
 from gpt2ipu.tables import html_page, html_table, markdown_table, paragraph
 from gpt2ipu.train import parallel
 from gpt2ipu.train.config import TrainConfig, resolve, workflow_run_config
 from gpt2ipu.train.loop import build_run, model_config_of
 
+log = package_logger(__name__)
+
 SNAPSHOT_NAME = "memory_snapshot.pickle"
 MB = 1 << 20
 
 
 def say(message: str) -> None:
-    print(f"[gpt2ipu profile] {message}", file=sys.stderr, flush=True)
+    log.info(f"[gpt2ipu profile] {message}")
 
 
 def profile(*, recipe: dict[str, Any], shards_dir: str, out_dir: str, run_name: str, ops_dir: str | None,

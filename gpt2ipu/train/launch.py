@@ -18,7 +18,10 @@ from typing import Any
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_file
+from gpt2ipu.log import package_logger
 from gpt2ipu.train.config import workflow_replicas, workflow_run_config
+
+log = package_logger(__name__)
 
 
 def state_key(recipe: dict[str, Any], shards_dir: str) -> str:
@@ -46,7 +49,7 @@ def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_na
                                  replication_factor=replicas, parallel=parallel)
     config_path = state_dir / "train_config.json"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"training state (checkpoints, metrics): {state_dir}", file=sys.stderr, flush=True)
+    log.info(f"training state (checkpoints, metrics): {state_dir}")
 
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // nproc_per_node))}
     if ops_dir:  # every rank loads the ops the build_ops rule made (none builds or waits for a build)

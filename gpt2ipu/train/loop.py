@@ -32,6 +32,7 @@ import torch
 from gpt2ipu.data.shards import STATS_NAME
 from gpt2ipu.devices import autocast_dtype
 from gpt2ipu.errors import UserError
+from gpt2ipu.log import package_logger
 from gpt2ipu.model import GPT, config_for
 from gpt2ipu.model.gpt import GPTConfig
 from gpt2ipu.model.hf import CONFIG_NAME, config_from_hf, load_hf_dir, save_hf_dir, write_hf_files
@@ -51,6 +52,8 @@ from gpt2ipu.train.state import (
     set_aside,
 )
 from gpt2ipu.train.throughput import Throughput
+
+log = package_logger(__name__)
 
 if TYPE_CHECKING:
     from gpt2ipu.train.pipeline import Pipeline
@@ -549,10 +552,10 @@ def peak_memory_per_rank(info: parallel.DistInfo) -> list[float]:
 
 
 def make_say(enabled: bool) -> Say:
-    """Print `[gpt2ipu train] msg` to stderr on the main process; a no-op on the others."""
+    """Log `[gpt2ipu train] msg` (gpt2ipu.log) on the main process; a no-op on the others."""
     if not enabled:
         return lambda msg: None
-    return lambda msg: print(f"[gpt2ipu train] {msg}", file=sys.stderr, flush=True)
+    return lambda msg: log.info(f"[gpt2ipu train] {msg}")
 
 
 def make_progress(total: int, initial: int, enabled: bool):
