@@ -165,3 +165,18 @@ def range_server():
     yield server
     server.shutdown()
     server.server_close()
+
+
+def save_tiny_hf_gpt2(folder: Path, seed: int, n_positions: int) -> Path:
+    """A 2-layer x 64 transformers GPT-2 with random weights and GPT-2's tokenizer, saved in `folder`:
+    the model the lm-eval comparisons run both evaluators on."""
+    import torch
+    import transformers
+
+    from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=n_positions)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    hf_gpt2_tokenizer_fast().save_pretrained(folder)
+    return folder

@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_hf_gpt2
 
 from gpt2ipu.cli import main as cli_main
 from gpt2ipu.evaluate import data as evaldata
@@ -41,16 +42,8 @@ WIKIHOW = {
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast
-
-    torch.manual_seed(7)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=WINDOW)
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    folder = tmp_path_factory.mktemp("hf") / "m"
-    hf.save_pretrained(folder)
-    hf_gpt2_tokenizer_fast().save_pretrained(folder)
-    return folder
+    pytest.importorskip("transformers")
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("hf") / "m", seed=7, n_positions=WINDOW)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import re
 
 import pytest
 import torch
+from conftest import save_tiny_hf_gpt2
 
 from gpt2ipu.cli import main as cli_main
 from gpt2ipu.errors import UserError
@@ -38,16 +39,8 @@ EDGE_PASSAGES = ["He said  goodbye", "no-space-here\nat all", 'She looked at the
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    from gpt2ipu.data.tokenizer import hf_gpt2_tokenizer_fast
-
-    torch.manual_seed(3)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=WINDOW)
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    folder = tmp_path_factory.mktemp("hf") / "m"
-    hf.save_pretrained(folder)
-    hf_gpt2_tokenizer_fast().save_pretrained(folder)
-    return folder
+    pytest.importorskip("transformers")
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("hf") / "m", seed=3, n_positions=WINDOW)
 
 
 @pytest.fixture(scope="module")

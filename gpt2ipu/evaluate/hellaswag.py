@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -194,24 +193,10 @@ def evaluate_hellaswag(model_dir: str | os.PathLike, data: str | os.PathLike, ou
                        log_samples: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate `model_dir` (a folder or a hub id) on the HellaSwag file `data`; write the results
     JSON `out` (and the per-item JSON lines `log_samples`) atomically."""
-    from gpt2ipu.evaluate.results import write_results, write_samples
-    from gpt2ipu.pretrained import load_pretrained, resolve_model_dir
+    from gpt2ipu.evaluate.results import evaluate_items
 
-    start = time.perf_counter()
     check_conventions(conventions)
     data_path = data_file(data, HELLASWAG_NAME)
-    records = read_hellaswag(data_path)[:limit]
-    model_path = resolve_model_dir(model_dir)
-    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer)
-    samples = [] if log_samples else None
-    figures = score_hellaswag(model, tokenizer, records, conventions=conventions, batch_size=batch_size,
-                              log_samples=samples)
-    params = {"batch_size": batch_size, "device": str(device_used), "precision": precision,
-              "conventions": list(conventions), "limit": limit, "tokenizer": tokenizer.name}
-    seconds = time.perf_counter() - start
-    result = {"task": "hellaswag", "model_dir": str(model_dir), "data": str(data_path), "samples": len(records),
-              **figures, "seconds": round(seconds, 3)}
-    if log_samples:
-        write_samples(log_samples, samples)
-    write_results(out, result, stage="evaluate_hellaswag", params=params, inputs=[model_path, data_path])
-    return result
+    return evaluate_items("hellaswag", model_dir, data_path, read_hellaswag(data_path)[:limit], score_hellaswag, out,
+                          batch_size=batch_size, device=device, precision=precision, conventions=conventions,
+                          limit=limit, vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer, log_samples=log_samples)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from gpt2ipu.fsutil import write_text_atomic
@@ -31,3 +32,27 @@ def write_results(out: str | os.PathLike, result: Mapping[str, Any], *, stage: s
 
 def write_samples(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
+
+
+def evaluate_items(task: str, model_dir: str | os.PathLike, data_path: str | os.PathLike, items: Sequence[Any],
+                   score: Callable[..., dict[str, Any]], out: str | os.PathLike, *, batch_size: int, device: str,
+                   precision: str, conventions: Sequence[str], limit: int | None, vocab_dir: str | None,
+                   bpe_tokenizer: str | None, log_samples: str | os.PathLike | None) -> dict[str, Any]:
+    """What every task's `evaluate_<task>` does around its scoring: load the model (a folder or a hub
+    id), score `items` with `score(model, tokenizer, items, conventions=, batch_size=, log_samples=)`,
+    write the results JSON `out` (stage `evaluate_<task>`) and the per-sample log, both atomically."""
+    from gpt2ipu.pretrained import load_pretrained, resolve_model_dir
+
+    start = time.perf_counter()
+    model_path = resolve_model_dir(model_dir)
+    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer)
+    samples: list | None = [] if log_samples else None
+    figures = score(model, tokenizer, items, conventions=conventions, batch_size=batch_size, log_samples=samples)
+    params = {"batch_size": batch_size, "device": str(device_used), "precision": precision,
+              "conventions": list(conventions), "limit": limit, "tokenizer": tokenizer.name}
+    result = {"task": task, "model_dir": str(model_dir), "data": str(data_path), "samples": len(items),
+              **figures, "seconds": round(time.perf_counter() - start, 3)}
+    if log_samples:
+        write_samples(log_samples, samples)
+    write_results(out, result, stage=f"evaluate_{task}", params=params, inputs=[model_path, data_path])
+    return result
