@@ -332,3 +332,21 @@ def test_commands_without_snakemake(tmp_path, capsys):
     assert cli_main(["tokenize", "--documents", str(tmp_path / "c" / "a.jsonl.zst"), "--out-dir",
                      str(tmp_path / "t2"), "--text-field", "body"]) == 2
     assert 'has no "body" field' in capsys.readouterr().err
+
+
+def test_train_bpe_reads_corpus_parts_as_tokenize_does(tmp_path):
+    from gpt2ipu.data.bpe import train_bpe
+
+    write_sample_corpus(tmp_path / "c" / "a.parquet", documents=200, seed=4)
+    write_sample_corpus(tmp_path / "c" / "b.jsonl.gz", documents=100, seed=5)
+    parts = plan_parts(find_corpus_files([str(tmp_path / "c")]), part_bytes=1)  # one part per file
+    figures = train_bpe([part["pieces"] for part in parts], tmp_path / "bpe", vocab_size=600,
+                        fields={"text": "text", "title": "title", "id": None, "txt_unit": "file"})
+    assert figures["articles"] == 300 and figures["vocab_size"] == 600
+    bpe = load_tokenizer(bpe_tokenizer=tmp_path / "bpe" / "tokenizer.json")
+    tokens = tokenize(parts[0]["pieces"], tmp_path / "t", workers=1, bpe_tokenizer=tmp_path / "bpe" / "tokenizer.json",
+                      fields={"text": "text", "title": "title", "id": None, "txt_unit": "file"})
+    first = next(sample_documents(1, 4))
+    data = MMapIndexedDataset(tmp_path / "t" / "tokens")
+    assert tokens["articles"] == 200 and data[0].tolist() == bpe.encode(f"{first['title']}\n\n{first['text']}") + [
+        bpe.eos_id]
