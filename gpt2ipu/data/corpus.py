@@ -59,6 +59,7 @@ FORMATS = {
     ".txt": "txt",
 }
 TXT_UNITS = ("file", "line")
+COMPRESSED_FORMATS = ("jsonl.gz", "jsonl.zst")   # streams: never cut into byte ranges
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,11 @@ class Piece:
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "format": self.format, "start": self.start, "stop": self.stop}
 
+    @classmethod
+    def from_dict(cls, piece: dict[str, Any]) -> Piece:
+        """A piece as a manifest or a rule's params hold it (`as_dict`)."""
+        return cls(piece["path"], piece["format"], piece.get("start"), piece.get("stop"))
+
 
 def split_file(path: Path, fmt: str, part_bytes: int, txt_unit: str) -> list[Piece]:
     """The pieces of one file: several for a big splittable file, else the whole file."""
@@ -177,8 +183,7 @@ def parquet_pieces(path: Path, part_bytes: int) -> list[Piece]:
     metadata = open_parquet(path).metadata
     pieces, start, run_bytes = [], 0, 0
     for group in range(metadata.num_row_groups):
-        row_group = metadata.row_group(group)
-        run_bytes += sum(row_group.column(c).total_compressed_size for c in range(row_group.num_columns))
+        run_bytes += row_group_compressed_bytes(metadata.row_group(group))
         if run_bytes >= part_bytes:
             pieces.append(Piece(str(path), "parquet", start, group + 1))
             start, run_bytes = group + 1, 0
@@ -353,6 +358,8 @@ class DocumentReader:
         parse = self._text_line if piece.format == "txt" else self._json_line
         texts: list[str] = []
         pending = 0
+        # progress in the file's own bytes: the compressed ones for gzip and zstd
+        compressed = piece.format in COMPRESSED_FORMATS
         with open(path, "rb", buffering=1 << 20) as raw, open_lines(raw, piece.format) as f:
             offset = start
             if start > 0:  # the line begun before `start` belongs to the previous piece
@@ -372,11 +379,10 @@ class DocumentReader:
                 if line_number is not None:
                     line_number += 1
                 if pending >= batch_bytes:
-                    # progress in the file's own bytes (compressed ones for gzip and zstd)
-                    position = raw.tell() if piece.format != piece.format.split(".")[0] else offset
+                    position = raw.tell() if compressed else offset
                     yield texts, position - reported
                     texts, pending, reported = [], 0, position
-            end = raw.tell() if piece.format != piece.format.split(".")[0] else offset
+            end = raw.tell() if compressed else offset
             if texts or end > reported:
                 yield texts, max(0, end - reported)
 
@@ -508,4 +514,4 @@ def line_number_at(path: Path, offset: int) -> int:
 
 
 def pieces_from_manifest(part: dict[str, Any]) -> list[Piece]:
-    return [Piece(p["path"], p["format"], p.get("start"), p.get("stop")) for p in part["pieces"]]
+    return [Piece.from_dict(p) for p in part["pieces"]]

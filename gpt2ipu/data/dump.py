@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gpt2ipu.data.corpus import DEFAULT_PART_BYTES
+from gpt2ipu.data.corpus import DEFAULT_PART_BYTES, TXT_UNITS
 from gpt2ipu.data.hub import DEFAULT_BYTES_PER_TOKEN
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file, write_text_atomic
@@ -147,30 +147,30 @@ def text_parts(text: Mapping[str, Any]) -> list[dict[str, Any]]:
     return parts
 
 
-def manifest_part(manifest_path: str | Path, part: str) -> tuple[dict[str, Any], int, int]:
-    """(entry, 1-based number, number of parts) of the part named `part` in a manifest file."""
+def manifest_part(manifest_path: str | Path, part: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(the manifest, the entry of the part named `part`, its 1-based number) from a manifest file."""
     manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
     names = [entry["name"] for entry in manifest["parts"]]
     if part not in names:
         raise UserError(f"{manifest_path}: has no part {part!r} (parts: {', '.join(names)})")
     index = names.index(part)
-    return manifest["parts"][index], index + 1, len(names)
+    return manifest, manifest["parts"][index], index + 1
 
 
 def dump_part(manifest_path: str | Path, part: str, out_dir: str | Path, *, dataset: str,
               sample: Mapping[str, Any] | None = None, retries: int = 5) -> dict[str, Any]:
     """Make the dump part named `part` of the manifest in `out_dir`: generated (`dataset` sample,
     with the `sample` config's pages and seed) or downloaded and sha1-checked (enwiki)."""
-    entry, number, parts = manifest_part(manifest_path, part)
+    manifest, entry, number = manifest_part(manifest_path, part)
     if dataset == "sample":
         from gpt2ipu.data.sample_dump import write_sample_part
-        return write_sample_part(out_dir, part=number, parts=parts, pages=sample["pages"], seed=sample["seed"])
+        return write_sample_part(out_dir, part=number, parts=len(manifest["parts"]), pages=sample["pages"],
+                                 seed=sample["seed"])
     if dataset == "enwiki":
         from gpt2ipu.data.download import download_part
         return download_part(entry["url"], out_dir, sha1=entry["sha1"], retries=retries)
     if dataset == "hf":
         from gpt2ipu.data.hub import download_hub_part
-        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
         return download_hub_part(entry, out_dir, repo=manifest["repo"], revision=manifest["revision"])
     raise UserError(f"dataset {dataset!r}: its dump parts are used in place, not made")
 
@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="text: a corpus file, folder or glob (repeatable)")
     manifest.add_argument("--part-bytes", type=int, default=DEFAULT_PART_BYTES,
                           help="text: about this many bytes a part")
-    manifest.add_argument("--txt-unit", choices=("file", "line"), default="file",
+    manifest.add_argument("--txt-unit", choices=TXT_UNITS, default="file",
                           help="text: a .txt file is one document (file) or holds one per line (line)")
     manifest.add_argument("--hf-repo", help="hf: the Hub dataset, owner/name")
     manifest.add_argument("--hf-subset", default=None, help="hf: the dataset card's config name")

@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from gpt2ipu.data.corpus import FORMATS as CORPUS_FORMATS
+from gpt2ipu.data.corpus import corpus_format
 from gpt2ipu.data.sample_vocab import ADVERBS, CONNECTORS, FIRST_NAMES, GENERIC_NOUNS, PREPS, TOPICS
 from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_file
 
 SENTENCE_POOL = 4096
 ROWS_PER_GROUP = 8192  # Parquet row-group size: several per file, so big files can be split into parts
-FORMATS = ("parquet", "jsonl", "jsonl.gz", "jsonl.zst", "txt")
 
 
 def sentence_pool(seed: int, size: int = SENTENCE_POOL) -> list[str]:
@@ -74,9 +75,9 @@ def sample_documents(documents: int, seed: int, start: int = 0) -> Iterator[dict
 def write_sample_corpus(out: str | Path, *, documents: int, seed: int = 1, fmt: str | None = None) -> dict[str, Any]:
     """Write `documents` generated records to `out` (format from its suffix, or `fmt`), atomically."""
     out = Path(out)
-    fmt = fmt or next((f for f in sorted(FORMATS, key=len, reverse=True) if out.name.endswith("." + f)), None)
-    if fmt not in FORMATS:
-        raise UserError(f"{out}: give a file ending in one of .{', .'.join(FORMATS)}")
+    fmt = fmt or corpus_format(out)
+    if fmt not in CORPUS_FORMATS.values():
+        raise UserError(f"{out}: give a file ending in one of {', '.join(CORPUS_FORMATS)}")
     if documents < 1:
         raise UserError(f"--documents {documents}: must be at least 1")
     records = sample_documents(documents, seed)

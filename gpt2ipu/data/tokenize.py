@@ -41,8 +41,7 @@ def document_reader(documents: str | os.PathLike | Sequence[Piece | dict], inclu
         if not path.is_file():
             raise UserError(f"{path}: articles file not found; run the extract stage first")
         return DocumentReader([Piece(str(path), "jsonl")], ARTICLE_FIELDS, include_title, hint=ARTICLES_HINT)
-    pieces = [p if isinstance(p, Piece) else Piece(p["path"], p["format"], p.get("start"), p.get("stop"))
-              for p in documents]
+    pieces = [p if isinstance(p, Piece) else Piece.from_dict(p) for p in documents]
     if not pieces:
         raise UserError("no documents given: a part needs at least one file")
     if isinstance(fields, Mapping):
@@ -103,6 +102,7 @@ def tokenize(documents: str | os.PathLike | Sequence[Piece | dict], out_dir: str
     out_dir = Path(out_dir)
     if workers < 1:
         raise UserError(f"--workers {workers}: needs at least 1 worker")
+    articles_file = isinstance(documents, (str, os.PathLike))   # the extract stage's output
     reader = document_reader(documents, include_title, fields)
     input_paths = list(dict.fromkeys(Path(piece.path) for piece in reader.pieces))
     tokenizer = load_tokenizer(vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer)
@@ -113,7 +113,7 @@ def tokenize(documents: str | os.PathLike | Sequence[Piece | dict], out_dir: str
             articles, tokens = tokenize_documents(tokenizer, reader, writer, workers)
         if articles == 0:
             where = ", ".join(map(str, input_paths))
-            if reader.hint == ARTICLES_HINT:
+            if articles_file:
                 raise UserError(f"{where}: holds no articles; check the extract stage's output")
             raise UserError(f"{where}: holds no documents ({reader.counts.empty_documents} empty ones skipped); "
                             "check the files and the text field (config key text.text_field)")
@@ -127,7 +127,7 @@ def tokenize(documents: str | os.PathLike | Sequence[Piece | dict], out_dir: str
             "seconds": round(seconds, 3),
             "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         }
-        if len(input_paths) == 1 and reader.hint == ARTICLES_HINT:
+        if articles_file:
             dump_bytes = dump_bytes_of(input_paths[0])
             if dump_bytes is not None:
                 figures["dump_bytes"] = dump_bytes
