@@ -33,6 +33,7 @@ from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import sha256_file, write_text_atomic
 
 DATASETS = ("sample", "enwiki", "local", "text", "hf")
+CORPUS_DATASETS = ("text", "hf")   # not MediaWiki: no extract stage, their documents go to tokenize
 DEFAULT_MIRROR = "https://dumps.wikimedia.org"
 LOCAL_SUFFIXES = (".xml.bz2", ".xml")
 

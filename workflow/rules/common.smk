@@ -13,6 +13,7 @@ from snakemake.exceptions import WorkflowError
 
 from gpt2ipu.workflow_config import active_recipe_name, shard_max_len, validate_config
 from gpt2ipu.errors import UserError
+from gpt2ipu.data.dump import CORPUS_DATASETS
 from gpt2ipu.sizes import PRESETS
 from gpt2ipu.train.config import check_recipes, check_sizes, recipe_for_model
 
@@ -56,7 +57,7 @@ def part_names(dataset):
 
 
 def dump_file(wc):
-    if wc.dataset in ("text", "hf"):
+    if wc.dataset in CORPUS_DATASETS:
         raise WorkflowError(f"dataset {wc.dataset} has no MediaWiki dump to extract: its parts go to tokenize")
     entry = part_entry(wc.dataset, wc.part)
     if wc.dataset == "local":
@@ -104,7 +105,7 @@ def part_documents(wc):
 
 def text_fields(wc):
     """The record fields of dataset text / hf (gpt2ipu.data.corpus.TextFields); None for articles."""
-    if wc.dataset not in ("text", "hf"):
+    if wc.dataset not in CORPUS_DATASETS:
         return None
     section = config[wc.dataset]
     return {"text": section["text_field"], "title": section["title_field"], "id": section["id_field"],

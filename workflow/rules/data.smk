@@ -136,7 +136,7 @@ rule shards:
         valid_fraction=config["shards"]["valid_fraction"],
         seed=config["shards"]["seed"],
         samples_per_shard=config["shards"]["samples_per_shard"],
-        max_tokens=lambda wc: config[wc.dataset]["max_tokens"] if wc.dataset in ("text", "hf") else None,
+        max_tokens=lambda wc: config[wc.dataset]["max_tokens"] if wc.dataset in CORPUS_DATASETS else None,
     log:
         "logs/{dataset}/shards.log",
     benchmark:
