@@ -213,6 +213,7 @@ def test_interactive_loop_ends_cleanly_on_ctrl_c(model_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_generation_on_cuda(model_dir, model, precision):
     on_gpu = load_model(model_dir, "cuda", precision)

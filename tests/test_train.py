@@ -208,6 +208,7 @@ def test_every_train_flag_says_what_it_does():
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.slow
 def test_trains_on_cuda(tmp_path, precision):
