@@ -83,8 +83,31 @@ def test_workflow_parallel_settings_become_the_runs_layout():
     with pytest.raises(UserError, match="2 pipeline stages do not divide the 3 processes"):
         workflow_replicas(3, 1, parallel)
     settings = {"nproc_per_node": 2, "nnodes": 1, "parallel": {**parallel, "layers_per_stage": [6, 5]}}
-    with pytest.raises(UserError, match=r"train\.recipes\.r': --layers-per-ipu \[6, 5\] places 11 layers"):
-        check_recipes({"r": {"max_len": 64}}, settings)
+    check_recipes({"r": {"max_len": 64}}, settings)   # the split is each target's to check (below)
+
+
+def test_workflow_checks_a_stage_split_against_the_model_its_target_trains():
+    """[12, 12] fits GPT-2 medium's 24 layers: pretrain_medium plans; pretrain_small (12) and a named size are
+    refused, naming the config key and the target's layer count; the start-up check accepts the split."""
+    from gpt2ipu.train.config import check_recipes, check_sizes, check_stage_split, recipe_for_model
+
+    recipe = {"max_len": 64}
+    settings = {"nproc_per_node": 2, "nnodes": 1,
+                "parallel": {"fsdp": False, "pipeline_stages": 1, "layers_per_stage": [12, 12], "schedule": "1f1b"}}
+    sizes = {"small4": {"model": "gpt2", "n_layer": 4}}
+    check_recipes({"r": recipe}, settings)
+    check_sizes(sizes, "r", recipe, settings)
+    check_stage_split(recipe_for_model(recipe, "gpt2-medium"), "gpt2-medium", settings)
+    with pytest.raises(UserError, match=r"'train\.parallel\.layers_per_stage': \[12, 12\] places 24 layers, but "
+                                        r"pretrain_small trains gpt2 with 12 layers: make the counts add up to 12"):
+        check_stage_split(recipe_for_model(recipe, "gpt2"), "gpt2", settings)
+    with pytest.raises(UserError, match=r"but pretrain_small4 trains small4 with 4 layers"):
+        check_stage_split(recipe_for_model(recipe, "small4", sizes), "small4", settings)
+    even = {**settings, "parallel": {**settings["parallel"], "layers_per_stage": None, "pipeline_stages": 8}}
+    check_stage_split(recipe_for_model(recipe, "gpt2"), "gpt2", even)
+    with pytest.raises(UserError, match=r"'train\.parallel\.pipeline_stages': 8 pipeline stages, but "
+                                        r"pretrain_small4 trains small4 with 4 layers: use at most 4"):
+        check_stage_split(recipe_for_model(recipe, "small4", sizes), "small4", even)
 
 
 def test_stages_chained_compute_the_whole_models_loss_and_gradients():

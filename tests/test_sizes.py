@@ -16,7 +16,14 @@ import yaml
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.sizes import ModelSize, model_size
-from gpt2ipu.train.config import TrainConfig, check_recipes, check_sizes, config_from_args, recipe_for_model
+from gpt2ipu.train.config import (
+    TrainConfig,
+    check_recipes,
+    check_sizes,
+    check_stage_split,
+    config_from_args,
+    recipe_for_model,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,12 +91,16 @@ def test_pipeline_stage_check_uses_the_resized_layers(tmp_path):
         train(TrainConfig(model="gpt2", n_layer=2, pipeline_stages=3, device="cpu", state_dir=str(tmp_path)))
     settings = {"nproc_per_node": 4, "nnodes": 1,
                 "parallel": {"fsdp": False, "pipeline_stages": 4, "layers_per_stage": None, "schedule": "1f1b"}}
-    check_recipes({"r": {"max_len": 64}}, settings)   # GPT-2 small's 12 layers fit 4 stages
-    with pytest.raises(UserError, match=r"train\.recipes\.r': 4 pipeline stages for a model of 3 layers"):
-        check_recipes({"r": {"max_len": 64, "n_layer": 3}}, settings)
-    with pytest.raises(UserError, match=r"train\.sizes\.three' \(with recipe 'r'\): 4 pipeline stages for a model "
-                                        r"of 3 layers"):
-        check_sizes({"three": {"n_layer": 3}}, "r", {"max_len": 64}, settings)
+    check_stage_split(recipe_for_model({"max_len": 64}, "gpt2"), "gpt2", settings)   # 12 layers fit 4 stages
+    # checked per pretrain job, against the model its target trains (not when the workflow starts)
+    check_recipes({"r": {"max_len": 64, "n_layer": 3}}, settings)
+    with pytest.raises(UserError, match=r"'train\.parallel\.pipeline_stages': 4 pipeline stages, but pretrain_small "
+                                        r"trains gpt2 with 3 layers"):
+        check_stage_split(recipe_for_model({"max_len": 64, "n_layer": 3}, "gpt2"), "gpt2", settings)
+    sizes = {"three": {"n_layer": 3}}
+    check_sizes(sizes, "r", {"max_len": 64}, settings)
+    with pytest.raises(UserError, match=r"4 pipeline stages, but pretrain_three trains three with 3 layers"):
+        check_stage_split(recipe_for_model({"max_len": 64}, "three", sizes), "three", settings)
 
 
 # ---- recipe keys and named sizes (config key train.sizes) ------------------------------------------

@@ -242,11 +242,12 @@ def check_config(cfg: TrainConfig) -> None:
         cfg.model_size()
 
 
-def check_layout(cfg: TrainConfig, world_size: int, n_layer: int) -> list[int] | None:
+def check_layout(cfg: TrainConfig, world_size: int, n_layer: int | None) -> list[int] | None:
     """Refuse, before any process builds the model, a parallel layout that cannot run; the layers of
     each pipeline stage (None without stages).
 
-    world_size: the processes torchrun launched; n_layer: the model's transformer layers.
+    world_size: the processes torchrun launched; n_layer: the model's transformer layers (None: not
+    known yet, as when the workflow starts; the split is then left to `check_stage_split`).
     """
     stages, replicas = cfg.stages, cfg.replication_factor
     if stages < 1 or replicas < 1:
@@ -254,9 +255,11 @@ def check_layout(cfg: TrainConfig, world_size: int, n_layer: int) -> list[int] |
     if cfg.layers_per_ipu and cfg.ipus_per_replica and cfg.ipus_per_replica != len(cfg.layers_per_ipu):
         raise UserError(f"--ipus-per-replica {cfg.ipus_per_replica} but --layers-per-ipu names "
                         f"{len(cfg.layers_per_ipu)} stages: give one layer count per stage")
-    if stages > n_layer:
+    if n_layer is not None and stages > n_layer:
         raise UserError(f"{stages} pipeline stages for a model of {n_layer} layers: use at most {n_layer} stages")
-    sizes = [len(r) for r in stage_layers(n_layer, stages, cfg.layers_per_ipu)] if stages > 1 else None
+    sizes = None
+    if n_layer is not None and stages > 1:
+        sizes = [len(r) for r in stage_layers(n_layer, stages, cfg.layers_per_ipu)]
     if cfg.fsdp and cfg.replicated_tensor_sharding:
         raise UserError("--fsdp and --replicated-tensor-sharding both shard the optimizer state: choose one "
                         "(--fsdp also shards parameters and gradients)")
@@ -329,10 +332,11 @@ def check_recipes(recipes: dict[str, Any], train_settings: dict[str, Any] | None
     with the process layout of `train_settings` (config key `train`) when given.
 
     Called by the workflow when it starts, so a misspelled or mistyped key fails before any job runs
-    (and before Snakemake removes a previous model's outputs), not inside the training job.
+    (and before Snakemake removes a previous model's outputs), not inside the training job. The
+    pipeline split is not checked here: it depends on the model each target trains
+    (`check_stage_split`, per pretrain job).
     """
     for name, recipe in recipes.items():
-        # GPT-2 small (or the recipe's own n_layer etc.): the smallest real model a stage split must fit
         _check_workflow_run(recipe_for_model(recipe, "gpt2"), f"config key 'train.recipes.{name}'", train_settings)
 
 
@@ -357,7 +361,8 @@ def check_sizes(sizes: dict[str, Any], recipe_name: str, recipe: dict[str, Any],
     with the active recipe `recipe_name` and the process layout of `train_settings` (config key `train`).
 
     Called by the workflow when it starts, like `check_recipes`: a size that cannot be built (n_embd
-    not a multiple of n_head, fewer layers than pipeline stages) fails before any job runs.
+    not a multiple of n_head) fails before any job runs; its pipeline split is checked by its own
+    pretrain job (`check_stage_split`).
     """
     for name, _size in sizes.items():
         source = f"config key 'train.sizes.{name}'"
@@ -382,10 +387,41 @@ def _check_workflow_run(recipe: dict[str, Any], source: str, train_settings: dic
         cfg = TrainConfig.from_dict(values, source)
         check_config(cfg)
         if parallel is not None:
-            check_layout(cfg, world_size=cfg.stages * replicas, n_layer=cfg.model_size().n_layer)
+            check_layout(cfg, world_size=cfg.stages * replicas, n_layer=None)
     except UserError as err:
         text = str(err) if str(err).startswith(source) else f"{source}: {err}"
         raise UserError(f"{text}. Fix it in config/config.yaml or in --config.") from None
+
+
+def check_stage_split(recipe: dict[str, Any], model: str, train_settings: dict[str, Any]) -> None:
+    """Check config key `train.parallel`'s pipeline split against the model one pretrain job trains.
+
+    recipe: the job's recipe with its model (`recipe_for_model`); model: the job's model wildcard (a
+    preset or a named size). Called by the workflow for each pretrain job it plans, before any
+    runs: a split is a property of a model (`[12, 12]` fits GPT-2 medium's 24 layers, not small's 12).
+    """
+    parallel = train_settings["parallel"]
+    split = parallel["layers_per_stage"]
+    stages = len(split or []) or parallel["pipeline_stages"]
+    if stages <= 1:
+        return
+    n_layer = TrainConfig.from_dict(recipe, "train.recipes").model_size().n_layer
+    target = next((f"pretrain_{name}" for name, preset in PRESET_TARGETS.items() if preset == model),
+                  f"pretrain_{model}")
+    trains = f"{target} trains {model} with {n_layer} layers"
+    if stages > n_layer:
+        key = "layers_per_stage" if split else "pipeline_stages"
+        raise UserError(f"config key 'train.parallel.{key}': {stages} pipeline stages, but {trains}: use at most "
+                        f"{n_layer} stages for this target. Fix it in config/config.yaml or in --config.")
+    if split:
+        try:
+            stage_layers(n_layer, stages, split)
+        except UserError:
+            placed = sum(n for n in split if n >= 0)
+            raise UserError(f"config key 'train.parallel.layers_per_stage': {split} places {placed} layers, but "
+                            f"{trains}: make the counts add up to {n_layer} (-1: an even share of the rest), "
+                            "or set it to null for an even split. Fix it in config/config.yaml or in --config."
+                            ) from None
 
 
 @dataclass(frozen=True)

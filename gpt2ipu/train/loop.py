@@ -361,20 +361,21 @@ def resume(run: Run, say: Say) -> int:
     """Load the checkpoint to resume from, if any, into the run (not yet DDP-wrapped): weights,
     optimizer, scheduler, scaler, this rank's RNG states and the data position. The step to start at.
 
-    A sharded checkpoint (DCP: FSDP or pipeline runs) loads into any layout; a single-file one
-    (one process or DDP) into those layouts only.
+    Any checkpoint of the same model resumes in any layout: a sharded one (DCP: FSDP or pipeline
+    runs) through sharded_state.load_sharded_checkpoint, a single-file one (one process or DDP)
+    as it is into those layouts and through sharded_state.load_single_file_checkpoint into a
+    sharded run. The data order depends only on the global batch, which must stay the same.
     """
     folder = checkpoint_to_resume(run.cfg)
     if folder is None:
         return 0
-    from gpt2ipu.train.sharded_state import is_sharded, load_sharded_checkpoint
+    from gpt2ipu.train.sharded_state import is_sharded, load_sharded_checkpoint, load_single_file_checkpoint
 
+    check_same_model(folder, run.model_config)
     if is_sharded(folder):
         state = load_sharded_checkpoint(folder, run.raw_model, run.optimizer)
     elif run.sharded:
-        raise UserError(f"{folder} was written by a one-process or DDP run (no sharded/ folder), and this run is "
-                        "sharded (--fsdp or pipeline stages): resume it with its own layout, or start from its "
-                        "weights with --checkpoint-input-dir and --resume-training-from-checkpoint none")
+        state = load_single_file_checkpoint(folder, run.raw_model, run.optimizer, run.model_config)
     else:
         state = load_training_state(folder)
         saved = load_hf_dir(folder).state_dict()
@@ -385,13 +386,53 @@ def resume(run: Run, say: Say) -> int:
     run.scaler.load_state_dict(state["scaler"])
     rank = run.info.rank
     restore_rng_states(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], run.info.device)
-    say(f"resuming from {folder} at step {int(state['step'])}")
+    say(f"resuming from {folder} at step {int(state['step'])}{layout_change(folder, run)}")
     run.batches.load_state_dict(state["data"])
     return int(state["step"])
 
 
+def check_same_model(folder: Path, model_config: GPTConfig) -> None:
+    """Refuse, in one message, a checkpoint of another model than the one this run builds: its
+    config.json (every checkpoint has one) against the run's model, before any tensor is read."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{folder}: no {CONFIG_NAME}, so not a gpt2ipu training checkpoint; resume from another "
+                        "one, or start fresh with --resume-training-from-checkpoint none or another --state-dir")
+    saved = config_from_hf(path)
+    keys = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "tie_word_embeddings")
+    differ = [key for key in keys if getattr(saved, key) != getattr(model_config, key)]
+    if differ:
+        raise UserError(f"{folder}: this checkpoint is of another model than this run's: "
+                        + ", ".join(f"{key} {getattr(saved, key)} there, {getattr(model_config, key)} here"
+                                    for key in differ)
+                        + "; resume it with the settings of the run that wrote it (--model, --n-layer, --n-embd, "
+                        "--n-head, --max-len, --vocab-size; its train_config.json has them), or start fresh with "
+                        "--resume-training-from-checkpoint none or another --state-dir")
+
+
+def layout_change(folder: Path, run: Run) -> str:
+    """' (written by <layout>; this run: <layout>)' when the checkpoint's run had another layout, else ''."""
+    try:
+        values = json.loads((folder / "train_config.json").read_text(encoding="utf-8"))
+        saved = TrainConfig.from_dict(values, str(folder))
+    except (OSError, ValueError, TypeError, UserError):
+        return ""   # an older or hand-made record: the layout is not needed to resume
+    theirs, ours = layout_words(saved), layout_words(run.cfg)
+    return "" if theirs == ours else f" (written by {theirs}; this run: {ours})"
+
+
+def layout_words(cfg: TrainConfig) -> str:
+    """A run's layout in a few words: '2 pipeline stages x FSDP over 2', 'DDP over 4', 'one process'."""
+    replicas = cfg.replication_factor
+    data = f"FSDP over {replicas}" if cfg.fsdp else f"DDP over {replicas}" if replicas > 1 else ""
+    if cfg.stages > 1:
+        return f"{cfg.stages} pipeline stages" + (f" x {data}" if data else "")
+    return data or "one process"
+
+
 def check_same_shapes(saved: dict, expected: dict, folder) -> None:
-    """Refuse, in one message, a checkpoint whose model is not the one this run builds."""
+    """Refuse, in one message, a checkpoint whose model is not the one this run builds (the tensors'
+    shapes: what check_same_model's config.json cannot vouch for)."""
     for name, tensor in expected.items():
         found = saved.get(name)
         if found is None or found.shape != tensor.shape:

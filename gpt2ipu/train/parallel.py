@@ -133,13 +133,15 @@ def shard_optimizer(param_groups, optimizer_class, **defaults) -> torch.optim.Op
     return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class, **defaults)
 
 
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, info: DistInfo) -> torch.Tensor:
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, info: DistInfo,
+                    uncounted: Iterable[torch.Tensor] = ()) -> torch.Tensor:
     """Clip the gradients of the whole model (all stages, all shards) to `max_norm`; their norm before.
 
     torch.nn.utils.clip_grad_norm_ sees only the tensors it is given: under pipeline stages each
     process holds some layers, and under FSDP a shard of each, so the squared norms are summed over
     the mesh first. `params` must hold each parameter once over the pipeline (a tied weight's
-    second copy left out: pipeline.norm_parameters). The same arithmetic as PyTorch's: the
+    second copy left out: pipeline.norm_parameters); `uncounted` (that copy) is scaled with them
+    without counting, so both copies take the same update. The same arithmetic as PyTorch's: the
     gradients are scaled by min(1, max_norm / (norm + 1e-6)).
     """
     grads = [p.grad for p in params if p.grad is not None]
@@ -147,6 +149,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, info: DistI
     sq = torch.zeros((), device=info.device, dtype=torch.float32)
     for g in local:
         sq += g.detach().float().square().sum()
+    local += [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in uncounted if p.grad is not None]
     if info.world_size > 1:
         sharded = any(p.is_shard() for g in grads for p in getattr(g, "placements", ()))
         if sharded and info.dp_size > 1:

@@ -90,7 +90,9 @@ class Pipeline:
         sync_tied_grads(self.stage_module, self.info, self.tied_group)
         grad_norm = None
         if max_grad_norm is not None:
-            grad_norm = clip_grad_norm_(norm_parameters(self.stage_module, self.info), max_grad_norm, self.info)
+            counted = norm_parameters(self.stage_module, self.info)
+            copy = [p for p in self.stage_module.parameters() if not any(p is q for q in counted)]
+            grad_norm = clip_grad_norm_(counted, max_grad_norm, self.info, uncounted=copy)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.model import GPT, GPTConfig
@@ -91,16 +91,167 @@ def consolidated_model(sharded_dir: str | os.PathLike, model_config: GPTConfig) 
     return model
 
 
+# The tied embedding's names (see pipeline.py): the first stage's `wte.weight` is the weight; a
+# pipeline's last stage holds its own copy as `lm_head.weight`, with its own optimizer state, equal to
+# the first stage's bit for bit. A whole GPT names the one tensor twice.
+TIED, COPY = "wte.weight", "lm_head.weight"
+
+
 def load_sharded_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
                             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load a sharded checkpoint's model and optimizer into this process's (sharded or whole) model;
-    returns its training_state.pt (scheduler, scaler, step, data position, RNG states)."""
+    """Load a sharded checkpoint's model and optimizer into this process's share of the model (a
+    pipeline stage, FSDP shards, or the whole model), whatever layout wrote it; returns its
+    training_state.pt (scheduler, scaler, step, data position, RNG states).
+
+    The tied weight is always read from the checkpoint's `wte.weight` (and its optimizer state): a
+    last stage's copy is filled from it. A checkpoint that holds a copy (pipeline stages wrote it)
+    has it compared with `wte.weight` by every process that loads the weight; they must be equal.
+    """
+    sharded_dir = Path(folder) / SHARDED_DIR
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    our_groups = [group["params"] for group in optim_state["param_groups"]]   # the load puts the saved lists here
+    request_model, request_optim = _tied_as_saved(model, dict(model_state), dict(optim_state["state"]))
+    request = {"model": request_model, "optim": {"state": request_optim, "param_groups": optim_state["param_groups"]}}
+    scratch = _copy_to_compare(request, _saved_keys(sharded_dir))
     with _one_process_is_intended():
-        _load(state, Path(folder) / SHARDED_DIR, no_dist=not torch.distributed.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _load(request, sharded_dir, no_dist=not torch.distributed.is_initialized())
+    _check_copy_equal(request, scratch, Path(folder))
+    for group, names in zip(request["optim"]["param_groups"], our_groups):
+        group["params"] = names   # the hyperparameters (lr, ...) are the checkpoint's, the names this process's
+    _restore_copy_names(request_optim, optim_state["state"])
+    set_state_dict(model, optimizer, model_state_dict=model_state,
+                   optim_state_dict={"state": optim_state["state"], "param_groups": request["optim"]["param_groups"]})
     return load_training_state(folder)
+
+
+def load_single_file_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
+                                optimizer: torch.optim.Optimizer, model_config: GPTConfig) -> dict[str, Any]:
+    """Load a one-process or DDP checkpoint (state.py's: model.safetensors, and the optimizer's
+    state_dict in training_state.pt) into this process's share of a sharded run (FSDP shards, a
+    pipeline stage); returns its training_state.pt.
+
+    The optimizer state is keyed by parameter number; a one-process run numbers its GPT's
+    parameters in `parameter_groups` order, which names them here. Every process reads the files
+    and keeps its own parameters' tensors; DCP's `set_state_dict` with full state dicts shards them.
+    """
+    from gpt2ipu.model.hf import load_hf_dir
+
+    state = load_training_state(folder)
+    weights = load_hf_dir(folder).state_dict()
+    order = _numbered_names(model_config)
+    saved = state["optimizer"]
+    numbered = sum(len(group["params"]) for group in saved["param_groups"])
+    if numbered != len(order):
+        raise UserError(f"{folder}: its optimizer state numbers {numbered} parameters, but this run's "
+                        f"model has {len(order)}: it was written by another model; resume with that run's "
+                        "settings, or start fresh with --resume-training-from-checkpoint none or another --state-dir")
+    full_optim = {"state": {order[i]: value for i, value in saved["state"].items()},
+                  "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                   for group in saved["param_groups"]]}
+    model_state, _ = get_state_dict(model, optimizer)
+    # A last stage's copy of the tied weight, and its optimizer state, come from the weight's.
+    copy = model_config.tie_word_embeddings and COPY in model_state and TIED not in model_state
+    # In this process's order: DCP shards the tensors in the dict's order, with collectives.
+    full_model = {name: weights[TIED if copy and name == COPY else name] for name in model_state}
+    if copy:
+        if TIED in full_optim["state"]:
+            full_optim["state"][COPY] = full_optim["state"][TIED]
+        for group in full_optim["param_groups"]:
+            if TIED in group["params"]:
+                group["params"].append(COPY)
+    set_state_dict(model, optimizer, model_state_dict=full_model, optim_state_dict=full_optim,
+                   options=StateDictOptions(full_state_dict=True))
+    return state
+
+
+def _numbered_names(model_config: GPTConfig) -> list[str]:
+    """The names of a one-process run's parameters in its optimizer's numbering (`parameter_groups` order)."""
+    from gpt2ipu.train.optim import parameter_groups
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [names[id(param)] for group in parameter_groups(model, 0.0) for param in group["params"]]
+
+
+def _tied_as_saved(model: torch.nn.Module, model_state: dict, optim_state: dict) -> tuple[dict, dict]:
+    """This process's model and optimizer state under the names the tied weight has in a checkpoint:
+    a whole model's second name for it dropped (`wte.weight` loads the tensor), a last stage's copy
+    asked for as `wte.weight`."""
+    if not getattr(model, "config", None) or not model.config.tie_word_embeddings or COPY not in model_state:
+        return model_state, optim_state
+    if TIED in model_state:
+        del model_state[COPY]
+        optim_state.pop(COPY, None)
+    else:
+        model_state[TIED] = model_state.pop(COPY)
+        if COPY in optim_state:
+            optim_state[TIED] = optim_state.pop(COPY)
+    return model_state, optim_state
+
+
+def _restore_copy_names(request_optim: dict, optim_state: dict) -> None:
+    """A last stage's copy: its optimizer state was loaded as `wte.weight`'s; put it back under its name."""
+    if TIED in request_optim and TIED not in optim_state and COPY in optim_state:
+        optim_state[COPY] = request_optim[TIED]
+
+
+def _saved_keys(sharded_dir: Path) -> set[str]:
+    """The flattened keys ("model.h.0.ln_1.weight", "optim.state.wte.weight.exp_avg", ...) a DCP checkpoint holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return set(FileSystemReader(str(sharded_dir)).read_metadata().state_dict_metadata)
+    except Exception as err:   # a missing or truncated .metadata
+        raise UserError(f"{sharded_dir}: its .metadata cannot be read ({err}); resume from another checkpoint "
+                        "or start fresh with --resume-training-from-checkpoint none") from err
+
+
+def _copy_to_compare(request: dict, saved: set[str]) -> dict:
+    """Where this process loads the tied weight and the checkpoint also holds a pipeline's copy of
+    it: buffers for the copy and its optimizer state, loaded alongside to be compared."""
+    if TIED not in request["model"] or f"model.{COPY}" not in saved \
+            or not any(key.startswith(f"optim.state.{COPY}.") for key in saved):
+        return {}
+    request["model"][COPY] = torch.empty_like(request["model"][TIED])
+    scratch = {"model": request["model"][COPY]}
+    if TIED in request["optim"]["state"]:
+        request["optim"]["state"][COPY] = {key: torch.empty_like(value) if torch.is_tensor(value) else value
+                                           for key, value in request["optim"]["state"][TIED].items()}
+        scratch["optim"] = request["optim"]["state"][COPY]
+    return scratch
+
+
+def _check_copy_equal(request: dict, scratch: dict, folder: Path) -> None:
+    """Refuse a checkpoint whose tied weight and its pipeline copy differ (they are equal by
+    construction: pipeline.py); the verdict is every process's, so all stop or none does."""
+    differ = []
+    if scratch:
+        if not _equal(request["model"][TIED], scratch["model"]):
+            differ.append("the weight")
+        for key, value in scratch.get("optim", {}).items():
+            if torch.is_tensor(value) and not _equal(request["optim"]["state"][TIED][key], value):
+                differ.append(f"its optimizer state {key!r}")
+        del request["model"][COPY]
+        request["optim"]["state"].pop(COPY, None)
+    flag = torch.tensor([float(bool(differ))])
+    if torch.distributed.is_initialized():
+        backend_device = torch.distributed.distributed_c10d._get_pg_default_device()
+        flag = flag.to(backend_device)
+        torch.distributed.all_reduce(flag)
+    if flag.item() > 0:
+        where = f": {', '.join(differ)}" if differ else " (found by another process)"
+        raise UserError(f"{folder}: the pipeline's last stage holds a copy of the tied embedding ({COPY}) that "
+                        f"differs from the first stage's {TIED}{where}; the two are kept equal by training, so "
+                        "this checkpoint was altered or written by another program. Resume from another "
+                        "checkpoint, or start from its weights with --checkpoint-input-dir and "
+                        "--resume-training-from-checkpoint none")
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of this process's part of two tensors (DTensors: the local shards)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t   # noqa: E731
+    return torch.equal(local(a), local(b))
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from gpt2ipu.workflow_config import active_recipe_name, shard_max_len, validate_
 from gpt2ipu.errors import UserError
 from gpt2ipu.data.dump import CORPUS_DATASETS
 from gpt2ipu.sizes import PRESETS
-from gpt2ipu.train.config import check_recipes, check_sizes, recipe_for_model
+from gpt2ipu.train.config import check_recipes, check_sizes, check_stage_split, recipe_for_model
 
 try:
     validate_config(config, workflow.source_path("../../config/schema.yaml"))
@@ -129,6 +129,17 @@ def train_recipe(wc):
     """The active recipe with the target's model size (a preset, or a named size's keys): what the
     training job is run with."""
     return recipe_for_model(config["train"]["recipes"][ACTIVE_RECIPE], wc.model, SIZES)
+
+
+def pretrain_recipe(wc):
+    """train_recipe, with config key train.parallel's pipeline split checked against this job's
+    model as the job is planned (a split fits one model's layers, not another's)."""
+    recipe = train_recipe(wc)
+    try:
+        check_stage_split(recipe, wc.model, config["train"])
+    except UserError as err:
+        raise WorkflowError(str(err)) from None
+    return recipe
 
 
 # The report's pages (rule report_pages, workflow/rules/report.smk).

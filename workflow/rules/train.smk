@@ -11,7 +11,7 @@ rule pretrain:
         metrics="results/models/{dataset}-{model}/metrics.jsonl",
         plot="results/models/{dataset}-{model}/loss.png",
     params:
-        recipe=train_recipe,
+        recipe=pretrain_recipe,
         nproc_per_node=config["train"]["nproc_per_node"],
         nnodes=config["train"]["nnodes"],
         rdzv_endpoint=config["train"]["rdzv_endpoint"],
