@@ -184,6 +184,57 @@ def test_sharded_checkpoint_round_trip_in_one_process(tmp_path):
         assert torch.equal(optimizer.state[p]["exp_avg_sq"], other_optimizer.state[q]["exp_avg_sq"])
 
 
+def test_a_tied_weights_copy_in_a_checkpoint_is_folded_when_equal_and_refused_when_not(tmp_path):
+    """A checkpoint whose `lm_head.weight` is a tensor of its own, with its own optimizer state (what a
+    pipeline's last stage saves), loads into a whole tied model from `wte.weight` when the two are
+    equal, and is refused by name when they are not. Written here by an untied model in one process."""
+    from gpt2ipu.train.optim import make_optimizer, train_step
+    from gpt2ipu.train.sharded_state import load_sharded_checkpoint, save_sharded_checkpoint
+
+    torch.manual_seed(0)
+    untied = GPT(tiny_config(tied=False))
+    optimizer = make_optimizer(untied, lr=1e-3)
+    ids = torch.randint(0, 512, (2, 32))
+    train_step(untied, optimizer, [(ids, ids)], max_grad_norm=1.0)
+    with torch.no_grad():   # make the copy equal to the weight, as pipeline training keeps it
+        untied.lm_head.weight.copy_(untied.wte.weight)
+        for key, value in optimizer.state[untied.wte.weight].items():
+            optimizer.state[untied.lm_head.weight][key].copy_(value)
+
+    def save(step: int) -> Path:
+        save_sharded_checkpoint(tmp_path, step, untied, optimizer, {"step": step}, {}, keep=5, is_main=True,
+                                barrier=lambda: None, model_config=untied.config)
+        return tmp_path / "checkpoints" / f"step-{step:08d}"
+
+    tied = GPT(tiny_config())
+    tied_optimizer = make_optimizer(tied, lr=1e-3)
+    train_step(tied, tied_optimizer, [(ids, ids)], max_grad_norm=1.0)
+    assert load_sharded_checkpoint(save(1), tied, tied_optimizer)["step"] == 1
+    assert torch.equal(tied.lm_head.weight, untied.wte.weight) and tied.lm_head.weight is tied.wte.weight
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(tied_optimizer.state[tied.wte.weight][key], optimizer.state[untied.wte.weight][key])
+
+    with torch.no_grad():
+        optimizer.state[untied.lm_head.weight]["exp_avg"] += 1e-7
+    with pytest.raises(UserError, match=r"step-00000002: the pipeline's last stage holds a copy of the tied "
+                                        r"embedding \(lm_head.weight\) that differs from the first stage's "
+                                        r"wte.weight: its optimizer state 'exp_avg'"):
+        load_sharded_checkpoint(save(2), tied, tied_optimizer)
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_it_is_read(tmp_path):
+    from gpt2ipu.model.hf import save_hf_dir
+    from gpt2ipu.train.loop import check_same_model
+
+    save_hf_dir(GPT(tiny_config()), tmp_path / "step-00000005")
+    check_same_model(tmp_path / "step-00000005", tiny_config())
+    wider = GPTConfig(vocab_size=512, n_positions=32, n_embd=128, n_layer=6, n_head=2)
+    with pytest.raises(UserError, match=r"step-00000005: this checkpoint is of another model than this run's: "
+                                        r"n_layer 4 there, 6 here, n_embd 64 there, 128 here; resume it with the "
+                                        r"settings of the run that wrote it"):
+        check_same_model(tmp_path / "step-00000005", wider)
+
+
 # --- runs across processes (torchrun, gloo) ------------------------------------------------------
 
 def single_thread_env():
@@ -291,3 +342,63 @@ def test_gpipe_pipeline_reproduces_one_process_across_a_sigkill(reference, tmp_p
     assert "resuming from" in result.stderr
     assert losses(tmp_path / "s") == pytest.approx(expected[:STEPS], rel=1e-5)
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+# --- resuming in another layout ------------------------------------------------------------------
+
+def sharded_run(reference, name: str) -> Path:
+    """The state folder of a LAYOUTS run (made here when that test did not run first)."""
+    root, _ = reference
+    nproc, flags = LAYOUTS[name]
+    if not (root / name / "checkpoints" / f"step-{STEPS:08d}").is_dir():
+        run(train_command(nproc, 29630 + list(LAYOUTS).index(name), root / "init", root / name, "--max-steps", STEPS,
+                          *flags))
+    return root / name
+
+
+def resumable_copy(source: Path, step: int, target: Path) -> Path:
+    """A state folder holding `source`'s checkpoint of `step` and its metrics up to there."""
+    import shutil
+
+    shutil.copytree(source / "checkpoints" / f"step-{step:08d}", target / "checkpoints" / f"step-{step:08d}")
+    records = [line for line in (source / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in records))
+    return target
+
+
+RESUME_LAYOUTS = {   # name: (processes, flags); the global batch of 8 as everywhere here
+    "one": (1, ["--batch-size", 2, "--gradient-accumulation", 4]),
+    "pp2": (2, ["--pipeline-stages", 2, "--batch-size", 2, "--gradient-accumulation", 4]),
+    "pp3": (3, ["--pipeline-stages", 3, "--batch-size", 2, "--gradient-accumulation", 4]),
+    "fsdp2": (2, ["--fsdp", "--replication-factor", 2, "--batch-size", 2, "--gradient-accumulation", 2]),
+}
+
+
+@pytest.mark.slow
+def test_a_run_resumed_in_other_layouts_reproduces_one_process(reference, tmp_path):
+    """One run moved through four layouts, one step in each (the last two), resuming each time from
+    the checkpoint the previous layout wrote: 2 stages -> 3 stages -> one process -> 2 stages -> FSDP x 2.
+    Every step's loss equals the uninterrupted one-process run's; a step also depends on the optimizer
+    state, scheduler, data position and RNG the previous layout saved."""
+    root, expected = reference
+    state = resumable_copy(sharded_run(reference, "pp_1f1b"), 5, tmp_path / "s")
+    said = []
+    for step, layout in enumerate(["pp3", "one", "pp2", "fsdp2"], start=6):
+        nproc, flags = RESUME_LAYOUTS[layout]
+        last = step + (layout == "fsdp2")
+        result = run(train_command(nproc, 29900 + step, root / "init", state, "--max-steps", last,
+                                   "--checkpoint-every", 1, *flags))
+        said.append(next(line for line in result.stderr.splitlines() if "resuming from" in line))
+        assert losses(state) == pytest.approx(expected[:last], rel=1e-5), layout
+    assert [line.split("(written by ")[1] for line in said] == [
+        "2 pipeline stages; this run: 3 pipeline stages)", "3 pipeline stages; this run: one process)",
+        "one process; this run: 2 pipeline stages)", "2 pipeline stages; this run: FSDP over 2)"]
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_under_fsdp(reference, tmp_path):
+    root, expected = reference
+    state = resumable_copy(root / "one", 10, tmp_path / "s")
+    nproc, flags = RESUME_LAYOUTS["fsdp2"]
+    run(train_command(nproc, 29911, root / "init", state, "--max-steps", STEPS + 2, *flags))
+    assert losses(state) == pytest.approx(expected, rel=1e-5)

@@ -242,10 +242,11 @@ def _check_copy_equal(request: dict, scratch: dict, folder: Path) -> None:
     if flag.item() > 0:
         where = f": {', '.join(differ)}" if differ else " (found by another process)"
         raise UserError(f"{folder}: the pipeline's last stage holds a copy of the tied embedding ({COPY}) that "
-                        f"differs from the first stage's {TIED}{where}; the two are kept equal by training, so "
-                        "this checkpoint was altered or written by another program. Resume from another "
-                        "checkpoint, or start from its weights with --checkpoint-input-dir and "
-                        "--resume-training-from-checkpoint none")
+                        f"differs from the first stage's {TIED}{where}. Training keeps the two equal, except "
+                        "gpt2ipu before 2026-12-04, whose pipeline runs left the copy's gradient unclipped. Resume "
+                        "from a checkpoint whose copy matches, or start from this one's weights (its "
+                        "model.safetensors holds the first stage's) with --checkpoint-input-dir "
+                        f"{folder} --resume-training-from-checkpoint none")
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
