@@ -351,7 +351,7 @@ def sharded_run(reference, name: str) -> Path:
     root, _ = reference
     nproc, flags = LAYOUTS[name]
     if not (root / name / "checkpoints" / f"step-{STEPS:08d}").is_dir():
-        run(train_command(nproc, 29630 + list(LAYOUTS).index(name), root / "init", root / name, "--max-steps", STEPS,
+        run(train_command(nproc, 29930 + list(LAYOUTS).index(name), root / "init", root / name, "--max-steps", STEPS,
                           *flags))
     return root / name
 

@@ -9,7 +9,14 @@ has the name and the resumable contents of state.py's checkpoints, so `latest_ch
                                          holding {"model": ..., "optim": ...} under the whole
                                          GPT's parameter names (FSDP shards as DTensors, each
                                          pipeline stage its own layers), so DCP can load them
-                                         into another layout
+                                         into another layout. The tied embedding: `wte.weight`
+                                         (model and optimizer state); a pipeline's last stage
+                                         adds its copy as `lm_head.weight` with the copy's own
+                                         optimizer state (equal to wte's: pipeline.py); a whole
+                                         model's second name for the one tensor may be there too.
+                                         `optim.param_groups` holds one process's groups (DCP
+                                         writes a non-tensor key once): their hyperparameters
+                                         are every process's, their "params" name that one's.
         config.json, model.safetensors   the whole model in the Hugging Face layout, consolidated
                                          by rank 0 from `sharded/` (transformers loads it)
         training_state.pt                scheduler, grad scaler, step, data position and every
@@ -20,9 +27,15 @@ Written atomically: the processes write `sharded/` into `.step-00000100.sharded.
 rank 0 moves it into state.py's temporary folder with the rest and renames that into place. A
 partial folder left by a killed run is removed by the next save.
 
-Resuming: any layout of the same model (pipeline checkpoints: the same number of stages, since
-the last stage's copy of the tied weight has its own optimizer state) and a plain one-process or
-DDP run alike (`load_sharded_checkpoint`).
+Resuming: any layout of the same model, whatever layout wrote it (`load_sharded_checkpoint`):
+another number of FSDP processes or pipeline stages, one process, DDP. The tied weight and its
+optimizer state always come from the checkpoint's `wte.weight`: a last stage's copy is filled from
+it, a whole model's second name dropped; where the checkpoint holds a pipeline's copy, every
+process that loads the weight compares the copy with it, bit for bit, and all refuse if one
+differs. A one-process or DDP checkpoint (state.py's single-file kind) resumes into a sharded run
+through `load_single_file_checkpoint`: its optimizer state, numbered in a one-process run's
+`parameter_groups` order, is named by building that order on the meta device, and DCP's
+`set_state_dict` with full state dicts shards what each process holds.
 """
 
 from __future__ import annotations
@@ -234,10 +247,8 @@ def _check_copy_equal(request: dict, scratch: dict, folder: Path) -> None:
                 differ.append(f"its optimizer state {key!r}")
         del request["model"][COPY]
         request["optim"]["state"].pop(COPY, None)
-    flag = torch.tensor([float(bool(differ))])
+    flag = torch.tensor([float(bool(differ))], device=_device_of(request["model"]))
     if torch.distributed.is_initialized():
-        backend_device = torch.distributed.distributed_c10d._get_pg_default_device()
-        flag = flag.to(backend_device)
         torch.distributed.all_reduce(flag)
     if flag.item() > 0:
         where = f": {', '.join(differ)}" if differ else " (found by another process)"
@@ -247,6 +258,11 @@ def _check_copy_equal(request: dict, scratch: dict, folder: Path) -> None:
                         "from a checkpoint whose copy matches, or start from this one's weights (its "
                         "model.safetensors holds the first stage's) with --checkpoint-input-dir "
                         f"{folder} --resume-training-from-checkpoint none")
+
+
+def _device_of(tensors: dict) -> torch.device:
+    """The device this process's model is on (that of its collectives: CPU for gloo, CUDA for NCCL)."""
+    return next((t.device for t in tensors.values() if torch.is_tensor(t)), torch.device("cpu"))
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
