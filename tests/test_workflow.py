@@ -265,3 +265,16 @@ def test_evaluation_and_generation_targets_run_on_the_trained_model(built):
     for convention in ("lm_eval", "llm_c"):
         assert 0.0 <= hellaswag[convention]["acc_norm"] <= 1.0
         assert hellaswag[convention]["samples"] == hellaswag["samples"]
+
+
+@pytest.mark.slow
+def test_a_stage_split_is_checked_against_the_model_its_target_trains(tmp_path):
+    """[12, 12] fits GPT-2 medium's 24 layers and not small's 12: pretrain_medium is planned, pretrain_small
+    refused as Snakemake plans it, naming the key and the target's layer count."""
+    workdir = make_workdir(tmp_path, {"train": {"nproc_per_node": 2, "parallel": {"layers_per_stage": [12, 12]}}})
+    medium = snakemake(workdir, "pretrain_medium", "-n")
+    assert planned_jobs(medium)["pretrain"] == 1
+    small = snakemake(workdir, "pretrain_small", "-n", check=False)
+    assert small.returncode != 0
+    assert ("config key 'train.parallel.layers_per_stage': [12, 12] places 24 layers, but pretrain_small trains "
+            "gpt2 with 12 layers") in small.stdout + small.stderr
