@@ -57,7 +57,7 @@ def model_dir(request, tmp_path_factory) -> Path:
     from gpt2ipu.model import GPT, config_for
     from gpt2ipu.model.hf import save_hf_dir
 
-    torch.manual_seed(0)
+    torch.manual_seed(1)   # weights that get some LAMBADA words right and some wrong (test_evaluate)
     return save_hf_dir(GPT(config_for("gpt2-test", request.module.WINDOW)), tmp_path_factory.mktemp("model") / "m")
 
 

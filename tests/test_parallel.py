@@ -58,7 +58,6 @@ def test_stage_layers_split_evenly_or_as_given():
     (dict(pipeline_stages=2, replicated_tensor_sharding=True), 2, "use --fsdp"),
     (dict(fsdp=True, replication_factor=2, precision="fp16"), 2, "use --precision bf16"),
     (dict(layers_per_ipu=[2, 2], ipus_per_replica=4), 2, "give one layer count per stage"),
-    (dict(pipeline_stages=2, compile=True), 2, "drop --compile"),
 ])
 def test_layouts_that_cannot_run_fail_before_the_model_is_built(flags, world, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -136,6 +135,29 @@ def test_stages_chained_compute_the_whole_models_loss_and_gradients():
     assert torch.allclose(tied_sum, want_grads["wte.weight"], atol=1e-6)
     for name, param in last.h.named_parameters():
         assert torch.allclose(param.grad, want_grads[f"h.{name}"], atol=1e-6)
+
+
+def test_a_stage_built_from_the_meta_model_holds_one_process_initial_weights():
+    """Each process materializes only its share; by (seed, name) it gets one process's values."""
+    from gpt2ipu.model.gpt import initial_value
+    from gpt2ipu.train.parallel import materialize
+    from gpt2ipu.train.pipeline import StageModule
+
+    whole = GPT(tiny_config(), seed=7)
+    with torch.device("meta"):
+        meta = GPT(tiny_config())
+    last = StageModule(meta, range(2, 4), first=False, last=True, loss_chunks={})
+    materialize(last, torch.device("cpu"), lambda name, shape: initial_value(name, shape, meta.config, 7))
+    assert {name for name, _ in last.named_parameters()} == {"h.2." + n for n, _ in whole.h[2].named_parameters()} \
+        | {"h.3." + n for n, _ in whole.h[3].named_parameters()} | {"ln_f.weight", "ln_f.bias", "lm_head.weight"}
+    ones = dict(whole.named_parameters())
+    for name, param in last.named_parameters():
+        assert torch.equal(param, ones.get(name, whole.wte.weight)), name   # lm_head.weight: the tied copy
+    assert not torch.equal(whole.h[2].mlp.c_fc.weight, GPT(tiny_config(), seed=8).h[2].mlp.c_fc.weight)
+    # GPT-2's init, as a one-process GPT: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer).
+    assert whole.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert whole.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / 8 ** 0.5, rel=0.05)
+    assert torch.equal(whole.h[0].ln_1.weight, torch.ones(64)) and not whole.h[0].mlp.c_fc.bias.any()
 
 
 def test_clip_over_one_process_is_pytorchs():
@@ -241,9 +263,15 @@ def single_thread_env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def train_command(nproc: int, port: int, init_dir: Path, state_dir: Path, *flags) -> list[str]:
-    train = ["-m", "gpt2ipu", "train", "--checkpoint-input-dir", str(init_dir), *COMMON,
-             "--state-dir", str(state_dir), *map(str, flags)]
+SEED = 42   # gpt2ipu train's default --seed
+# What tiny_config() is as `gpt2ipu train` flags: a run with them builds GPT(tiny_config(), seed=SEED).
+FRESH = ["--model", "gpt2-test", "--n-layer", "4", "--n-embd", "64", "--n-head", "2", "--seed", str(SEED)]
+
+
+def train_command(nproc: int, port: int, init_dir: Path | None, state_dir: Path, *flags) -> list[str]:
+    """A `gpt2ipu train` run from the weights in init_dir, or (None) initialised as FRESH says."""
+    start = ["--checkpoint-input-dir", str(init_dir)] if init_dir else FRESH
+    train = ["-m", "gpt2ipu", "train", *start, *COMMON, "--state-dir", str(state_dir), *map(str, flags)]
     if nproc == 1:
         return [sys.executable, *train]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
@@ -264,12 +292,12 @@ def losses(state_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A 4-layer model folder and one process's 12 steps from it (global batch 8: 2 x 4 micro-batches)."""
+    """A 4-layer model folder, the weights a fresh run with --seed SEED starts from, and one process's
+    12 steps from it (global batch 8: 2 x 4 micro-batches)."""
     root = tmp_path_factory.mktemp("parallel")
-    torch.manual_seed(0)
     from gpt2ipu.model.hf import save_hf_dir
 
-    save_hf_dir(GPT(tiny_config()), root / "init")
+    save_hf_dir(GPT(tiny_config(), seed=SEED), root / "init")
     run(train_command(1, 0, root / "init", root / "one", "--batch-size", 2, "--gradient-accumulation", 4,
                       "--max-steps", STEPS + 2))
     return root, losses(root / "one")
@@ -289,7 +317,10 @@ def test_layout_reproduces_one_process(reference, layout):
     root, expected = reference
     nproc, flags = LAYOUTS[layout]
     port = 29610 + list(LAYOUTS).index(layout)
-    result = run(train_command(nproc, port, root / "init", root / layout, "--max-steps", STEPS, *flags))
+    # FSDP layouts start fresh: each process initialises only its shard (of its stage) from the
+    # meta model, and must reach the weights one process saved in `init`; 1F1B starts from `init`.
+    init = None if "--fsdp" in flags else root / "init"
+    result = run(train_command(nproc, port, init, root / layout, "--max-steps", STEPS, *flags))
     got = losses(root / layout)
     assert len(got) == STEPS
     assert got == pytest.approx(expected[:STEPS], rel=1e-5)
@@ -402,3 +433,14 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(reference, tmp_path):
     nproc, flags = RESUME_LAYOUTS["fsdp2"]
     run(train_command(nproc, 29911, root / "init", state, "--max-steps", STEPS + 2, *flags))
     assert losses(state) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_stages_and_fsdp_reproduce_eager(reference, tmp_path):
+    """--compile with 2 stages x FSDP 2: each block compiled, then sharded; the losses are eager's."""
+    root, expected = reference
+    nproc, flags = LAYOUTS["pp2_x_fsdp2"]
+    result = run(train_command(nproc, 29830, root / "init", tmp_path / "s", "--max-steps", 2, "--compile", *flags,
+                               "--checkpoint-every", 0, "--final-checkpoint", "false", "--eval-batches", 0))
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert losses(tmp_path / "s") == pytest.approx(expected[:2], rel=1e-5)

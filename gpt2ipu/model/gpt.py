@@ -19,7 +19,9 @@ H = n_head, D = C // H, V = vocab_size.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -201,7 +203,10 @@ class GPT(nn.Module):
     checkpoints map onto it name for name (gpt2ipu/model/hf.py).
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, seed: int | None = None):
+        """seed: of the initial weights (`init_weights`); None draws one from torch's global RNG, so
+        torch.manual_seed still decides them. Built under `torch.device("meta")` nothing is
+        initialised: the caller materializes the share it holds (gpt2ipu/train/parallel.py)."""
         super().__init__()
         if config.n_embd % config.n_head:
             raise UserError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
@@ -217,17 +222,8 @@ class GPT(nn.Module):
         # Training's tied-weight gradient from the embedding: sparse (see hidden_states) unless a
         # wrapper that reduces gradients needs them dense (FSDP: gpt2ipu/train/parallel.py).
         self.sparse_embedding_grad = True
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: the two residual projections per block add up over depth.
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        if self.wte.weight.device.type != "meta":   # a meta model is filled later, share by share
+            init_weights(self, int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
 
     def num_parameters(self, exclude_positions: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -300,6 +296,54 @@ class GPT(nn.Module):
         hidden = self.hidden_states(input_ids, tied=tied)   # [B, T, C]
         return lm_loss(hidden, self.lm_head.weight, labels, vocab_chunks=vocab_chunks, token_chunks=token_chunks,
                        tied=tied)
+
+
+# Initialisation: each parameter's initial value is a pure function of (seed, its name), so a
+# process that holds only some parameters, or only a shard of one (FSDP, pipeline stages), makes
+# exactly the values one process would, without building the rest of the model.
+
+def init_weights(module: nn.Module, seed: int) -> None:
+    """Fill every parameter of `module` (a GPT, or a share of one with the GPT's parameter names)
+    with its initial value (`initial_value`); an FSDP-sharded parameter (DTensor) gets its shard."""
+    config = module.config
+    fill_parameters(module, lambda name, shape: initial_value(name, shape, config, seed))
+
+
+def initial_value(name: str, shape: tuple[int, ...], config: GPTConfig, seed: int) -> torch.Tensor:
+    """GPT-2's init of parameter `name` (a GPT's name): N(0, initializer_range) for Linear and
+    Embedding weights, with the residual projections (c_proj) scaled by 1/sqrt(2 * n_layer) as
+    they add up over depth; biases 0; LayerNorm weights 1. Drawn on the CPU from a generator seeded
+    by (seed, name), so the value does not depend on the device, the layout or the order of building."""
+    leaf = name.rsplit(".", 2)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if leaf[-2].startswith("ln_"):
+        return torch.ones(shape)
+    std = config.initializer_range
+    if name.endswith("c_proj.weight"):
+        std /= math.sqrt(2 * config.n_layer)
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def fill_parameters(module: nn.Module, value_of) -> None:
+    """Copy `value_of(name, full_shape)` (a full CPU tensor) into each parameter of `module`, one at a
+    time: a DTensor gets only its local shard. A tied weight is filled once; the last pipeline
+    stage's own copy of it (`lm_head.weight`, not tied there) is filled as `wte.weight`."""
+    # Not imported here (seconds at every start): a parameter is a DTensor only once FSDP imported it.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    tied = module.config.tie_word_embeddings
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            full = value_of("wte.weight" if tied and name == "lm_head.weight" else name, tuple(param.shape))
+            if dtensor is not None and isinstance(param, dtensor.DTensor):
+                # src_data_rank=None: every process has the full value; each keeps its shard, no communication.
+                share = dtensor.distribute_tensor(full.to(param.device, param.dtype), param.device_mesh,
+                                                  param.placements, src_data_rank=None)
+                param.to_local().copy_(share.to_local())
+            else:
+                param.copy_(full)
 
 
 # The pieces of a forward pass that a pipeline stage (gpt2ipu/train/pipeline.py) also runs on its

@@ -116,7 +116,8 @@ class TrainConfig:
     seed: int = _flag(42, "seed of the initialization, dropout and the data order")
     precision: str = _flag("fp32", "fp32, bf16 or fp16: bf16 and fp16 run the matmuls under autocast (fp16 with a "
                                    "grad scaler), the weights and optimizer stay fp32")
-    compile: bool = _flag(False, "run the model through torch.compile")
+    compile: bool = _flag(False, "run the model through torch.compile (with --fsdp or pipeline stages: "
+                                   "each transformer block, before it is sharded or staged)")
     device: str = _flag("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     # parallelism
     replication_factor: int = _flag(1, "data-parallel processes (DDP); must equal the number torchrun launched; "
@@ -269,9 +270,6 @@ def check_layout(cfg: TrainConfig, world_size: int, n_layer: int | None) -> list
     if (cfg.fsdp or stages > 1) and cfg.precision == "fp16":
         raise UserError("--precision fp16 needs a loss scaler, which runs only without --fsdp and pipeline stages: "
                         "use --precision bf16 (or fp32)")
-    if (cfg.fsdp or stages > 1) and cfg.compile:
-        raise UserError("--compile runs only without --fsdp and pipeline stages here (the schedule calls the "
-                        "stages itself, and compiling FSDP's units is not tested): drop --compile")
     if stages * replicas != world_size:
         what = (f"{stages} pipeline stage(s) x {replicas} replica(s) (--replication-factor) = {stages * replicas} "
                 if stages > 1 else f"--replication-factor {replicas}: {replicas} ")

@@ -34,7 +34,7 @@ from gpt2ipu.devices import autocast_dtype
 from gpt2ipu.errors import UserError
 from gpt2ipu.log import package_logger
 from gpt2ipu.model import GPT, config_for
-from gpt2ipu.model.gpt import GPTConfig
+from gpt2ipu.model.gpt import GPTConfig, initial_value
 from gpt2ipu.model.hf import CONFIG_NAME, config_from_hf, load_hf_dir, save_hf_dir, write_hf_files
 from gpt2ipu.sizes import SIZE_KEYS
 from gpt2ipu.train import parallel
@@ -84,7 +84,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     run = build_run(cfg, model_config, stage_sizes, resolved.loss_chunks, info, say)
     start_step = resume(run, say)
-    if cfg.compile:
+    if cfg.compile and not run.sharded:   # sharded runs compiled their blocks (parallelize)
         run.model = torch.compile(run.model)
     if not run.sharded:   # DDP wraps after resume, which loads into the bare model
         run.model = parallel.apply_data_parallel(run.model, info)
@@ -210,9 +210,9 @@ def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] 
     process's pipeline stage and/or FSDP shard of it), the optimizer (sharded with
     --replicated-tensor-sharding), the LR schedule and the grad scaler.
 
-    The order is fixed: the model's initialization draws from the seeded RNG. Every process builds
-    the whole model first (in host memory when it is then split), so that every layout starts from
-    the same weights as one process does.
+    Each parameter's initial value is a function of (--seed, its name) (gpt2ipu.model.gpt.init_weights),
+    so every layout starts from the weights one process does while a sharded process (FSDP, pipeline
+    stages) builds the model on the meta device and materializes only the parameters it holds.
     """
     torch.manual_seed(cfg.seed)
     train_data = make_train_dataset(cfg.dataset, shards_dir=cfg.shards_dir, split="train", max_len=cfg.max_len,
@@ -233,12 +233,13 @@ def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] 
     total_steps = batches.total_steps if cfg.max_steps is None else min(batches.total_steps, cfg.max_steps)
 
     if cfg.checkpoint_input_dir:
-        model = load_hf_dir(cfg.checkpoint_input_dir, recompute=cfg.recompute_checkpoint_every_layer)
         say(f"starting from the weights in {cfg.checkpoint_input_dir}")
-    else:
-        model = GPT(model_config)
+    sharded = cfg.fsdp or stage_sizes is not None
+    model = build_model(cfg, model_config, meta=sharded)
     n_params = model.num_parameters()   # the whole model's, before any split (FLOP count: throughput.py)
-    model, raw_model, pipeline, autocast = parallelize(model, cfg, stage_sizes, loss_chunks, info)
+    weights = initial_weights(cfg, model_config) if sharded else None
+    model, raw_model, pipeline, autocast = parallelize(model, cfg, stage_sizes, loss_chunks, info, weights)
+    del weights   # a --checkpoint-input-dir's whole state: each process has taken its share
     optimizer = make_optimizer(raw_model, kind=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if cfg.replicated_tensor_sharding and info.world_size > 1:
@@ -252,6 +253,27 @@ def build_run(cfg: TrainConfig, model_config: GPTConfig, stage_sizes: list[int] 
                scaler=torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"),
                batches=batches, valid_data=valid_data, total_steps=total_steps, loss_chunks=loss_chunks,
                autocast_dtype=autocast)
+
+
+def build_model(cfg: TrainConfig, model_config: GPTConfig, *, meta: bool) -> GPT:
+    """The whole GPT of the run: initialised from --seed or loaded from --checkpoint-input-dir, or,
+    with `meta`, without storage (parallelize materializes this process's share of it)."""
+    if meta:
+        with torch.device("meta"):
+            return GPT(model_config)
+    if cfg.checkpoint_input_dir:
+        return load_hf_dir(cfg.checkpoint_input_dir, recompute=cfg.recompute_checkpoint_every_layer)
+    return GPT(model_config, seed=cfg.seed)
+
+
+def initial_weights(cfg: TrainConfig, model_config: GPTConfig) -> Callable[[str, tuple], torch.Tensor]:
+    """The value of each parameter at the start, by name and shape: its initialisation (one parameter
+    at a time), or the tensor of --checkpoint-input-dir (whose weights are read whole: safetensors
+    has no partial reads of a tensor, and the file is at most one model)."""
+    if not cfg.checkpoint_input_dir:
+        return lambda name, shape: initial_value(name, shape, model_config, cfg.seed)
+    state = load_hf_dir(cfg.checkpoint_input_dir, recompute=cfg.recompute_checkpoint_every_layer).state_dict()
+    return lambda name, shape: state[name]
 
 
 def validation_samples(cfg: TrainConfig, dp_size: int) -> int:
@@ -273,32 +295,41 @@ def model_config_of(cfg: TrainConfig) -> GPTConfig:
 
 
 def parallelize(model: GPT, cfg: TrainConfig, stage_sizes: list[int] | None, loss_chunks: LossChunks,
-                info: parallel.DistInfo):
+                info: parallel.DistInfo, weights: Callable[[str, tuple], torch.Tensor] | None):
     """Apply the run's layout to the whole model: (what the loop calls, what checkpoints hold, the
     pipeline or None, the autocast dtype or None).
 
-    Pipeline stages (each FSDP- or DDP-wrapped over the replicas), FSDP alone, or the model as it
-    is (DDP is applied after resume, see `train`). Under FSDP, bf16 is FSDP's mixed-precision
-    policy rather than autocast.
+    Pipeline stages (each FSDP- or DDP-wrapped over the replicas) or FSDP alone: `model` is on the
+    meta device; this process takes its share (its stage), shards it (FSDP), and only then
+    materializes it with `weights` (initial_weights). Otherwise the model as it is (DDP is applied
+    after resume, see `train`). With --compile the blocks are compiled before FSDP or the pipeline
+    wraps them. Under FSDP, bf16 is FSDP's mixed-precision policy rather than autocast.
     """
     dtype = autocast_dtype(cfg.precision)
     fsdp_dtype = dtype if cfg.fsdp else None
+
+    def share(module: torch.nn.Module, blocks) -> torch.nn.Module:
+        """This process's share of the model (a meta module) compiled, sharded or replicated, materialized."""
+        if cfg.compile:
+            parallel.compile_blocks(blocks)
+        if cfg.fsdp:
+            wrapped = parallel.apply_fsdp(module, blocks, info, fsdp_dtype)
+            parallel.materialize(module, info.device, weights)   # after sharding: only this shard is allocated
+            return wrapped
+        parallel.materialize(module, info.device, weights)
+        return parallel.apply_replicate(module, info) if info.dp_size > 1 else module
+
     if stage_sizes is not None:
         from gpt2ipu.train.pipeline import build_pipeline
 
         layers = stage_layers(sum(stage_sizes), len(stage_sizes), stage_sizes)
         tokens = cfg.batch_size * cfg.max_len
-        if cfg.fsdp:
-            wrap = lambda stage: parallel.apply_fsdp(stage, stage.h.values(), info, fsdp_dtype)   # noqa: E731
-        elif info.dp_size > 1:
-            wrap = lambda stage: parallel.apply_replicate(stage, info)   # noqa: E731
-        else:
-            wrap = None
         pipeline = build_pipeline(model, info, layers, loss_chunks=loss_chunks.for_tokens(tokens),
-                                  n_microbatches=cfg.gradient_accumulation, schedule=cfg.pipeline_schedule, wrap=wrap)
+                                  n_microbatches=cfg.gradient_accumulation, schedule=cfg.pipeline_schedule,
+                                  wrap=lambda stage: share(stage, list(stage.h.values())))
         return pipeline.module, pipeline.stage_module, pipeline, None if cfg.fsdp else dtype
     if cfg.fsdp:
-        model = parallel.apply_fsdp(model, model.h, info, fsdp_dtype).to(info.device)
+        model = share(model, list(model.h))
         return model, model, None, None
     model.to(info.device)
     return model, model, None, dtype

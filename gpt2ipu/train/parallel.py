@@ -114,6 +114,31 @@ def apply_fsdp(model: torch.nn.Module, blocks: Iterable[torch.nn.Module], info: 
     return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def compile_blocks(blocks: Iterable[torch.nn.Module]) -> None:
+    """torch.compile each transformer block's forward, in place, before FSDP or a pipeline stage wraps it.
+
+    As torchtitan does: the blocks are what is compiled (one graph each, the same code for all), while
+    FSDP's all-gathers and the pipeline schedule's sends stay outside the graphs, in eager hooks.
+    Compiling the forward rather than wrapping the module keeps the parameter names (checkpoints).
+    """
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+
+
+def materialize(module: torch.nn.Module, device: torch.device, value_of) -> None:
+    """Give a module built on the meta device (and perhaps sharded: FSDP) real storage on `device`,
+    then its values: `value_of(name, full_shape)` per parameter (gpt2ipu.model.gpt.fill_parameters),
+    each process filling only what it holds."""
+    from gpt2ipu.model.gpt import fill_parameters
+
+    tied = getattr(module, "wte", None) is not None and getattr(module, "lm_head", None) is not None \
+        and module.lm_head.weight is module.wte.weight
+    module.to_empty(device=device)
+    if tied and module.lm_head.weight is not module.wte.weight:
+        module.lm_head.weight = module.wte.weight   # to_empty gave the tied weight's two users two tensors
+    fill_parameters(module, value_of)
+
+
 def apply_replicate(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DDP's arithmetic (full copies, gradients averaged over the replicas) for a pipeline stage.
 

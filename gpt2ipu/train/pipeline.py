@@ -15,7 +15,7 @@ split name the same tensors):
                 and the loss is computed inside the stage's forward (where FSDP has the weights)
 
 The tied embedding: the first stage holds `wte.weight`, the last a copy as `lm_head.weight`,
-equal at the start (both from the one model every process builds). After each backward
+equal at the start (both initialised as `wte.weight`: gpt2ipu.model.gpt.fill_parameters). After each backward
 `sync_tied_grads` sums the two gradients over the group of the first and last stage of each
 replica, so both copies get the whole model's gradient and the same update: they stay equal,
 bit for bit (Megatron keeps its embedding group the same way).
@@ -128,14 +128,19 @@ class Pipeline:
 
 
 def build_pipeline(model: GPT, info: DistInfo, layers: list[range], *, loss_chunks: dict, n_microbatches: int,
-                   schedule: str, wrap=None) -> Pipeline:
-    """This process's stage of `model` (split by `layers`), wrapped by `wrap` (FSDP/DDP over the
-    replicas, or None), with its schedule over `n_microbatches` micro-batches per step."""
+                   schedule: str, wrap) -> Pipeline:
+    """This process's stage of `model` (split by `layers`), made real by `wrap` (which returns what
+    runs: the stage on the device, FSDP- or DDP-wrapped over the replicas or not), with its
+    schedule over `n_microbatches` micro-batches per step.
+
+    `model` is normally on the meta device (loop.parallelize): the stage takes its modules without
+    storage, and `wrap` materializes only them.
+    """
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     first, last = info.pp_rank == 0, info.is_last_stage
-    stage_module = StageModule(model, layers[info.pp_rank], first, last, loss_chunks).to(info.device)
-    module = stage_module if wrap is None else wrap(stage_module)
+    stage_module = StageModule(model, layers[info.pp_rank], first, last, loss_chunks)
+    module = wrap(stage_module)
     stage = PipelineStage(module, info.pp_rank, info.pp_size, info.device, group=info.group("pp"))
     pipeline = Pipeline(info=info, stage_module=stage_module, module=module, schedule=None,
                         n_microbatches=n_microbatches, tied_group=tied_group(info))
