@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.model import GPT, GPTConfig
@@ -45,6 +45,12 @@ from gpt2ipu.model.hf import write_hf_files
 from gpt2ipu.train.state import load_training_state, save_training_checkpoint
 
 SHARDED_DIR = "sharded"
+# The optimizer's state under each parameter's name, its hyperparameters too ("param_groups.<name>.lr").
+# Unflattened, param_groups is a list whose entries ("param_groups.0.params", the parameter names of
+# this process's group 0) have the same key on every process; DCP saves a key that every process
+# has once, from one of them, so a pipeline stage resumed with another stage's group (KeyError
+# 'betas' in the first step after resuming, depending on which process DCP picked).
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 PARTIAL_SUFFIX = ".sharded.partial"
 
 
@@ -65,7 +71,7 @@ def save_sharded_checkpoint(state_dir: str | os.PathLike, step: int, model: torc
         for stale in root.glob(f".*{PARTIAL_SUFFIX}"):
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     with _one_process_is_intended():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
     barrier()   # every shard is on disk
@@ -95,11 +101,12 @@ def load_sharded_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
                             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load a sharded checkpoint's model and optimizer into this process's (sharded or whole) model;
     returns its training_state.pt (scheduler, scaler, step, data position, RNG states)."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_state, "optim": optim_state}
     with _one_process_is_intended():
         _load(state, Path(folder) / SHARDED_DIR, no_dist=not torch.distributed.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=OPTIONS)
     return load_training_state(folder)
 
 
