@@ -9,6 +9,7 @@ width, fp32, global batch 8) started as a user would, `gpt2ipu train --nproc-per
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,6 +110,20 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_never_killed(init_dir
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.slow
+def test_restarts_used_up_end_with_one_message_naming_the_rank(init_dir, tmp_path):
+    """A fault every round meets (no starting weights where it says): two rounds, then one message."""
+    cmd = command(tmp_path / "missing", tmp_path, "ddp", "--max-restarts", 1)
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 2
+    message = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"gpt2ipu train: error: rank [01] exited with status 2 after 1 restart\(s\) "
+                        r"\(--max-restarts 1\); its last message: \"gpt2ipu train: error: .*missing/config.json.*\"\. "
+                        r"Rerun the same command once its cause is fixed: it resumes from the last checkpoint",
+                        message), message
+    assert sorted(p.name for p in (tmp_path / "state" / "torchrun").glob("*/attempt_*")) == ["attempt_0", "attempt_1"]
 
 
 # --- a kill while a checkpoint is written ---------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 from gpt2ipu.errors import UserError
 from gpt2ipu.model import GPT
-from gpt2ipu.train.launch import CLI_FLAGS, wait_for_endpoint
+from gpt2ipu.train.elastic import CLI_FLAGS, wait_for_endpoint
 from tests.test_parallel import COMMON, tiny_config
 
 STEPS = 6

@@ -68,7 +68,7 @@ def run_torchrun(args: argparse.Namespace, *, nproc_per_node: int, **launch) -> 
     """This command's own flags, less the launch options, under torchrun (gpt2ipu.train.launch)."""
     from pathlib import Path
 
-    from gpt2ipu.train.launch import CLI_FLAGS, Torchrun
+    from gpt2ipu.train.elastic import CLI_FLAGS, Torchrun
 
     if "TORCHELASTIC_RUN_ID" in os.environ:
         raise UserError("--nproc-per-node starts torchrun, but this process already runs under torchrun: "

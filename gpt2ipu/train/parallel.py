@@ -93,7 +93,7 @@ def check_restartable() -> None:
     With the agent's store shared across restart rounds (torchrun's default, and always so with
     the static rendezvous), a restarted group finds the dead round's keys in it: gloo connects to
     the dead processes' addresses ("Connection refused" in connectFullMesh) or init_process_group
-    waits for good (gpt2ipu/train/launch.py, FRESH_STORE_ENV, has the whole story)."""
+    waits for good (gpt2ipu/train/elastic.py, FRESH_STORE_ENV, has the whole story)."""
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         raise UserError(f"torchrun --max-restarts {restarts} needs a fresh store each restart: run torchrun "
