@@ -1,4 +1,4 @@
-"""How the Snakemake training rule runs `gpt2ipu train`: in process, or under torchrun.
+"""How the Snakemake training rule runs `gpt2ipu train`: in process, or under torchrun (elastic.py).
 
 The training state folder is `<state_root>/<run>-<key>`, where the key hashes the recipe and the
 shards' stats: the same job rerun after a crash finds its checkpoints and resumes, while a
@@ -20,6 +20,7 @@ from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_file
 from gpt2ipu.log import package_logger
 from gpt2ipu.train.config import workflow_replicas, workflow_run_config
+from gpt2ipu.train.elastic import WORKFLOW_FLAGS, Torchrun
 
 log = package_logger(__name__)
 
@@ -33,9 +34,9 @@ def state_key(recipe: dict[str, Any], shards_dir: str) -> str:
 
 
 def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_name: str, model_dir: str,
-                 metrics_path: str, plot_path: str, threads: int, nproc_per_node: int, nnodes: int,
-                 rdzv_endpoint: str, parallel: dict[str, Any] | None = None,
-                 ops_dir: str | None = None) -> dict[str, Any]:
+             metrics_path: str, plot_path: str, threads: int, nproc_per_node: int, nnodes: int,
+             rdzv_endpoint: str, parallel: dict[str, Any] | None = None, ops_dir: str | None = None,
+             max_restarts: int = 0, rdzv_timeout: float = 600) -> dict[str, Any]:
     parallel = parallel or {"fsdp": False, "pipeline_stages": 1, "layers_per_stage": None, "schedule": "1f1b"}
     world = nproc_per_node * nnodes
     replicas = workflow_replicas(nproc_per_node, nnodes, parallel)
@@ -56,19 +57,25 @@ def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_na
         from gpt2ipu.ops import OPS_DIR_ENV
 
         env[OPS_DIR_ENV] = str(Path(ops_dir).resolve())
-    command = [sys.executable, "-m", "gpt2ipu", "train", "--config", str(config_path)]
+    train_args = ["--config", str(config_path)]
     if world > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
-                   f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}",
-                   "-m", "gpt2ipu", "train", "--config", str(config_path)]
-    # A child process (not an in-process call) so torchrun and the single-process path are the same
-    # program, and the thread count is fixed before torch starts.
-    result = subprocess.run(command, env=env, stderr=sys.stderr, stdout=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise UserError(f"training exited with status {result.returncode}; its messages are above. Once "
-                        "their cause is fixed (or if it was a crash), rerun the same command: it resumes from "
-                        f"the last checkpoint in {state_dir}, if any")
+        launcher = Torchrun(nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                            max_restarts=max_restarts, rdzv_timeout=rdzv_timeout, log_dir=state_dir / "torchrun",
+                            flag_names=WORKFLOW_FLAGS)
+        stdout = launcher.run(train_args, env)
+    else:
+        # A child process (not an in-process call) so torchrun and the single-process path are the
+        # same program, and the thread count is fixed before torch starts.
+        result = subprocess.run([sys.executable, "-m", "gpt2ipu", "train", *train_args], env=env, stderr=sys.stderr,
+                                stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise UserError(f"training exited with status {result.returncode}; its messages are above. Once "
+                            "their cause is fixed (or if it was a crash), rerun the same command: it resumes from "
+                            f"the last checkpoint in {state_dir}, if any")
+        stdout = result.stdout
     for source, target in ((state_dir / "metrics.jsonl", metrics_path), (state_dir / "loss.png", plot_path)):
         with atomic_file(target) as tmp:
             shutil.copyfile(source, tmp)
-    return json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+    return json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
+
+

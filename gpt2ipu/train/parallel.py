@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt2ipu.devices import resolve_device
+from gpt2ipu.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ def init_distributed(requested_device: str, dp: int, pp: int = 1) -> DistInfo:
     if world_size == 1:
         return DistInfo(rank=0, world_size=1, local_rank=local_rank, device=device)
     if not dist.is_initialized():
+        check_restartable()
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
@@ -83,6 +85,20 @@ def init_distributed(requested_device: str, dp: int, pp: int = 1) -> DistInfo:
     mesh = init_device_mesh(device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, dp_size=dp,
                     dp_rank=mesh.get_local_rank("dp"), pp_size=pp, pp_rank=mesh.get_local_rank("pp"), mesh=mesh)
+
+
+def check_restartable() -> None:
+    """Refuse, before anything runs, a torchrun whose restarts could not rejoin.
+
+    With the agent's store shared across restart rounds (torchrun's default, and always so with
+    the static rendezvous), a restarted group finds the dead round's keys in it: gloo connects to
+    the dead processes' addresses ("Connection refused" in connectFullMesh) or init_process_group
+    waits for good (gpt2ipu/train/elastic.py, FRESH_STORE_ENV, has the whole story)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise UserError(f"torchrun --max-restarts {restarts} needs a fresh store each restart: run torchrun "
+                        "with --rdzv-backend c10d and the environment variable TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                        "(or let `gpt2ipu train --nproc-per-node N --max-restarts K` start torchrun)")
 
 
 def apply_data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:

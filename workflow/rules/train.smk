@@ -15,6 +15,8 @@ rule pretrain:
         nproc_per_node=config["train"]["nproc_per_node"],
         nnodes=config["train"]["nnodes"],
         rdzv_endpoint=config["train"]["rdzv_endpoint"],
+        rdzv_timeout=config["train"]["rdzv_timeout"],
+        max_restarts=config["train"]["max_restarts"],
         parallel=config["train"]["parallel"],
         # Checkpoints live outside the declared outputs (which Snakemake deletes before a rerun),
         # in a folder keyed on the recipe and the data, so a rerun of the same job resumes.
