@@ -20,6 +20,7 @@ from gpt2ipu.errors import UserError
 from gpt2ipu.fsutil import atomic_file
 from gpt2ipu.log import package_logger
 from gpt2ipu.train.config import workflow_replicas, workflow_run_config
+from gpt2ipu.train.slurm import launcher
 
 log = package_logger(__name__)
 
@@ -57,8 +58,11 @@ def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_na
 
         env[OPS_DIR_ENV] = str(Path(ops_dir).resolve())
     command = [sys.executable, "-m", "gpt2ipu", "train", "--config", str(config_path)]
+    # In a SLURM allocation: srun, one torchrun agent per node, meeting on the first node.
+    srun, rdzv_endpoint = launcher(os.environ, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                                   rdzv_endpoint=rdzv_endpoint)
     if world > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
+        command = [*srun, sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
                    f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}",
                    "-m", "gpt2ipu", "train", "--config", str(config_path)]
     # A child process (not an in-process call) so torchrun and the single-process path are the same
