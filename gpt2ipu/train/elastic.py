@@ -46,15 +46,21 @@ class Torchrun:
     machine, `nproc_per_node` processes each, restarted together up to `max_restarts` times."""
 
     def __init__(self, *, nproc_per_node: int, nnodes: int, rdzv_endpoint: str, max_restarts: int,
-                 rdzv_timeout: float, log_dir: Path, flag_names: dict[str, str]):
+                 rdzv_timeout: float, log_dir: Path, flag_names: dict[str, str], prefix: list[str] | None = None):
         self.nproc_per_node, self.nnodes, self.endpoint = nproc_per_node, nnodes, rdzv_endpoint
+        # `srun ...` (gpt2ipu/train/slurm.py): one agent per node of a SLURM allocation, started from here.
+        self.prefix = prefix or []
         self.max_restarts, self.rdzv_timeout, self.log_dir, self.names = max_restarts, rdzv_timeout, log_dir, flag_names
 
-    def command(self, train_args: list[str], hosts_store: bool) -> list[str]:
+    def command(self, train_args: list[str], hosts_store: bool | None) -> list[str]:
         # is_host: torchrun guesses whether it hosts the rendezvous store by comparing the endpoint with
         # the hostname's addresses, which misses an address of a second interface; binding to it does not.
-        rdzv_conf = f"join_timeout={max(1, round(self.rdzv_timeout))},is_host={int(hosts_store)}"
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}",
+        # None (agents that srun starts on other nodes): each agent's own guess, the endpoint being the
+        # allocation's first host by name.
+        rdzv_conf = f"join_timeout={max(1, round(self.rdzv_timeout))}"
+        if hosts_store is not None:
+            rdzv_conf += f",is_host={int(hosts_store)}"
+        return [*self.prefix, sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}",
                 f"--nnodes={self.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={self.endpoint}",
                 f"--rdzv_conf={rdzv_conf}", f"--max_restarts={self.max_restarts}",
                 # Each process's stderr also goes to <log_dir>/<run>/attempt_<n>/<local rank>/stderr.log,
@@ -64,8 +70,8 @@ class Torchrun:
 
     def run(self, train_args: list[str], env: dict[str, str]) -> str:
         """Run to the end; returns the processes' stdout (rank 0's summary line), raises UserError on failure."""
-        hosts_store = endpoint_is_local(self.endpoint, self.names)
-        if not hosts_store:
+        hosts_store = None if self.prefix else endpoint_is_local(self.endpoint, self.names)
+        if hosts_store is False:
             wait_for_endpoint(self.endpoint, self.rdzv_timeout, self.names)
         proc = subprocess.Popen(self.command(train_args, hosts_store), env={**env, **FRESH_STORE_ENV},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

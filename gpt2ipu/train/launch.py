@@ -21,6 +21,7 @@ from gpt2ipu.fsutil import atomic_file
 from gpt2ipu.log import package_logger
 from gpt2ipu.train.config import workflow_replicas, workflow_run_config
 from gpt2ipu.train.elastic import WORKFLOW_FLAGS, Torchrun
+from gpt2ipu.train.slurm import launcher
 
 log = package_logger(__name__)
 
@@ -58,11 +59,14 @@ def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_na
 
         env[OPS_DIR_ENV] = str(Path(ops_dir).resolve())
     train_args = ["--config", str(config_path)]
+    # In a SLURM allocation: srun, one torchrun agent per node, meeting on the first node.
+    srun, rdzv_endpoint = launcher(os.environ, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                                   rdzv_endpoint=rdzv_endpoint)
     if world > 1:
-        launcher = Torchrun(nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+        torchrun = Torchrun(nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                             max_restarts=max_restarts, rdzv_timeout=rdzv_timeout, log_dir=state_dir / "torchrun",
-                            flag_names=WORKFLOW_FLAGS)
-        stdout = launcher.run(train_args, env)
+                            flag_names=WORKFLOW_FLAGS, prefix=srun)
+        stdout = torchrun.run(train_args, env)
     else:
         # A child process (not an in-process call) so torchrun and the single-process path are the
         # same program, and the thread count is fixed before torch starts.

@@ -22,6 +22,11 @@ rule pretrain:
         # in a folder keyed on the recipe and the data, so a rerun of the same job resumes.
         state_root="results/train_state",
     threads: config["train"]["threads"]
+    resources:
+        # Under a SLURM executor (profiles/slurm): train.nnodes nodes, one task (a torchrun agent) on
+        # each, with the rule's threads as its CPUs (gpt2ipu/train/slurm.py checks they fit the layout).
+        nodes=config["train"]["nnodes"],
+        tasks=config["train"]["nnodes"],
     log:
         "logs/{dataset}/pretrain-{model}.log",
     benchmark:
