@@ -19,6 +19,7 @@ from gpt2ipu.data.tokenizer import Tokenizer, hf_cache_roots, load_tokenizer
 from gpt2ipu.devices import precision_dtype, resolve_device
 from gpt2ipu.errors import UserError
 from gpt2ipu.model.hf import load_hf_dir
+from gpt2ipu.model.lowp import check_weights, load_lowp
 
 # "name" or "owner/name", as the hub spells repository ids.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -59,13 +60,21 @@ def hub_snapshot(repo_id: str) -> Path:
                     "model once with network access")
 
 
-def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "fp32"):
-    """The GPT of a Hugging Face GPT-2 folder, in eval mode, on `device`, weights in `precision`."""
+def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "fp32",
+               weights: str = "fp32"):
+    """The GPT of a Hugging Face GPT-2 folder, in eval mode, on `device`, weights in `precision`.
+
+    weights bf16 / int8: the matrices stored in that format, computed in fp32
+    (gpt2ipu/model/lowp.py); `precision` must then be fp32.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: model folder not found; train one (snakemake pretrain_small) or "
                         "point to a Hugging Face GPT-2 folder")
+    check_weights(weights, precision)
     device = resolve_device(device) if isinstance(device, str) else device
+    if weights != "fp32":
+        return load_lowp(model_dir, weights).to(device)
     model = load_hf_dir(model_dir)
     return model.to(device=device, dtype=precision_dtype(precision)).eval().requires_grad_(False)
 
@@ -77,12 +86,13 @@ def check_vocab_fits(tokenizer: Tokenizer, model, model_dir: str | os.PathLike) 
                         "the model was trained with (--bpe-tokenizer / --vocab-dir)")
 
 
-def load_pretrained(model_dir, device: str = "auto", precision: str = "fp32", vocab_dir=None, bpe_tokenizer=None):
+def load_pretrained(model_dir, device: str = "auto", precision: str = "fp32", vocab_dir=None, bpe_tokenizer=None,
+                    weights: str = "fp32"):
     """(model, tokenizer, device) for `model_dir` (a folder or a hub id); the tokenizer first, since it
     fails fastest."""
     model_dir = resolve_model_dir(model_dir)
     tokenizer = load_tokenizer(vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer, model_dir=model_dir)
     device_used = resolve_device(device)
-    model = load_model(model_dir, device_used, precision)
+    model = load_model(model_dir, device_used, precision, weights)
     check_vocab_fits(tokenizer, model, model_dir)
     return model, tokenizer, device_used

@@ -24,6 +24,30 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="session")
+def built_ops_dir(request, tmp_path_factory):
+    from gpt2ipu import ops
+
+    key = ops.build_key(REPO / "custom_ops")
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    folder = cache.mkdir(f"gpt2ipu-ops-{key}") if cache is not None else tmp_path_factory.mktemp("ops")
+    status = ops.build_ops(REPO / "custom_ops", folder)
+    return folder, status
+
+
+@pytest.fixture
+def compiled(built_ops_dir):
+    """The loaded ops namespace (skips when the build failed on this machine)."""
+    from gpt2ipu import ops
+
+    folder, status = built_ops_dir
+    if not status["built"]:
+        pytest.skip(f"the custom ops did not build here: {status['reason']}")
+    namespace = ops.load_ops(folder, quiet=True)
+    assert namespace is not None, ops.ops_reason(folder)
+    return namespace
+
+
 @pytest.fixture
 def shared_file():
     """Path to a real data file under ../shared/data, or skip the test when it is absent."""

@@ -37,26 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / "custom_ops"
 
 
-@pytest.fixture(scope="session")
-def built_ops_dir(request, tmp_path_factory):
-    key = ops.build_key(SOURCES)
-    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
-    folder = cache.mkdir(f"gpt2ipu-ops-{key}") if cache is not None else tmp_path_factory.mktemp("ops")
-    status = ops.build_ops(SOURCES, folder)
-    return folder, status
-
-
-@pytest.fixture
-def compiled(built_ops_dir):
-    """The loaded ops namespace (skips when the build failed on this machine)."""
-    folder, status = built_ops_dir
-    if not status["built"]:
-        pytest.skip(f"the custom ops did not build here: {status['reason']}")
-    namespace = ops.load_ops(folder, quiet=True)
-    assert namespace is not None, ops.ops_reason(folder)
-    return namespace
-
-
 @pytest.fixture
 def fresh_outcomes(monkeypatch):
     """Forget which folders load_ops has answered for, so each test sees its own first call."""

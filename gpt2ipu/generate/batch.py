@@ -23,13 +23,20 @@ from gpt2ipu.fsutil import parse_json_record
 from gpt2ipu.generate import sampling
 from gpt2ipu.generate.decode import use_decode_layout
 from gpt2ipu.generate.sampling import SamplingConfig
+from gpt2ipu.log import package_logger
+from gpt2ipu.model.lowp import kernel_report
 from gpt2ipu.pretrained import load_pretrained
+
+log = package_logger(__name__)
 
 
 def load_for_generation(model_dir, device: str = "auto", precision: str = "fp32", vocab_dir=None,
-                        bpe_tokenizer=None):
-    model, tokenizer, device_used = load_pretrained(model_dir, device, precision, vocab_dir, bpe_tokenizer)
+                        bpe_tokenizer=None, weights: str = "fp32"):
+    """(model, tokenizer, device) ready for decoding; `weights` bf16 / int8: see gpt2ipu/model/lowp.py."""
+    model, tokenizer, device_used = load_pretrained(model_dir, device, precision, vocab_dir, bpe_tokenizer, weights)
     use_decode_layout(model)
+    if device_used.type == "cpu":
+        log.info(f"generate: {weights} weights, {kernel_report(weights)}")
     return model, tokenizer, device_used
 
 
@@ -118,11 +125,11 @@ def generate(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, out:
              config: SamplingConfig, *, stop_token: str | None = "<|endoftext|>", batch_size: int = 8,
              device: str = "auto", precision: str = "fp32", vocab_dir: str | None = None,
              bpe_tokenizer: str | None = None, provenance_path: str | os.PathLike | None = None,
-             ops_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+             ops_dir: str | os.PathLike | None = None, weights: str = "fp32") -> dict[str, Any]:
     """Continue every prompt of `prompts_path`; write the JSON lines `out` (and provenance) atomically.
 
     ops_dir: build folder of the compiled ops, whose decode op speeds up CPU decoding
-    (default: $GPT2IPU_OPS_DIR).
+    (default: $GPT2IPU_OPS_DIR). weights: fp32, or bf16 / int8 matrices (gpt2ipu/model/lowp.py).
     """
     from gpt2ipu.fsutil import atomic_file
     from gpt2ipu.ops import OPS_DIR_ENV
@@ -133,7 +140,8 @@ def generate(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, out:
     started = time.perf_counter()
     prompts = read_prompts(prompts_path)
     config.check()
-    model, tokenizer, device_used = load_for_generation(model_dir, device, precision, vocab_dir, bpe_tokenizer)
+    model, tokenizer, device_used = load_for_generation(model_dir, device, precision, vocab_dir, bpe_tokenizer,
+                                                        weights)
     config.stop_token_id = stop_token_id(tokenizer, stop_token)
     records = generate_texts(model, tokenizer, prompts, config, batch_size=batch_size)
     seconds = time.perf_counter() - started
@@ -145,7 +153,7 @@ def generate(model_dir: str | os.PathLike, prompts_path: str | os.PathLike, out:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     params = {**asdict(config), "stop_token": stop_token, "batch_size": batch_size, "device": str(device_used),
-              "precision": precision, "tokenizer": tokenizer.name}
+              "precision": precision, "weights": weights, "tokenizer": tokenizer.name}
     out = Path(out)
     provenance_path = Path(provenance_path) if provenance_path else out.with_name(out.stem + ".provenance.json")
     write_provenance(provenance_path.parent, "generate", params, [model_dir, prompts_path], figures,

@@ -13,6 +13,7 @@ from gpt2ipu.generate import batch
 from gpt2ipu.generate.batch import load_for_generation, max_prompt_tokens, prompt_ids, stop_token_id
 from gpt2ipu.generate.sampling import Generation, SamplingConfig, generate
 from gpt2ipu.log import package_logger
+from gpt2ipu.model.lowp import WEIGHT_FORMATS
 
 log = package_logger(__name__)
 
@@ -90,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="batch mode: prompts decoded together")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights' dtype (default fp32)")
+    parser.add_argument("--weights", default="fp32", choices=WEIGHT_FORMATS,
+                        help="how the weight matrices are stored: fp32, bf16, or int8 with a scale per output row "
+                             "(computed in fp32; rounded at load from the fp32 checkpoint; fewer bytes per token "
+                             "make CPU decoding faster: docs/measurements.md)")
     parser.add_argument("--vocab-dir", default=None, help="GPT-2 vocab folder, for a model folder without its own")
     parser.add_argument("--bpe-tokenizer", default=None, help="tokenizer.json from `gpt2ipu train-bpe`")
     parser.add_argument("--ops-dir", default=None,
@@ -114,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or str(Path(args.prompts).with_suffix("")) + ".continuations.jsonl"
         figures = batch.generate(args.model_dir, args.prompts, out, config, stop_token=args.stop_token,
                                  batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                 vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer)
+                                 vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer, weights=args.weights)
         print(json.dumps({"out": out, **figures}))
         return 0
     model, tokenizer, _ = load_for_generation(args.model_dir, args.device, args.precision, args.vocab_dir,
-                                              args.bpe_tokenizer)
+                                              args.bpe_tokenizer, args.weights)
     config.stop_token_id = stop_token_id(tokenizer, args.stop_token)
     return interactive(model, tokenizer, config)

@@ -26,8 +26,8 @@ def use_decode_layout(model) -> None:
     bits, as with any other kernel.
     """
     weight = model.wte.weight
-    if weight.device.type != "cpu":
-        return
+    if weight.device.type != "cpu" or not isinstance(model.wte, torch.nn.Embedding):
+        return   # CUDA, or low-precision weights, whose modules pick their kernel (gpt2ipu/model/lowp.py)
     if weight.dtype == torch.float32 and load_ops() is not None:
         for parent in list(model.modules()):
             for name, child in parent.named_children():

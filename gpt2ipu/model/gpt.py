@@ -361,6 +361,8 @@ def embed(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor 
     """
     if tied is not None:
         tokens = TiedEmbedding.apply(input_ids, model.wte.weight, tied)   # [B, T, C]
+    elif not isinstance(model.wte, nn.Embedding):   # low-precision weights (gpt2ipu/model/lowp.py)
+        tokens = model.wte(input_ids)
     else:
         tokens = F.embedding(input_ids, model.wte.weight, sparse=sparse and not torch.compiler.is_compiling())
     if position_ids is None:

@@ -44,3 +44,13 @@ def self_check(namespace) -> None:
     x, weight, bias = torch.randn(3, 24, generator=generator), torch.randn(10, 24, generator=generator), torch.randn(10)
     if not torch.allclose(namespace.decode_linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5):
         raise SystemExit("self-check failed: decode_linear differs from F.linear")
+    # The low-precision kernels against F.linear over the same rounded weights, widened to fp32.
+    rounded = weight.to(torch.bfloat16)
+    if not torch.allclose(namespace.decode_linear_bf16(x, rounded, bias), F.linear(x, rounded.float(), bias),
+                          rtol=1e-5, atol=1e-5):
+        raise SystemExit("self-check failed: decode_linear_bf16 differs from F.linear over the bf16 weights")
+    scale = weight.abs().amax(dim=1) / 127
+    quantized = torch.round(weight / scale[:, None]).to(torch.int8)
+    expected = F.linear(x, quantized.float() * scale[:, None], bias)
+    if not torch.allclose(namespace.decode_linear_int8(x, quantized, scale, bias), expected, rtol=1e-5, atol=1e-5):
+        raise SystemExit("self-check failed: decode_linear_int8 differs from F.linear over the dequantized weights")

@@ -3,7 +3,7 @@ from gpt2ipu.generate.sampling import SamplingConfig
 from gpt2ipu.workflow_adapter import bpe_tokenizer, run_stage
 
 settings = dict(snakemake.params.settings)  # the config's generate section: sampling + run options
-options = {key: settings.pop(key) for key in ("stop_token", "batch_size", "device", "precision")}
+options = {key: settings.pop(key) for key in ("stop_token", "batch_size", "device", "precision", "weights")}
 run_stage(snakemake, generate, model_dir=snakemake.input.model, prompts_path=snakemake.input.prompts,
           out=snakemake.output.continuations, provenance_path=snakemake.output.provenance,
           config=SamplingConfig(**settings), vocab_dir=snakemake.params.vocab_dir,

@@ -1,0 +1,270 @@
+"""Low-precision weights for inference: a GPT whose matrices are stored bf16 or int8, loaded tensor by tensor.
+
+`--weights bf16` stores every weight matrix (the four per block, the token embedding and the LM
+head, tied or not) in bf16; `--weights int8` stores them as int8 with one fp32 scale per output
+row (symmetric, absmax / 127: weight-only quantization, as PyTorch's and llama.cpp's q8_0 do it,
+per row rather than per block of 32). Everything else (LayerNorms, biases, position embeddings,
+activations, the key/value cache) stays fp32: together under 1% of GPT-2 small's weight bytes,
+and the place where rounding would cost accuracy for nothing.
+
+Why: batch-1 decoding reads every weight once per token, so its speed is the memory's bandwidth
+divided by the weights' bytes; 2 or 1 byte per weight instead of 4 is the only way past the fp32
+limit. The compiled decode ops (custom_ops/decode_linear.cpp: `decode_linear_bf16`,
+`decode_linear_int8`) widen the weights to fp32 inside the matrix-vector loop; without them, and
+for calls of many rows (a prompt, an evaluation window), the weights are widened to fp32 for the
+call and F.linear does the product: the same values, up to the order of the sums.
+
+Loading: from the fp32 checkpoint itself (no second file). Tensors are read one at a time from
+model.safetensors and rounded as they arrive (the token embedding in blocks of rows), so the
+fp32 weights are never all in memory; a folder in another form (sharded, pytorch_model.bin) is
+loaded whole and then rounded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from gpt2ipu.errors import UserError
+from gpt2ipu.model.gpt import GPT
+from gpt2ipu.model.hf import (
+    BUFFER_SUFFIXES,
+    CONFIG_NAME,
+    CONV1D_SUFFIXES,
+    WEIGHTS_NAME,
+    check_saved_architecture,
+    config_from_hf,
+    load_hf_dir,
+)
+from gpt2ipu.ops import load_ops, ops_reason
+
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+DECODE_MAX_ROWS = 16          # custom_ops/decode_linear.cpp's kMaxRows
+EMBEDDING_ROWS_PER_READ = 4096  # 12 MB of fp32 GPT-2 embedding rows at a time
+
+
+def check_weights(weights: str, precision: str = "fp32") -> None:
+    if weights not in WEIGHT_FORMATS:
+        raise UserError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+    if weights != "fp32" and precision != "fp32":
+        raise UserError(f"--weights {weights} stores the weights in {weights} and computes in fp32; it does not "
+                        f"combine with --precision {precision} (the whole model in {precision}): drop one of them")
+
+
+def quantize_rows(weight: torch.Tensor, weights: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(stored weight, per-row scale or None) of an fp32 [out, in] matrix in format `weights`."""
+    weight = weight.float()
+    if weights == "bf16":
+        return weight.to(torch.bfloat16).contiguous(), None
+    scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    quantized = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return quantized.contiguous(), scale
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 values a stored matrix stands for."""
+    return weight.float() if scale is None else weight.float() * scale[:, None]
+
+
+class LowpLinear(nn.Module):
+    """y = x W^T + b with W stored bf16, or int8 with a per-row scale; x, b and y fp32.
+
+    Few rows on CPU (decoding): the compiled op, which widens W inside its loop. Otherwise (a
+    prompt, an evaluation window, no compiled ops, CUDA): W widened to fp32 for this call, then
+    F.linear. Holds no fp32 copy of W between calls.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and rows.shape[0] <= DECODE_MAX_ROWS
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            ops = load_ops()
+            if ops is not None:
+                if self.scale is None:
+                    out = ops.decode_linear_bf16(rows, self.weight, self.bias)
+                else:
+                    out = ops.decode_linear_int8(rows, self.weight, self.scale, self.bias)
+                return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, dequantize(self.weight, self.scale).to(x.dtype), self.bias)
+
+
+class LowpEmbedding(nn.Module):
+    """The token embedding as rows of a stored matrix (shared with a tied LM head), widened on lookup."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids, self.weight).float()
+        return rows if self.scale is None else rows * F.embedding(input_ids, self.scale[:, None])
+
+
+def weights_format(model: nn.Module) -> str:
+    """fp32 / bf16 / int8: how `model`'s matrices are stored (its dtype for a plain model)."""
+    wte = model.wte
+    if isinstance(wte, LowpEmbedding):
+        return "bf16" if wte.scale is None else "int8"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(wte.weight.dtype, "fp32")
+
+
+def kernel_report(weights: str) -> str:
+    """Which code multiplies by `weights` weights while decoding on this CPU, and why (the probe)."""
+    flags = cpu_flags()
+    shown = " ".join(f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+                     if f in flags) or "none of avx512f/avx512_bf16/avx512_vnni/amx"
+    if weights == "fp32":
+        path = "compiled decode op (fp32)" if load_ops() is not None else "F.linear (no compiled ops)"
+    elif load_ops() is not None:
+        path = f"compiled decode op: {load_ops().decode_kernels()}"
+    else:
+        path = f"pure PyTorch: widened to fp32 per call, then F.linear ({ops_reason()})"
+    return f"{path}; CPU flags: {shown}"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load_lowp(folder: str | os.PathLike, weights: str) -> GPT:
+    """The GPT of a Hugging Face GPT-2 folder with its matrices stored in `weights` (bf16 / int8), on CPU, eval mode.
+
+    The fp32 tensors are read and rounded one at a time (see the module's docstring).
+    """
+    folder = Path(folder)
+    check_weights(weights)
+    single = folder / WEIGHTS_NAME
+    if not (folder / CONFIG_NAME).is_file() or not single.is_file():
+        return to_lowp(load_hf_dir(folder), weights)   # reports a bad folder, or loads another form whole
+    config = config_from_hf(folder / CONFIG_NAME)
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            found = {our_name(k): tuple(f.get_slice(k).get_shape()[::-1] if our_name(k).endswith(CONV1D_SUFFIXES)
+                                        else f.get_slice(k).get_shape())
+                     for k in f.keys() if not k.endswith(BUFFER_SUFFIXES)}
+    except Exception:   # unreadable: load_hf_dir names the file and what to do
+        found = None
+    if found != expected:
+        return to_lowp(load_hf_dir(folder), weights)   # load_hf_dir says what does not match
+    check_saved_architecture(folder, config)
+    _make_lowp_modules(model, weights)
+    for name, read in _tensor_readers(single):
+        _assign(model, name, read, weights)
+    if config.tie_word_embeddings:
+        model.lm_head = LowpLinear(model.wte.weight, model.wte.scale, None)
+    check_no_meta(model)
+    return model.eval().requires_grad_(False)
+
+
+def to_lowp(model: GPT, weights: str) -> GPT:
+    """An fp32 GPT with its matrices rounded to `weights`, in place (each fp32 matrix freed as it goes)."""
+    tied = model.config.tie_word_embeddings
+    model.wte = LowpEmbedding(*quantize_rows(model.wte.weight.detach(), weights))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and not (tied and child is model.lm_head):
+                bias = None if child.bias is None else child.bias.detach()
+                setattr(parent, name, LowpLinear(*quantize_rows(child.weight.detach(), weights), bias))
+    if tied:
+        model.lm_head = LowpLinear(model.wte.weight, model.wte.scale, None)
+    return model.eval().requires_grad_(False)
+
+
+def our_name(file_name: str) -> str:
+    return file_name.removeprefix("transformer.")
+
+
+def _make_lowp_modules(model: GPT, weights: str) -> None:
+    """Swap the meta model's matrices for low-precision modules (still meta; `_assign` fills them)."""
+    def placeholder(rows: int, cols: int):
+        dtype = torch.bfloat16 if weights == "bf16" else torch.int8
+        scale = None if weights == "bf16" else torch.empty(rows, device="meta")
+        return torch.empty(rows, cols, dtype=dtype, device="meta"), scale
+
+    model.wte = LowpEmbedding(*placeholder(*model.wte.weight.shape))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                bias = None if child.bias is None else torch.empty_like(child.bias)
+                setattr(parent, name, LowpLinear(*placeholder(*child.weight.shape), bias))
+
+
+def _tensor_readers(path: Path) -> Iterator[tuple[str, object]]:
+    """(our name, read(rows=None) -> fp32 tensor in our layout) per tensor of a safetensors file, one open file."""
+    with safe_open(str(path), framework="pt") as f:
+        for file_name in f.keys():
+            name = our_name(file_name)
+            if name.endswith(BUFFER_SUFFIXES):
+                continue
+
+            def read(rows: slice | None = None, file_name=file_name, name=name) -> torch.Tensor:
+                if rows is not None:
+                    return f.get_slice(file_name)[rows].float()
+                tensor = f.get_tensor(file_name).float()
+                return tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor
+            yield name, read
+
+
+def _assign(model: GPT, name: str, read, weights: str) -> None:
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    if attr != "weight" or not isinstance(module, (LowpLinear, LowpEmbedding)):
+        module._parameters[attr] = nn.Parameter(read(), requires_grad=False)
+        return
+    if isinstance(module, LowpEmbedding) or name == "lm_head.weight":
+        rows = module.weight.shape[0]
+        parts = [quantize_rows(read(slice(start, start + EMBEDDING_ROWS_PER_READ)), weights)
+                 for start in range(0, rows, EMBEDDING_ROWS_PER_READ)]
+        module.weight = torch.cat([p[0] for p in parts])
+        module.scale = None if weights == "bf16" else torch.cat([p[1] for p in parts])
+        return
+    module.weight, module.scale = quantize_rows(read(), weights)
+
+
+def lowp_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s weights as stored (a tied matrix once)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def check_no_meta(model: nn.Module) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise UserError(f"tensors missing from the checkpoint: {', '.join(left[:5])}; save the model again")

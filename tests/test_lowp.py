@@ -1,0 +1,116 @@
+"""Low-precision weights (gpt2ipu/model/lowp.py, custom_ops/decode_linear.cpp): the kernels against F.linear
+over the same rounded weights, int8 rounding within half a step, loading tensor by tensor equal to rounding a
+loaded model, the compiled and pure paths giving the same tokens, bad flags refused, and the quality bounds
+of issue 21 against fp32 (on the real GPT-2 small when it is in the local Hugging Face cache, else on the
+small random model: tests/test_lowp.py::test_quality_*)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2ipu import ops
+from gpt2ipu.errors import UserError
+from gpt2ipu.generate.sampling import SamplingConfig, generate
+from gpt2ipu.model import lowp
+from gpt2ipu.model.hf import load_hf_dir
+from gpt2ipu.model.lowp import LowpEmbedding, LowpLinear, dequantize, load_lowp, quantize_rows, to_lowp
+from gpt2ipu.pretrained import load_model
+
+WINDOW = 64
+PROMPTS = [[464, 4429, 373, 257], [818, 20015, 11, 262, 7404, 6745, 3066, 284], [40]]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def no_ops(monkeypatch):
+    """The pure PyTorch path: no compiled ops in this process's view."""
+    monkeypatch.setattr(lowp, "load_ops", lambda *a, **k: None)
+    monkeypatch.setattr(lowp, "ops_reason", lambda *a, **k: "switched off by the test")
+
+
+def test_int8_rounding_is_within_half_a_step_per_row():
+    weight = torch.randn(37, 50) * torch.logspace(-3, 1, 37)[:, None]   # rows of very different sizes
+    weight[5] = 0.0                                                     # an all-zero row stays finite
+    quantized, scale = quantize_rows(weight, "int8")
+    assert quantized.dtype == torch.int8 and scale.shape == (37,)
+    torch.testing.assert_close(scale[6:], weight[6:].abs().amax(dim=1) / 127)
+    assert (quantized.abs().amax(dim=1)[6:] == 127).all()                # each row's largest maps to +-127
+    error = (dequantize(quantized, scale) - weight).abs()
+    assert (error <= scale[:, None] / 2 * (1 + 1e-5)).all()
+    assert torch.isfinite(dequantize(quantized, scale)).all() and (dequantize(quantized, scale)[5] == 0).all()
+    bf16, none = quantize_rows(weight, "bf16")
+    assert none is None and torch.equal(bf16, weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows,inner,out", [(1, 768, 50), (3, 24, 10), (16, 33, 7), (2, 100, 4)])
+def test_low_precision_kernels_equal_f_linear_over_the_rounded_weights(compiled, rows, inner, out):
+    generator = torch.Generator().manual_seed(rows * inner)
+    x = torch.randn(rows, inner, generator=generator)
+    weight, bias = torch.randn(out, inner, generator=generator), torch.randn(out, generator=generator)
+    bf16, _ = quantize_rows(weight, "bf16")
+    torch.testing.assert_close(compiled.decode_linear_bf16(x, bf16, bias), F.linear(x, bf16.float(), bias),
+                               rtol=1e-5, atol=1e-4)
+    quantized, scale = quantize_rows(weight, "int8")
+    torch.testing.assert_close(compiled.decode_linear_int8(x, quantized, scale, None),
+                               F.linear(x, dequantize(quantized, scale)), rtol=1e-5, atol=1e-4)
+    assert "widen+fma" in compiled.decode_kernels()
+    with pytest.raises(RuntimeError, match="float32 only"):
+        compiled.decode_linear_int8(x, quantized.float(), scale, None)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        compiled.decode_linear_int8(x, quantized, scale[:-1], None)
+
+
+def test_loading_tensor_by_tensor_equals_rounding_the_loaded_model(model_dir, monkeypatch):
+    monkeypatch.setattr(lowp, "EMBEDDING_ROWS_PER_READ", 1000)   # the embedding in several blocks of rows
+    monkeypatch.setattr(lowp, "load_hf_dir", lambda *a, **k: pytest.fail("loaded the fp32 model whole"))
+    streamed = load_lowp(model_dir, "int8")
+    whole = to_lowp(load_hf_dir(model_dir), "int8")
+    for (name, a), (_, b) in zip(sorted(streamed.state_dict().items()), sorted(whole.state_dict().items())):
+        assert torch.equal(a, b), name
+    assert isinstance(streamed.wte, LowpEmbedding) and isinstance(streamed.h[0].attn.c_attn, LowpLinear)
+    assert streamed.lm_head.weight is streamed.wte.weight and streamed.wte.weight.dtype == torch.int8
+    assert lowp.weights_format(streamed) == "int8"
+    fp32_bytes = lowp.lowp_bytes(load_model(model_dir))
+    assert lowp.lowp_bytes(streamed) < 0.3 * fp32_bytes
+    assert lowp.lowp_bytes(load_lowp(model_dir, "bf16")) < 0.52 * fp32_bytes
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_compiled_and_pure_paths_decode_the_same_tokens(compiled, built_ops_dir, model_dir, weights, monkeypatch):
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    model = load_model(model_dir, "cpu", "fp32", weights)
+    config = SamplingConfig(max_new_tokens=20, greedy=True)
+    fast = [g.tokens for g in generate(model, PROMPTS, config)]
+    assert "compiled decode op" in lowp.kernel_report(weights)
+    monkeypatch.setattr(lowp, "load_ops", lambda *a, **k: None)
+    pure = [g.tokens for g in generate(model, PROMPTS, config)]
+    assert fast == pure and all(len(t) == 20 for t in fast)
+
+
+def test_pure_path_logits_follow_fp32(model_dir, no_ops):
+    fp32 = load_model(model_dir)
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        reference = fp32.logits(ids)
+        for weights, bound in (("bf16", 0.02), ("int8", 0.06)):
+            logits = load_model(model_dir, "cpu", "fp32", weights).logits(ids)
+            relative = (logits - reference).norm() / reference.norm()
+            assert 0 < relative < bound, (weights, relative)   # rounded (not equal) but close
+    assert "pure PyTorch" in lowp.kernel_report("int8")
+
+
+def test_bad_weights_flags_are_user_errors(model_dir, tmp_path):
+    with pytest.raises(UserError, match="--weights 'int4'"):
+        load_model(model_dir, "cpu", "fp32", "int4")
+    with pytest.raises(UserError, match="does not combine with --precision bf16"):
+        load_model(model_dir, "cpu", "bf16", "int8")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text().replace('"n_layer": 2',
+                                                                                         '"n_layer": 3'))
+    (broken / "model.safetensors").symlink_to(model_dir / "model.safetensors")
+    with pytest.raises(UserError, match="does not hold the tensors"):
+        load_model(broken, "cpu", "fp32", "int8")
