@@ -330,6 +330,16 @@ def test_layout_reproduces_one_process(reference, layout):
 
 
 @pytest.mark.slow
+def test_fsdp_over_one_process_reproduces_one_process(reference, tmp_path):
+    """--fsdp without torchrun: a group of one and a 1 x 1 mesh (it used to fail on the missing mesh)."""
+    root, expected = reference
+    run(train_command(1, 0, root / "init", tmp_path / "s", "--fsdp", "--batch-size", 2, "--gradient-accumulation", 4,
+                      "--max-steps", 3))
+    assert losses(tmp_path / "s") == pytest.approx(expected[:3], rel=1e-5)
+    assert (tmp_path / "s" / "checkpoints" / "step-00000003" / "sharded" / ".metadata").is_file()
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_in_one_process_and_loads_in_transformers(reference):
     from transformers import GPT2LMHeadModel
 

@@ -73,7 +73,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg = resolved.config
     model_config = model_config_of(cfg)
     stage_sizes = check_layout(cfg, parallel.world_size_launched(), model_config.n_layer)   # before any allocation
-    info = parallel.init_distributed(cfg.device, cfg.replication_factor, cfg.stages)
+    info = parallel.init_distributed(cfg.device, cfg.replication_factor, cfg.stages, mesh_of_one=cfg.fsdp)
     start_memory = peak_memory_per_rank(info)   # the interpreter and imports, before data and model
     say = make_say(info.is_main)
     for note in resolved.notes:

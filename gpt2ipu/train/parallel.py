@@ -62,10 +62,12 @@ def world_size_launched() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(requested_device: str, dp: int, pp: int = 1) -> DistInfo:
+def init_distributed(requested_device: str, dp: int, pp: int = 1, *, mesh_of_one: bool = False) -> DistInfo:
     """Join the process group torchrun set up (or run alone) and build the (pp, dp) mesh.
 
     The caller has checked that dp x pp processes were launched (train.config.check_layout).
+    `mesh_of_one`: one process still gets a group and a 1 x 1 mesh (FSDP over one process: the
+    same code and checkpoints as over many, e.g. the one-GPU smoke form of tools/gpu-check.sh).
     """
     world_size = world_size_launched()
     rank = int(os.environ.get("RANK", "0"))
@@ -74,8 +76,11 @@ def init_distributed(requested_device: str, dp: int, pp: int = 1) -> DistInfo:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size == 1:
+    if world_size == 1 and not mesh_of_one:
         return DistInfo(rank=0, world_size=1, local_rank=local_rank, device=device)
+    if world_size == 1 and not dist.is_initialized():   # no rendezvous to join: an in-memory store
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
     if not dist.is_initialized():
         check_restartable()
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
@@ -222,5 +227,5 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.world_size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
