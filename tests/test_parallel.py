@@ -245,16 +245,21 @@ def test_a_tied_weights_copy_in_a_checkpoint_is_folded_when_equal_and_refused_wh
 
 
 def test_a_checkpoint_of_another_model_is_refused_before_it_is_read(tmp_path):
-    from gpt2ipu.model.hf import save_hf_dir
-    from gpt2ipu.train.loop import check_same_model
+    from types import SimpleNamespace
 
-    save_hf_dir(GPT(tiny_config()), tmp_path / "step-00000005")
-    check_same_model(tmp_path / "step-00000005", tiny_config())
+    from gpt2ipu.model.hf import save_hf_dir
+    from gpt2ipu.train.loop import check_same_model, resume
+
+    folder = tmp_path / "step-00000005"
+    save_hf_dir(GPT(tiny_config()), folder)
+    torch.save({}, folder / "training_state.pt")   # never read: the refusal comes first
+    check_same_model(folder, tiny_config())
     wider = GPTConfig(vocab_size=512, n_positions=32, n_embd=128, n_layer=6, n_head=2)
+    run = SimpleNamespace(cfg=TrainConfig(resume_training_from_checkpoint=str(folder)), model_config=wider)
     with pytest.raises(UserError, match=r"step-00000005: this checkpoint is of another model than this run's: "
                                         r"n_layer 4 there, 6 here, n_embd 64 there, 128 here; resume it with the "
                                         r"settings of the run that wrote it"):
-        check_same_model(tmp_path / "step-00000005", wider)
+        resume(run, print)
 
 
 # --- runs across processes (torchrun, gloo) ------------------------------------------------------
@@ -407,24 +412,28 @@ def resumable_copy(source: Path, step: int, target: Path) -> Path:
     return target
 
 
-RESUME_LAYOUTS = {   # name: (processes, flags); the global batch of 8 as everywhere here
-    "one": (1, ["--batch-size", 2, "--gradient-accumulation", 4]),
-    "pp2": (2, ["--pipeline-stages", 2, "--batch-size", 2, "--gradient-accumulation", 4]),
+RESUME_LAYOUTS = {   # name: (processes, flags), in the order a run moves through them; the global batch of 8
     "pp3": (3, ["--pipeline-stages", 3, "--batch-size", 2, "--gradient-accumulation", 4]),
+    "one": (1, ["--batch-size", 2, "--gradient-accumulation", 4]),
+    "pp2_x_fsdp2": (4, ["--pipeline-stages", 2, "--fsdp", "--replication-factor", 2, "--batch-size", 2,
+                        "--gradient-accumulation", 2]),
     "fsdp2": (2, ["--fsdp", "--replication-factor", 2, "--batch-size", 2, "--gradient-accumulation", 2]),
 }
 
 
 @pytest.mark.slow
 def test_a_run_resumed_in_other_layouts_reproduces_one_process(reference, tmp_path):
-    """One run moved through four layouts, one step in each (the last two), resuming each time from
-    the checkpoint the previous layout wrote: 2 stages -> 3 stages -> one process -> 2 stages -> FSDP x 2.
-    Every step's loss equals the uninterrupted one-process run's; a step also depends on the optimizer
-    state, scheduler, data position and RNG the previous layout saved."""
+    """One run moved through four layouts, resuming each time from the checkpoint the previous one
+    wrote: 2 stages -> 3 stages -> one process -> 2 stages x FSDP 2 -> FSDP x 2 (one step each, two in
+    the last). So: a pipeline checkpoint on another number of stages and in one process (the LM
+    head's copy folded into wte), a single-file checkpoint into FSDP-sharded stages (the last
+    stage's copy from wte), a pipeline x FSDP checkpoint into FSDP alone. Every step's loss equals
+    the uninterrupted one-process run's; each depends on the optimizer state, scheduler, data
+    position and RNG that the previous layout saved."""
     root, expected = reference
     state = resumable_copy(sharded_run(reference, "pp_1f1b"), 5, tmp_path / "s")
     said = []
-    for step, layout in enumerate(["pp3", "one", "pp2", "fsdp2"], start=6):
+    for step, layout in enumerate(RESUME_LAYOUTS, start=6):
         nproc, flags = RESUME_LAYOUTS[layout]
         last = step + (layout == "fsdp2")
         result = run(train_command(nproc, 29900 + step, root / "init", state, "--max-steps", last,
@@ -433,16 +442,8 @@ def test_a_run_resumed_in_other_layouts_reproduces_one_process(reference, tmp_pa
         assert losses(state) == pytest.approx(expected[:last], rel=1e-5), layout
     assert [line.split("(written by ")[1] for line in said] == [
         "2 pipeline stages; this run: 3 pipeline stages)", "3 pipeline stages; this run: one process)",
-        "one process; this run: 2 pipeline stages)", "2 pipeline stages; this run: FSDP over 2)"]
-
-
-@pytest.mark.slow
-def test_a_one_process_checkpoint_resumes_under_fsdp(reference, tmp_path):
-    root, expected = reference
-    state = resumable_copy(root / "one", 10, tmp_path / "s")
-    nproc, flags = RESUME_LAYOUTS["fsdp2"]
-    run(train_command(nproc, 29911, root / "init", state, "--max-steps", STEPS + 2, *flags))
-    assert losses(state) == pytest.approx(expected, rel=1e-5)
+        "one process; this run: 2 pipeline stages x FSDP over 2)",
+        "2 pipeline stages x FSDP over 2; this run: FSDP over 2)"]
 
 
 @pytest.mark.slow

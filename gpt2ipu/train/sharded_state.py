@@ -122,7 +122,7 @@ def load_sharded_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
     """
     sharded_dir = Path(folder) / SHARDED_DIR
     model_state, optim_state = get_state_dict(model, optimizer)
-    our_groups = [group["params"] for group in optim_state["param_groups"]]   # the load puts the saved lists here
+    our_groups = [list(group["params"]) for group in optim_state["param_groups"]]   # the load puts the saved lists here
     request_model, request_optim = _tied_as_saved(model, dict(model_state), dict(optim_state["state"]))
     request = {"model": request_model, "optim": {"state": request_optim, "param_groups": optim_state["param_groups"]}}
     scratch = _copy_to_compare(request, _saved_keys(sharded_dir))
