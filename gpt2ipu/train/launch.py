@@ -41,11 +41,10 @@ def pretrain(*, recipe: dict[str, Any], shards_dir: str, state_root: str, run_na
     parallel = parallel or {"fsdp": False, "pipeline_stages": 1, "layers_per_stage": None, "schedule": "1f1b"}
     world = nproc_per_node * nnodes
     replicas = workflow_replicas(nproc_per_node, nnodes, parallel)
-    # A sharded layout is part of the key (the process count is not): its checkpoints resume on any
-    # number of processes, but not in a single-file layout's run, nor with another pipeline split.
-    sharded = parallel["fsdp"] or replicas != world
-    keyed = {**recipe, "parallel": parallel} if sharded else recipe
-    state_dir = Path(state_root) / f"{run_name}-{state_key(keyed, shards_dir)}"
+    # The layout is not part of the key: a checkpoint of any layout resumes in any other
+    # (gpt2ipu/train/sharded_state.py), so a job rerun with more processes, FSDP or another pipeline
+    # split continues the same run.
+    state_dir = Path(state_root) / f"{run_name}-{state_key(recipe, shards_dir)}"
     state_dir.mkdir(parents=True, exist_ok=True)
     config = workflow_run_config(recipe, shards_dir=shards_dir, state_dir=str(state_dir), save_model_path=model_dir,
                                  replication_factor=replicas, parallel=parallel)
