@@ -126,6 +126,21 @@ def test_restarts_used_up_end_with_one_message_naming_the_rank(init_dir, tmp_pat
     assert sorted(p.name for p in (tmp_path / "state" / "torchrun").glob("*/attempt_*")) == ["attempt_0", "attempt_1"]
 
 
+def test_the_processes_get_the_command_less_its_launch_options():
+    from gpt2ipu.train.cli import train_arguments
+
+    argv = ["train", "--nproc-per-node", "2", "--max-steps", "3", "--max-restarts=1", "--rdzv-endpoint", "h:1",
+            "--fsdp", "--nnodes", "1", "--rdzv-timeout", "5"]
+    assert train_arguments(argv) == ["--max-steps", "3", "--fsdp"]
+
+
+def test_launch_options_without_a_launch_are_refused(capsys):
+    from gpt2ipu.cli import main
+
+    assert main(["train", "--max-restarts", "1", "--max-steps", "1"]) == 2
+    assert "--max-restarts start torchrun and need --nproc-per-node" in capsys.readouterr().err
+
+
 # --- a kill while a checkpoint is written ---------------------------------------------------------
 
 KILL_MID_SAVE = r"""

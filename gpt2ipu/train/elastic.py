@@ -27,8 +27,8 @@ from gpt2ipu.errors import UserError
 # keys the processes of a round write there outlive them: gloo's full-mesh connect (each rank
 # publishes its listening address under the process group's prefix) then finds the dead round's
 # addresses already set, so the restarted ranks connect to ports nobody listens on any more
-# ("Connection refused" in connectFullMesh), and the static rendezvous's counters make
-# init_process_group wait for arrivals that were already counted (a hang). The restart count in
+# ("Connection refused" in connectFullMesh; with the static rendezvous, whose store is always
+# shared, the restarted processes were seen to wait in init_process_group instead). The restart count in
 # TORCHELASTIC_RESTART_COUNT cannot prefix the keys instead: an agent whose own workers were
 # healthy restarts without counting, so the count differs between machines. With the store not
 # shared, the first agent picks a fresh port each round and rank 0 starts a new, empty store on it.
