@@ -141,6 +141,23 @@ def test_launch_options_without_a_launch_are_refused(capsys):
     assert "--max-restarts start torchrun and need --nproc-per-node" in capsys.readouterr().err
 
 
+def test_the_failure_message_names_the_first_failed_rank_and_its_last_line(tmp_path):
+    from gpt2ipu.train.elastic import CLI_FLAGS, Torchrun
+
+    for attempt, line in ((0, "step 3"), (1, "[rank1]: loading shard 7")):
+        log = tmp_path / "none_abc" / f"attempt_{attempt}" / "1" / "stderr.log"
+        log.parent.mkdir(parents=True)
+        log.write_text(f"{line}\n\n")
+        time.sleep(0.01)   # the newest attempt is the newest file
+    agent = ("Failures:\n[0]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15 (pid: 5)\n"
+             "Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-04_01:00:00\n  host      : h\n"
+             "  rank      : 3 (local_rank: 1)\n  exitcode  : -9 (pid: 7)\n  error_file: <N/A>\n")
+    launcher = Torchrun(nproc_per_node=2, nnodes=2, rdzv_endpoint="h:1", max_restarts=2, rdzv_timeout=5,
+                        log_dir=tmp_path, flag_names=CLI_FLAGS)
+    assert launcher.failure(agent).startswith('rank 3 was killed by SIGKILL after 2 restart(s) (--max-restarts 2); '
+                                              'its last message: "[rank1]: loading shard 7". Rerun')
+
+
 # --- a kill while a checkpoint is written ---------------------------------------------------------
 
 KILL_MID_SAVE = r"""

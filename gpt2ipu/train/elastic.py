@@ -89,9 +89,18 @@ class Torchrun:
             return (f"torchrun ended with a failure {restarts}; its messages are above. Rerun the same command "
                     "once their cause is fixed: it resumes from the last checkpoint")
         rank, local_rank, code = int(cause[1]), int(cause[2]), int(cause[3])
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        return (f"rank {rank} {how} {restarts}; its last message: \"{last_message(self.log_dir, local_rank)}\". "
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+        last = last_message(self.log_dir, local_rank)
+        said = f"its last message: \"{last}\"" if last else "it wrote no message"
+        return (f"rank {rank} {how} {restarts}; {said}. "
                 "Rerun the same command once its cause is fixed: it resumes from the last checkpoint")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _pump(proc: subprocess.Popen, tail: collections.deque) -> str:
