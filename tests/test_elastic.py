@@ -158,6 +158,21 @@ def test_the_failure_message_names_the_first_failed_rank_and_its_last_line(tmp_p
                                               'its last message: "[rank1]: loading shard 7". Rerun')
 
 
+def test_a_torchrun_whose_restarts_could_not_rejoin_is_refused_before_it_starts(monkeypatch):
+    from gpt2ipu.errors import UserError
+    from gpt2ipu.train.parallel import check_restartable
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")   # torchrun's default store, shared by the rounds
+    with pytest.raises(UserError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable makes torchrun give
+    check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")         # no restart, nothing to rejoin
+    check_restartable()
+
+
 # --- a kill while a checkpoint is written ---------------------------------------------------------
 
 KILL_MID_SAVE = r"""
