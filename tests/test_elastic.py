@@ -126,6 +126,53 @@ def test_restarts_used_up_end_with_one_message_naming_the_rank(init_dir, tmp_pat
     assert sorted(p.name for p in (tmp_path / "state" / "torchrun").glob("*/attempt_*")) == ["attempt_0", "attempt_1"]
 
 
+def test_the_processes_get_the_command_less_its_launch_options():
+    from gpt2ipu.train.cli import train_arguments
+
+    argv = ["train", "--nproc-per-node", "2", "--max-steps", "3", "--max-restarts=1", "--rdzv-endpoint", "h:1",
+            "--fsdp", "--nnodes", "1", "--rdzv-timeout", "5"]
+    assert train_arguments(argv) == ["--max-steps", "3", "--fsdp"]
+
+
+def test_launch_options_without_a_launch_are_refused(capsys):
+    from gpt2ipu.cli import main
+
+    assert main(["train", "--max-restarts", "1", "--max-steps", "1"]) == 2
+    assert "--max-restarts start torchrun and need --nproc-per-node" in capsys.readouterr().err
+
+
+def test_the_failure_message_names_the_first_failed_rank_and_its_last_line(tmp_path):
+    from gpt2ipu.train.elastic import CLI_FLAGS, Torchrun
+
+    for attempt, line in ((0, "step 3"), (1, "[rank1]: loading shard 7")):
+        log = tmp_path / "none_abc" / f"attempt_{attempt}" / "1" / "stderr.log"
+        log.parent.mkdir(parents=True)
+        log.write_text(f"{line}\n\n")
+        time.sleep(0.01)   # the newest attempt is the newest file
+    agent = ("Failures:\n[0]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15 (pid: 5)\n"
+             "Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-04_01:00:00\n  host      : h\n"
+             "  rank      : 3 (local_rank: 1)\n  exitcode  : -9 (pid: 7)\n  error_file: <N/A>\n")
+    launcher = Torchrun(nproc_per_node=2, nnodes=2, rdzv_endpoint="h:1", max_restarts=2, rdzv_timeout=5,
+                        log_dir=tmp_path, flag_names=CLI_FLAGS)
+    assert launcher.failure(agent).startswith('rank 3 was killed by SIGKILL after 2 restart(s) (--max-restarts 2); '
+                                              'its last message: "[rank1]: loading shard 7". Rerun')
+
+
+def test_a_torchrun_whose_restarts_could_not_rejoin_is_refused_before_it_starts(monkeypatch):
+    from gpt2ipu.errors import UserError
+    from gpt2ipu.train.parallel import check_restartable
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")   # torchrun's default store, shared by the rounds
+    with pytest.raises(UserError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable makes torchrun give
+    check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")         # no restart, nothing to rejoin
+    check_restartable()
+
+
 # --- a kill while a checkpoint is written ---------------------------------------------------------
 
 KILL_MID_SAVE = r"""

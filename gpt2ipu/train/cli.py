@@ -39,12 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
     group = parser.add_argument_group("launch (this command starts torchrun over itself)")
     for dest, (flag, kind, default, help_text) in LAUNCH.items():
-        group.add_argument(flag, dest=dest, type=kind, default=default, help=f"{help_text} (default {default})")
+        # Absent unless given, so that the namespace holds training keys only (config_from_args).
+        group.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS,
+                           help=f"{help_text} (default {default})")
 
 
 def run(args: argparse.Namespace) -> int:
     """Train with the flags' config; print the last step's metrics as one JSON line on stdout (rank 0 only)."""
-    launch = {dest: vars(args).pop(dest) for dest in LAUNCH}
+    launch = {dest: vars(args).pop(dest, default) for dest, (_, _, default, _) in LAUNCH.items()}
     if launch["nproc_per_node"] is not None:
         return run_torchrun(args, **launch)
     if any(launch[dest] != LAUNCH[dest][2] for dest in ("nnodes", "max_restarts")):

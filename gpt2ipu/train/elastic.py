@@ -27,8 +27,8 @@ from gpt2ipu.errors import UserError
 # keys the processes of a round write there outlive them: gloo's full-mesh connect (each rank
 # publishes its listening address under the process group's prefix) then finds the dead round's
 # addresses already set, so the restarted ranks connect to ports nobody listens on any more
-# ("Connection refused" in connectFullMesh), and the static rendezvous's counters make
-# init_process_group wait for arrivals that were already counted (a hang). The restart count in
+# ("Connection refused" in connectFullMesh; with the static rendezvous, whose store is always
+# shared, the restarted processes were seen to wait in init_process_group instead). The restart count in
 # TORCHELASTIC_RESTART_COUNT cannot prefix the keys instead: an agent whose own workers were
 # healthy restarts without counting, so the count differs between machines. With the store not
 # shared, the first agent picks a fresh port each round and rank 0 starts a new, empty store on it.
@@ -95,9 +95,18 @@ class Torchrun:
             return (f"torchrun ended with a failure {restarts}; its messages are above. Rerun the same command "
                     "once their cause is fixed: it resumes from the last checkpoint")
         rank, local_rank, code = int(cause[1]), int(cause[2]), int(cause[3])
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        return (f"rank {rank} {how} {restarts}; its last message: \"{last_message(self.log_dir, local_rank)}\". "
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+        last = last_message(self.log_dir, local_rank)
+        said = f"its last message: \"{last}\"" if last else "it wrote no message"
+        return (f"rank {rank} {how} {restarts}; {said}. "
                 "Rerun the same command once its cause is fixed: it resumes from the last checkpoint")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _pump(proc: subprocess.Popen, tail: collections.deque) -> str:
