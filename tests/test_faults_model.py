@@ -162,10 +162,10 @@ def test_resuming_a_checkpoint_of_another_model_is_one_clear_message(tmp_path):
                     checkpoint_every=1, state_dir=str(tmp_path / "state"), progress=False, eval_batches=1)
     train(TrainConfig(max_len=16, **settings))
     kept = sorted((tmp_path / "state" / "checkpoints").iterdir())
-    with pytest.raises(UserError, match=r"transformer\.wpe\.weight|wpe\.weight") as caught:
+    with pytest.raises(UserError, match="another model") as caught:
         train(TrainConfig(max_len=32, **{**settings, "max_steps": 4}))
     message = str(caught.value)
-    assert str(kept[-1]) in message and "[16, 64]" in message and "[32, 64]" in message
+    assert str(kept[-1]) in message and "n_positions 16 there, 32 here" in message
     assert "--resume-training-from-checkpoint none" in message
     assert sorted((tmp_path / "state" / "checkpoints").iterdir()) == kept   # nothing written or removed
 
