@@ -132,7 +132,9 @@ def test_workflow_on_slurm_matches_a_local_run_even_when_the_training_job_is_can
     with out.open("w") as sink:  # profiles/slurm resubmits a failed job once (retries: 1)
         slurm = subprocess.Popen([*SNAKEMAKE, "--profile", "profiles/slurm", "--jobs", "4", "--latency-wait", "5",
                                   "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",
-                                  *TARGETS], cwd=slurm_dir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+                                  # ops.build is off here: its job needs no second CPU to wait for
+                                  "--set-threads", "build_ops=1", *TARGETS],
+                                 cwd=slurm_dir, env=env, stdout=sink, stderr=subprocess.STDOUT)
         cancelled = scancel_pretrain_after_its_first_checkpoint(slurm, out, slurm_dir)
         slurm.wait(timeout=600)
     local_out, _ = local.communicate(timeout=600)
