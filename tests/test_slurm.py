@@ -130,10 +130,10 @@ def test_workflow_on_slurm_matches_a_local_run_even_when_the_training_job_is_can
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = tmp_path / "slurm.out"
     with out.open("w") as sink:  # profiles/slurm resubmits a failed job once (retries: 1)
-        slurm = subprocess.Popen([*SNAKEMAKE, "--profile", "profiles/slurm", "--jobs", "4", "--latency-wait", "5",
-                                  "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",
-                                  # ops.build is off here: its job needs no second CPU to wait for
-                                  "--set-threads", "build_ops=1", *TARGETS],
+        # (ops.build is off here: the build_ops job needs no second CPU to wait for)
+        slurm = subprocess.Popen([*SNAKEMAKE, "--profile", "profiles/slurm", "--set-threads", "build_ops=1",
+                                  "--jobs", "4", "--latency-wait", "5", "--slurm-keep-successful-logs",
+                                  "--slurm-init-seconds-before-status-checks", "1", *TARGETS],
                                  cwd=slurm_dir, env=env, stdout=sink, stderr=subprocess.STDOUT)
         cancelled = scancel_pretrain_after_its_first_checkpoint(slurm, out, slurm_dir)
         slurm.wait(timeout=600)
