@@ -65,13 +65,14 @@ running /run/munge/munged.pid || runuser -u munge -- munged
 
 # slurm.conf for this host, from what slurmd sees (CPUs, sockets, cores, memory).
 host=$(hostname -s)
-node=$(slurmd -C | head -n1 | sed "s/^NodeName=[^ ]*/NodeName=$host/")
+# The daemons talk over the loopback address, so the host name need not resolve for them.
+node=$(slurmd -C | head -n1 | sed "s/^NodeName=[^ ]*/NodeName=$host NodeAddr=127.0.0.1/")
 mkdir -p "$LOGDIR" "$SPOOL/ctld" "$SPOOL/d" /etc/slurm
 new=$(mktemp)
 cat >"$new" <<EOF
 # Written by tools/slurm/cluster-up.sh: a one-machine cluster for gpt2ipu's workflow.
 ClusterName=gpt2ipu
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 SlurmctldPort=$CTLD_PORT
