@@ -133,7 +133,8 @@ def test_workflow_on_slurm_matches_a_local_run_even_when_the_training_job_is_can
         # (ops.build is off here: the build_ops job needs no second CPU to wait for)
         slurm = subprocess.Popen([*SNAKEMAKE, "--profile", "profiles/slurm", "--set-threads", "build_ops=1",
                                   "--jobs", "4", "--latency-wait", "5", "--slurm-keep-successful-logs",
-                                  "--slurm-init-seconds-before-status-checks", "1", *TARGETS],
+                                  "--slurm-init-seconds-before-status-checks", "1",
+                                  "--seconds-between-status-checks", "2", *TARGETS],
                                  cwd=slurm_dir, env=env, stdout=sink, stderr=subprocess.STDOUT)
         cancelled = scancel_pretrain_after_its_first_checkpoint(slurm, out, slurm_dir)
         slurm.wait(timeout=600)
