@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from gpt2ipu.train.allocator import keep_freed_memory
+from gpt2ipu.train.allocator import keep_freed_memory, return_freed_memory
 from gpt2ipu.train.config import add_arguments, config_from_args
 
 __all__ = ["add_arguments", "run"]
@@ -23,8 +23,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     # Each step reuses the last step's pages (gpt2ipu/train/allocator.py); not under FSDP, whose
     # gather-and-free of every block's weights fragments a heap that never returns memory (its peak
-    # RSS was 2.2x higher with it: docs/parallel.md).
-    if not cfg.fsdp:
+    # RSS was 2.2x higher with it: docs/parallel.md): there large buffers go back when freed.
+    if cfg.fsdp:
+        return_freed_memory()
+    else:
         keep_freed_memory()
     result = train(cfg)
     if os.environ.get("RANK", "0") == "0":
