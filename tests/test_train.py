@@ -225,15 +225,19 @@ def test_trains_on_cuda(tmp_path, precision):
 
 MALLOC_PROBE = """
 import ctypes, sys, torch
-from gpt2ipu.train.allocator import keep_freed_memory
+from gpt2ipu.train.allocator import keep_freed_memory, return_freed_memory
 class MallInfo(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
                  "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
-big = torch.ones(16 * 2**20)   # 64 MB: glibc would mmap it
+applied = {"keep": keep_freed_memory, "return": return_freed_memory}.get(sys.argv[1], lambda: False)()
+if sys.argv[2] == "mid":
+    freed = torch.ones(4 * 2**20); del freed   # 16 MB mapped and freed: glibc then raises its mmap threshold
+    big = torch.ones(2**20)   # 4 MB
+else:
+    big = torch.ones(16 * 2**20)   # 64 MB: glibc would mmap it
 print(applied, libc.mallinfo2().hblkhd)
 """
 
@@ -242,8 +246,9 @@ print(applied, libc.mallinfo2().hblkhd)
                     reason="glibc only")
 @pytest.mark.slow
 def test_keep_freed_memory_serves_large_tensors_from_the_heap():
-    def probe(mode):
-        out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], capture_output=True, text=True, check=True)
+    def probe(mode, size="big"):
+        out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode, size], capture_output=True, text=True,
+                             check=True)
         applied, mmapped = out.stdout.split()
         return applied == "True", int(mmapped)
 
@@ -251,6 +256,12 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap():
     assert not applied and mmapped >= 64 * 2**20
     applied, mmapped = probe("keep")
     assert applied and mmapped < 64 * 2**20
+    # FSDP's setting: a 4 MB tensor gets its own mapping (returned when freed) even after larger
+    # ones were freed, when glibc's default serves it from the heap.
+    applied, mmapped = probe("default", "mid")
+    assert not applied and mmapped < 4 * 2**20
+    applied, mmapped = probe("return", "mid")
+    assert applied and mmapped >= 4 * 2**20
 
 
 # ---- the training step, its figures and its stops, in process (fast) ------------------------

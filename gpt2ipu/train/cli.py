@@ -14,7 +14,7 @@ import os
 import sys
 
 from gpt2ipu.errors import UserError
-from gpt2ipu.train.allocator import keep_freed_memory
+from gpt2ipu.train.allocator import keep_freed_memory, return_freed_memory
 from gpt2ipu.train.config import add_arguments as add_train_arguments
 from gpt2ipu.train.config import config_from_args
 
@@ -57,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     # Each step reuses the last step's pages (gpt2ipu/train/allocator.py); not under FSDP, whose
     # gather-and-free of every block's weights fragments a heap that never returns memory (its peak
-    # RSS was 2.2x higher with it: docs/parallel.md).
-    if not cfg.fsdp:
+    # RSS was 2.2x higher with it: docs/parallel.md): there large buffers go back when freed.
+    if cfg.fsdp:
+        return_freed_memory()
+    else:
         keep_freed_memory()
     result = train(cfg)
     if os.environ.get("RANK", "0") == "0":

@@ -268,8 +268,9 @@ def build_model(cfg: TrainConfig, model_config: GPTConfig, *, meta: bool) -> GPT
 
 def initial_weights(cfg: TrainConfig, model_config: GPTConfig) -> Callable[[str, tuple], torch.Tensor]:
     """The value of each parameter at the start, by name and shape: its initialisation (one parameter
-    at a time), or the tensor of --checkpoint-input-dir (whose weights are read whole: safetensors
-    has no partial reads of a tensor, and the file is at most one model)."""
+    at a time), or the tensor of --checkpoint-input-dir. That folder is still read whole by every
+    process (one model's worth of host memory while the shares are taken); reading only each
+    process's slices (safetensors' get_slice, through hf.py's name and layout mapping) is not done."""
     if not cfg.checkpoint_input_dir:
         return lambda name, shape: initial_value(name, shape, model_config, cfg.seed)
     state = load_hf_dir(cfg.checkpoint_input_dir, recompute=cfg.recompute_checkpoint_every_layer).state_dict()
