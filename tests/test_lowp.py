@@ -6,6 +6,8 @@ small random model: tests/test_lowp.py::test_quality_*)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from gpt2ipu.model.lowp import LowpEmbedding, LowpLinear, dequantize, load_lowp,
 from gpt2ipu.pretrained import load_model
 
 WINDOW = 64
+REPO_PROMPTS = Path(__file__).resolve().parents[1] / "config" / "prompts.txt"
 PROMPTS = [[464, 4429, 373, 257], [818, 20015, 11, 262, 7404, 6745, 3066, 284], [40]]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,3 +117,50 @@ def test_bad_weights_flags_are_user_errors(model_dir, tmp_path):
     (broken / "model.safetensors").symlink_to(model_dir / "model.safetensors")
     with pytest.raises(UserError, match="does not hold the tensors"):
         load_model(broken, "cpu", "fp32", "int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality against fp32 (issue 21's bounds), through `gpt2ipu bench weights_quality`'s comparison
+
+
+def real_gpt2(monkeypatch) -> object:
+    """The real GPT-2 small from the local Hugging Face cache, or skip (never downloads)."""
+    from gpt2ipu.pretrained import hub_snapshot
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        return hub_snapshot("gpt2")
+    except UserError:
+        pytest.skip("the real GPT-2 small is not in the local Hugging Face cache")
+
+
+def check_bounds(figures: dict) -> None:
+    for weights in ("bf16", "int8"):
+        result = figures["formats"][weights]
+        assert all(result["bounds_met"].values()), (weights, result)
+
+
+@pytest.mark.slow   # about 20 s on a quiet machine, mostly first imports and tokenizer loads
+def test_quality_bounds_on_the_small_model(model_dir):
+    from gpt2ipu.bench.weights_quality import compare_weights
+    from gpt2ipu.evaluate.data import sample_lambada_texts, sample_wikitext
+
+    prompts = (REPO_PROMPTS.read_text(encoding="utf-8").splitlines())
+    figures = compare_weights(model_dir, sample_wikitext(1), sample_lambada_texts(16), prompts[:4])
+    reference = figures["formats"]["fp32"]
+    assert reference["tokens"] > 200 and 0 <= reference["lambada_accuracy"] <= 1
+    for weights in ("bf16", "int8"):   # rounded weights change the figures, a little
+        assert figures["formats"][weights]["word_perplexity"] != reference["word_perplexity"]
+    check_bounds(figures)
+
+
+@pytest.mark.slow
+def test_quality_bounds_on_real_gpt2(monkeypatch, shared_file):
+    from gpt2ipu.bench.weights_quality import compare_weights
+    from gpt2ipu.evaluate.data import read_lambada, read_wikitext
+    from gpt2ipu.evaluate.wiki import split_articles
+
+    folder = real_gpt2(monkeypatch)
+    articles = "".join(split_articles(read_wikitext(shared_file("wikitext-2-wiki.test.tokens")))[:2])
+    passages = read_lambada(shared_file("lambada_test.jsonl"))[:100]
+    check_bounds(compare_weights(folder, articles, passages, REPO_PROMPTS.read_text(encoding="utf-8").splitlines()))

@@ -27,6 +27,7 @@ STAGES = {
     "generate": "gpt2ipu.bench.generate",
     "loss": "gpt2ipu.bench.loss",
     "sample_index": "gpt2ipu.bench.sample_index",
+    "weights_quality": "gpt2ipu.bench.weights_quality",
 }
 
 

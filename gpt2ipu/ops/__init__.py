@@ -8,7 +8,9 @@ code that uses it, with a pure fallback there:
     vocabulary in chunks with an online log-sum-exp; never the whole [N, V] logits.
   * `build_sample_idx`: Megatron's sample index (gpt2ipu/train/sample_index.py).
   * `decode_linear`: x W^T + b for the few rows decoding feeds, streaming the weights at memory
-    speed (gpt2ipu/generate/decode.py).
+    speed (gpt2ipu/generate/decode.py); `decode_linear_bf16` and `decode_linear_int8` the same over
+    bf16 or per-row-scaled int8 weights (gpt2ipu/model/lowp.py), `decode_kernels` says which loops
+    they run on this CPU.
 
 Nothing here imports torch at import time: the Snakefile imports `build_key`.
 """
