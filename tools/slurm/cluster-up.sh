@@ -3,7 +3,7 @@
 #
 #   sudo tools/slurm/cluster-up.sh          # install if needed, write slurm.conf, start, wait for an idle node
 #   sudo tools/slurm/cluster-up.sh status   # what is running (exit 1 if the node is not up)
-#   sudo tools/slurm/cluster-up.sh down     # stop the daemons (packages and the config stay)
+#   sudo tools/slurm/cluster-up.sh down     # stop the daemons, set slurm.conf aside (packages stay)
 #
 # Idempotent: a second run finds the daemons up with the same config and changes nothing. No systemd
 # (containers, CI machines): the daemons are started directly. No accounting database: jobs stay in
@@ -37,7 +37,12 @@ stop() {
 }
 
 case "${1:-up}" in
-    down) stop; echo "cluster-up: slurmctld and slurmd stopped (munged left running)"; exit 0 ;;
+    down)
+        # The config goes aside too: with it, client commands (scontrol, sacct) retry the stopped
+        # controller for about 9 s, and snakemake-executor-plugin-slurm runs `scontrol show config`
+        # when it is imported, which every `snakemake` start does. Without it they fail at once.
+        stop; [ -f "$CONF" ] && mv "$CONF" "$CONF.down"
+        echo "cluster-up: slurmctld and slurmd stopped, $CONF moved to $CONF.down (munged left running)"; exit 0 ;;
     status)
         for pidfile in /run/munge/munged.pid /run/slurmctld.pid /run/slurmd.pid; do
             running "$pidfile" && echo "$(basename "$pidfile" .pid): running" || echo "$(basename "$pidfile" .pid): stopped"
