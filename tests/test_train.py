@@ -225,7 +225,7 @@ def test_trains_on_cuda(tmp_path, precision):
 
 MALLOC_PROBE = """
 import ctypes, sys, torch
-from gpt2ipu.train.allocator import keep_freed_memory, return_freed_memory
+from gpt2ipu.allocator import keep_freed_memory, return_freed_memory
 class MallInfo(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",

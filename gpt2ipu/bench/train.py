@@ -9,7 +9,7 @@ headline figure is the step users run. Variants:
 
   ours      a run built by gpt2ipu.train.loop.build_run on generated tokens (AdamW, lr 1e-4,
             weight decay 0.01, constant schedule), stepped by Run.step; malloc keeping freed
-            memory for the next step (gpt2ipu/train/allocator.py), as `gpt2ipu train` does.
+            memory for the next step (gpt2ipu/allocator.py), as `gpt2ipu train` does.
   hf_gpt2   transformers.GPT2LMHeadModel (its default attention), `labels=`, torch.optim.AdamW,
             the same accumulation and clipping, in a plain loop. Hugging Face shifts labels inside
             the model, so it is given the same input_ids as labels and scores T-1 of the T
@@ -327,8 +327,8 @@ def _flops_per_token(run) -> float:
 def _our_step(run, knobs):
     import torch
 
+    from gpt2ipu.allocator import keep_freed_memory
     from gpt2ipu.model.gpt import MLP
-    from gpt2ipu.train.allocator import keep_freed_memory
     from gpt2ipu.train.optim import parameter_groups
 
     if knobs["keep_freed_memory"]:   # as `gpt2ipu train` does

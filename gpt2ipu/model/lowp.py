@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from gpt2ipu.allocator import return_freed_memory
 from gpt2ipu.errors import UserError
 from gpt2ipu.model.gpt import GPT
 from gpt2ipu.model.hf import (
@@ -193,21 +194,14 @@ def load_lowp(folder: str | os.PathLike, weights: str) -> GPT:
 
 
 def _fixed_mmap_threshold() -> None:
-    """Large allocations straight from the OS and back (glibc: mallopt M_MMAP_THRESHOLD = 128 KB).
+    """Large allocations straight from the OS and back (a fixed 128 KB mmap threshold).
 
     Why: glibc raises its mmap threshold after each large free, so the next fp32 tensors read for
     rounding come from the heap, where the int8 results kept between them fragment it and the
     freed fp32 bytes stay resident: measured, a GPT-2 small int8 load peaked at 1064 MB resident
     with the default, 455 MB with a fixed threshold (220 MB of it the interpreter and torch).
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):   # not glibc: its allocator decides
-        pass
+    return_freed_memory(128 * 1024)
 
 
 def to_lowp(model: GPT, weights: str) -> GPT:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpt2ipu.train.allocator import keep_freed_memory
+from gpt2ipu.allocator import keep_freed_memory
 from gpt2ipu.train.config import add_arguments as add_train_arguments
 from gpt2ipu.train.config import config_from_args
 

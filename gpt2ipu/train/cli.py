@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
+from gpt2ipu.allocator import keep_freed_memory, return_freed_memory
 from gpt2ipu.errors import UserError
-from gpt2ipu.train.allocator import keep_freed_memory, return_freed_memory
 from gpt2ipu.train.config import add_arguments as add_train_arguments
 from gpt2ipu.train.config import config_from_args
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt2ipu.train.loop import train  # torch is imported only once a run starts, not for --help
 
     cfg = config_from_args(args)
-    # Each step reuses the last step's pages (gpt2ipu/train/allocator.py); not under FSDP, whose
+    # Each step reuses the last step's pages (gpt2ipu/allocator.py); not under FSDP, whose
     # gather-and-free of every block's weights fragments a heap that never returns memory (its peak
     # RSS was 2.2x higher with it: docs/parallel.md): there large buffers go back when freed.
     if cfg.fsdp:

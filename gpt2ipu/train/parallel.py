@@ -179,6 +179,11 @@ def shard_optimizer(param_groups, optimizer_class, **defaults) -> torch.optim.Op
     return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class, **defaults)
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: a DTensor's local shard (FSDP), any other tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, info: DistInfo,
                     uncounted: Iterable[torch.Tensor] = ()) -> torch.Tensor:
     """Clip the gradients of the whole model (all stages, all shards) to `max_norm`; their norm before.
@@ -191,11 +196,11 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, info: DistI
     gradients are scaled by min(1, max_norm / (norm + 1e-6)).
     """
     grads = [p.grad for p in params if p.grad is not None]
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    local = [local_part(g) for g in grads]
     sq = torch.zeros((), device=info.device, dtype=torch.float32)
     for g in local:
         sq += g.detach().float().square().sum()
-    local += [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in uncounted if p.grad is not None]
+    local += [local_part(p.grad) for p in uncounted if p.grad is not None]
     if info.world_size > 1:
         sharded = any(p.is_shard() for g in grads for p in getattr(g, "placements", ()))
         if sharded and info.dp_size > 1:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gpt2ipu.model.gpt import GPT, embed, lm_loss, run_block
-from gpt2ipu.train.parallel import DistInfo, clip_grad_norm_
+from gpt2ipu.train.parallel import DistInfo, clip_grad_norm_, local_part
 
 
 class StageModule(nn.Module):
@@ -175,7 +175,7 @@ def sync_tied_grads(module: nn.Module, info: DistInfo, group) -> None:
     weight = tied_weight(module, info)
     if weight is None or group is None or weight.grad is None:
         return
-    grad = weight.grad.to_local() if hasattr(weight.grad, "to_local") else weight.grad
+    grad = local_part(weight.grad)
     dist.all_reduce(grad, group=group)
 
 

@@ -55,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from gpt2ipu.errors import UserError
 from gpt2ipu.model import GPT, GPTConfig
 from gpt2ipu.model.hf import write_hf_files
+from gpt2ipu.train.parallel import local_part
 from gpt2ipu.train.state import load_training_state, save_training_checkpoint
 
 SHARDED_DIR = "sharded"
@@ -267,8 +268,7 @@ def _device_of(tensors: dict) -> torch.device:
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality of this process's part of two tensors (DTensors: the local shards)."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t   # noqa: E731
-    return torch.equal(local(a), local(b))
+    return torch.equal(local_part(a), local_part(b))
 
 
 @contextlib.contextmanager

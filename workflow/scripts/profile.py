@@ -1,5 +1,5 @@
+from gpt2ipu.allocator import keep_freed_memory
 from gpt2ipu.profile.steps import profile
-from gpt2ipu.train.allocator import keep_freed_memory
 from gpt2ipu.workflow_adapter import run_stage
 
 keep_freed_memory()  # the training process's malloc setting (gpt2ipu train sets it too)

@@ -39,12 +39,12 @@ def keep_freed_memory() -> bool:
     return mallopt is not None and mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1
 
 
-def return_freed_memory() -> bool:
-    """Make this process's malloc give allocations of MMAP_FROM_BYTES or more back to the kernel when
-    they are freed (FSDP: see the module docstring); whether it applied. A fixed threshold also
-    stops glibc from raising it as large blocks are freed."""
+def return_freed_memory(from_bytes: int = MMAP_FROM_BYTES) -> bool:
+    """Make this process's malloc give allocations of `from_bytes` or more back to the kernel when
+    they are freed (FSDP: see the module docstring; rounding weights at load: gpt2ipu/model/lowp.py);
+    whether it applied. A fixed threshold also stops glibc from raising it as large blocks are freed."""
     mallopt = _mallopt()
-    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, MMAP_FROM_BYTES) == 1
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, from_bytes) == 1
 
 
 def _mallopt():
