@@ -1,20 +1,12 @@
 // y = x W^T + b for the few rows of x that decoding feeds (one per sequence of the batch): the
-// matrix-vector products of `gpt2ipu generate`, in the weights' own [out, in] layout.
+// matrix-vector products of decoding, in the weights' own [out, in] layout, one op per weight
+// format (fp32; bf16; int8 with one fp32 scale per output row). The loops are matvec.h's, split
+// over ATen's threads by output rows. decode_step.cpp runs the same loops for a whole decode
+// step in one call, which `gpt2ipu generate` uses where it can; these ops serve every other
+// call of at most 16 rows (a short prompt, a step the fused op does not take).
 //
-// Why by hand: at one token per step every weight matrix is read once per token and used for a
-// handful of multiply-adds per element, so decoding runs at the speed the weights stream from
-// memory. MKL's sgemv (what F.linear calls for one row) reaches about 18 GB/s here, 25-27 GB/s in
-// the [in, out] layout, against 45 GB/s for a plain sum over the same bytes. This loop streams
-// four weight rows at a time against every x row (the x rows stay in L1, so the weights are read
-// from memory once whatever the number of rows), split over ATen's threads by output rows: about
-// 45-54 GB/s, which is 2x the tokens per second of GPT-2 small decoding on CPU.
-//
-// Past that limit only fewer bytes per token go faster: `decode_linear_bf16` reads bf16 weights
-// (2 bytes) and `decode_linear_int8` int8 weights with one fp32 scale per output row (1 byte,
-// weight-only quantization). Both widen each weight to fp32 in the loop (bf16: a 16-bit shift;
-// int8: a sign-extend and convert) and multiply-add in fp32 against the fp32 x, so the sums are
-// as exact as fp32's over the rounded weights; the arithmetic is free beside the memory traffic.
-// AVX512-BF16's dot product (vdpbf16ps) would also round x to bf16: no faster here, less exact.
+// int8: x is quantized to int8 per block of 64 (matvec.h), so y is the exact integer sum of the
+// quantized values times the two scales: what llama.cpp's q8_0 x q8_0 product computes.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,175 +17,16 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
+#include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define GPT2IPU_X86_DISPATCH 1
-#else
-#define GPT2IPU_X86_DISPATCH 0
-#endif
-
-#include "simd.h"
+#include "matvec.h"
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;      // more rows than this is a matrix product: F.linear's job
-constexpr int64_t kRowsPerBlock = 4;  // weight rows streamed together (4 x in floats: in L1)
+using gpt2ipu::matvec::PreparedX;
 
-// A weight element as fp32: the loops below are written once over the element type, and these
-// inline into each instruction-set clone (so they vectorize with it).
-inline float widen(float w) { return w; }
-inline float widen(uint16_t w) {  // bf16: the top half of an fp32
-  const uint32_t bits = static_cast<uint32_t>(w) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline float widen(int8_t w) { return static_cast<float>(w); }
-
-// y[m, o0 .. o0 + 3] = x[m] . W[o0 .. o0 + 3] for every row m of x.
-template <typename W>
-__attribute__((always_inline)) inline void dot_four_rows(const W* w, int64_t in, const float* x, int64_t rows,
-                                                         float* y, int64_t out) {
-  const W* w0 = w;
-  const W* w1 = w + in;
-  const W* w2 = w + 2 * in;
-  const W* w3 = w + 3 * in;
-  for (int64_t m = 0; m < rows; ++m) {
-    const float* xm = x + m * in;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t i = 0; i < in; ++i) {
-      s0 += widen(w0[i]) * xm[i];
-      s1 += widen(w1[i]) * xm[i];
-      s2 += widen(w2[i]) * xm[i];
-      s3 += widen(w3[i]) * xm[i];
-    }
-    float* ym = y + m * out;
-    ym[0] = s0;
-    ym[1] = s1;
-    ym[2] = s2;
-    ym[3] = s3;
-  }
-}
-
-template <typename W>
-__attribute__((always_inline)) inline void dot_one_row(const W* w, int64_t in, const float* x, int64_t rows,
-                                                       float* y, int64_t out) {
-  for (int64_t m = 0; m < rows; ++m) {
-    const float* xm = x + m * in;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < in; ++i) s += widen(w[i]) * xm[i];
-    y[m * out] = s;
-  }
-}
-
-// Output rows [begin, end) of blocks of four: one clone per instruction set and weight type
-// (target_clones does not apply to templates, so each type gets its own plain function).
-template <typename W>
-__attribute__((always_inline)) inline void dot_blocks(const W* wp, int64_t in, const float* xp, int64_t rows,
-                                                      float* yp, int64_t out, int64_t begin, int64_t end) {
-  for (int64_t b = begin; b < end; ++b) {
-    const int64_t o = b * kRowsPerBlock;
-    if (o + kRowsPerBlock <= out) {
-      dot_four_rows(wp + o * in, in, xp, rows, yp + o, out);
-    } else {
-      for (int64_t r = o; r < out; ++r) dot_one_row(wp + r * in, in, xp, rows, yp + r, out);
-    }
-  }
-}
-
-#if GPT2IPU_X86_DISPATCH
-// The bf16 and int8 loops by hand in AVX-512F: GCC vectorizes the widening loops above with
-// 128-bit registers only (measured: int8 no faster than bf16), so these widen 16 weights per
-// instruction: int8 by vpmovsxbd + vcvtdq2ps, bf16 by vpmovzxwd + a 16-bit shift.
-__attribute__((target("avx512f"))) inline __m512 widen16(const int8_t* w) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
-}
-__attribute__((target("avx512f"))) inline __m512 widen16(const uint16_t* w) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-template <typename W>
-__attribute__((target("avx512f"))) void blocks_avx512(const W* wp, int64_t in, const float* xp, int64_t rows,
-                                                      float* yp, int64_t out, int64_t begin, int64_t end) {
-  const int64_t vec_end = in - in % 16;
-  for (int64_t b = begin; b < end; ++b) {
-    const int64_t o = b * kRowsPerBlock;
-    if (o + kRowsPerBlock > out) {  // the last, partial block
-      for (int64_t r = o; r < out; ++r) dot_one_row(wp + r * in, in, xp, rows, yp + r, out);
-      continue;
-    }
-    const W* w0 = wp + o * in;
-    for (int64_t m = 0; m < rows; ++m) {
-      const float* xm = xp + m * in;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-             a3 = _mm512_setzero_ps();
-      for (int64_t i = 0; i < vec_end; i += 16) {
-        const __m512 xv = _mm512_loadu_ps(xm + i);
-        a0 = _mm512_fmadd_ps(widen16(w0 + i), xv, a0);
-        a1 = _mm512_fmadd_ps(widen16(w0 + in + i), xv, a1);
-        a2 = _mm512_fmadd_ps(widen16(w0 + 2 * in + i), xv, a2);
-        a3 = _mm512_fmadd_ps(widen16(w0 + 3 * in + i), xv, a3);
-      }
-      float s[kRowsPerBlock] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                                _mm512_reduce_add_ps(a3)};
-      for (int64_t i = vec_end; i < in; ++i)
-        for (int64_t r = 0; r < kRowsPerBlock; ++r) s[r] += widen(w0[r * in + i]) * xm[i];
-      float* ym = yp + m * out + o;
-      for (int64_t r = 0; r < kRowsPerBlock; ++r) ym[r] = s[r];
-    }
-  }
-}
-#endif
-
-// Which loops `decode_linear_bf16` / `_int8` run on this CPU (the Python probe reports it).
-bool use_avx512() {
-#if GPT2IPU_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
-
-std::string decode_kernels() {
-  return use_avx512() ? "avx512f widen+fma (bf16, int8)" : "compiler-vectorized widen+fma (bf16, int8)";
-}
-
-GPT2IPU_SIMD_CLONES void blocks_fp32(const float* w, int64_t in, const float* x, int64_t rows, float* y, int64_t out,
-                                     int64_t begin, int64_t end) {
-  dot_blocks(w, in, x, rows, y, out, begin, end);
-}
-GPT2IPU_SIMD_CLONES void blocks_bf16_any(const uint16_t* w, int64_t in, const float* x, int64_t rows, float* y,
-                                         int64_t out, int64_t begin, int64_t end) {
-  dot_blocks(w, in, x, rows, y, out, begin, end);
-}
-GPT2IPU_SIMD_CLONES void blocks_int8_any(const int8_t* w, int64_t in, const float* x, int64_t rows, float* y,
-                                         int64_t out, int64_t begin, int64_t end) {
-  dot_blocks(w, in, x, rows, y, out, begin, end);
-}
-
-template <typename W, typename Any>
-void blocks_low(const W* w, int64_t in, const float* x, int64_t rows, float* y, int64_t out, int64_t begin,
-                int64_t end, Any any) {
-#if GPT2IPU_X86_DISPATCH
-  if (use_avx512()) return blocks_avx512(w, in, x, rows, y, out, begin, end);
-#endif
-  any(w, in, x, rows, y, out, begin, end);
-}
-void blocks_bf16(const uint16_t* w, int64_t in, const float* x, int64_t rows, float* y, int64_t out, int64_t begin,
-                 int64_t end) {
-  blocks_low(w, in, x, rows, y, out, begin, end, blocks_bf16_any);
-}
-void blocks_int8(const int8_t* w, int64_t in, const float* x, int64_t rows, float* y, int64_t out, int64_t begin,
-                 int64_t end) {
-  blocks_low(w, in, x, rows, y, out, begin, end, blocks_int8_any);
-}
+constexpr int64_t kMaxRows = 16;  // more rows than this is a matrix product: F.linear's job
 
 void check_shapes(const char* op, const at::Tensor& x, const at::Tensor& weight, at::ScalarType weight_type) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == weight_type, op, ": float32 only for x ",
@@ -204,21 +37,30 @@ void check_shapes(const char* op, const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous [out, in]");
 }
 
-// y = x W^T for any weight type, through `blocks` (one of the functions above), split over
-// ATen's threads by output rows.
-template <typename W, typename Blocks>
-at::Tensor run_blocks(const at::Tensor& x, const W* wp, int64_t out, Blocks blocks_fn) {
+// y = x W^T (times the row scales for int8), split over ATen's threads by output rows.
+template <typename W>
+at::Tensor run_rows(const at::Tensor& x, const W* weight, int64_t out, const float* row_scale) {
   const int64_t rows = x.size(0), in = x.size(1);
   const auto xc = x.contiguous();
   auto y = at::empty({rows, out}, x.options());
-  const float* xp = xc.data_ptr<float>();
+  std::vector<PreparedX> prepared(rows);
+  for (int64_t m = 0; m < rows; ++m)
+    prepared[m].prepare(xc.data_ptr<float>() + m * in, in, gpt2ipu::matvec::format_of<W>());
   float* yp = y.data_ptr<float>();
-  const int64_t blocks = (out + kRowsPerBlock - 1) / kRowsPerBlock;
-  // About 64 KB of fp32 weights' worth of rows per task at least, so small matrices do not pay
-  // for waking threads.
-  const int64_t grain = std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, kRowsPerBlock * in));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    blocks_fn(wp, in, xp, rows, yp, out, begin, end);
+  // At least ~64 KB of weights per task, so small matrices do not pay for waking threads.
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, in * int64_t(sizeof(W))));
+  // Every x row meets a block of weight rows while the block is in L1/L2 (about 32 KB), so the
+  // weights come from memory once whatever the number of x rows.
+  const int64_t block = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, in * int64_t(sizeof(W))));
+  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t first = begin; first < end; first += block) {
+      const int64_t last = std::min(end, first + block);
+      for (int64_t m = 0; m < rows; ++m) {
+        gpt2ipu::matvec::dot_rows(weight, prepared[m], yp + m * out, 1, first, last);
+        if (row_scale != nullptr)
+          for (int64_t r = first; r < last; ++r) yp[m * out + r] *= row_scale[r];
+      }
+    }
   });
   return y;
 }
@@ -232,7 +74,7 @@ void add_bias(const char* op, at::Tensor& y, const c10::optional<at::Tensor>& bi
 
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_shapes("decode_linear", x, weight, at::kFloat);
-  auto y = run_blocks(x, weight.data_ptr<float>(), weight.size(0), blocks_fp32);
+  auto y = run_rows(x, weight.data_ptr<float>(), weight.size(0), nullptr);
   add_bias("decode_linear", y, bias);
   return y;
 }
@@ -240,22 +82,25 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c1
 at::Tensor decode_linear_bf16(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_shapes("decode_linear_bf16", x, weight, at::kBFloat16);
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  auto y = run_blocks(x, wp, weight.size(0), blocks_bf16);
+  auto y = run_rows(x, wp, weight.size(0), nullptr);
   add_bias("decode_linear_bf16", y, bias);
   return y;
 }
 
-// weight int8 [out, in] and scale float32 [out]: y = (x W^T) * scale + b.
+// weight int8 [out, in] and scale float32 [out]: y = (q8(x) W^T) * scale + b.
 at::Tensor decode_linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& bias) {
   check_shapes("decode_linear_int8", x, weight, at::kChar);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == weight.size(0),
-              "decode_linear_int8: scale must be float32 [out], got ", scale.scalar_type(), " ", scale.sizes());
-  auto y = run_blocks(x, weight.data_ptr<int8_t>(), weight.size(0), blocks_int8);
-  y.mul_(scale);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == weight.size(0) &&
+                  scale.is_contiguous(),
+              "decode_linear_int8: scale must be contiguous float32 [out], got ", scale.scalar_type(), " ",
+              scale.sizes());
+  auto y = run_rows(x, weight.data_ptr<int8_t>(), weight.size(0), scale.data_ptr<float>());
   add_bias("decode_linear_int8", y, bias);
   return y;
 }
+
+std::string decode_kernels() { return gpt2ipu::matvec::kernels_report(); }
 
 }  // namespace
 

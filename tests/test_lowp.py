@@ -18,6 +18,7 @@ from gpt2ipu.generate.sampling import SamplingConfig, generate
 from gpt2ipu.model import lowp
 from gpt2ipu.model.hf import load_hf_dir
 from gpt2ipu.model.lowp import LowpEmbedding, LowpLinear, dequantize, load_lowp, quantize_rows, to_lowp
+from gpt2ipu.ops.reference import quantize_activations
 from gpt2ipu.pretrained import load_model
 
 WINDOW = 64
@@ -56,13 +57,13 @@ def test_low_precision_kernels_equal_f_linear_over_the_rounded_weights(compiled,
     bf16, _ = quantize_rows(weight, "bf16")
     torch.testing.assert_close(compiled.decode_linear_bf16(x, bf16, bias), F.linear(x, bf16.float(), bias),
                                rtol=1e-5, atol=1e-4)
-    quantized, scale = quantize_rows(weight, "int8")
+    quantized, scale = quantize_rows(weight, "int8")   # and x rounded to int8 per block of 64
     torch.testing.assert_close(compiled.decode_linear_int8(x, quantized, scale, None),
-                               F.linear(x, dequantize(quantized, scale)), rtol=1e-5, atol=1e-4)
-    assert "widen+fma" in compiled.decode_kernels()
+                               F.linear(quantize_activations(x), dequantize(quantized, scale)), rtol=1e-5, atol=1e-4)
+    assert "int8" in compiled.decode_kernels() and "bf16" in compiled.decode_kernels()
     with pytest.raises(RuntimeError, match="float32 only"):
         compiled.decode_linear_int8(x, quantized.float(), scale, None)
-    with pytest.raises(RuntimeError, match="scale must be float32"):
+    with pytest.raises(RuntimeError, match="scale must be contiguous float32"):
         compiled.decode_linear_int8(x, quantized, scale[:-1], None)
 
 

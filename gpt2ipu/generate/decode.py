@@ -87,3 +87,97 @@ def decode_linear(x, weight, bias=None):
     rows = x.reshape(-1, x.shape[-1])
     out = load_ops().decode_linear(rows, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class FusedDecoder:
+    """Decode steps of a GPT on CPU through the compiled `decode_step` op: one call per step.
+
+    What: `step(next_ids, cache, attention_mask)` returns the next-token logits [B, V] of one new
+    token per sequence and writes its keys and values into `cache`, as `model.hidden_states` then
+    `model.lm_head` would, for fp32, bf16 or int8 weights (gpt2ipu/model/lowp.py).
+    Why: after the prompt, a step is one matrix-vector product per weight matrix plus a few
+    hundred small operations; as PyTorch modules those small operations cost more than the
+    products themselves once the weights are 1 or 2 bytes (custom_ops/decode_step.cpp).
+    `for_model` returns None where the op does not apply (no compiled ops, CUDA, a model in
+    bf16 compute, training mode, or modules other than GPT-2's), and the caller decodes through
+    the model as before.
+    """
+
+    MAX_ROWS = 16   # custom_ops/decode_step.cpp's kMaxRows
+
+    def __init__(self, ops, params: list[torch.Tensor], n_head: int, eps: float):
+        self.ops, self.params, self.n_head, self.eps = ops, params, n_head, eps
+
+    @classmethod
+    def for_model(cls, model) -> FusedDecoder | None:
+        if model.training or model.wte.weight.device.type != "cpu":
+            return None
+        ops = load_ops()
+        if ops is None:
+            return None
+        try:
+            params = decode_step_params(model)
+        except _NotFusable:
+            return None
+        return cls(ops, params, model.config.n_head, model.config.layer_norm_epsilon)
+
+    def step(self, next_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, V] of next_ids [B] at the end of `cache` (attention_mask: [B, past + 1], or None)."""
+        length = cache.length
+        if attention_mask is None:
+            positions = torch.full((next_ids.shape[0],), length, dtype=torch.long)
+            key_mask = None
+        else:   # left padding: positions count real tokens, as in GPT.hidden_states
+            positions = attention_mask.sum(dim=-1) - 1
+            key_mask = attention_mask.bool()
+        keys, values = cache.room(1)
+        logits = self.ops.decode_step(next_ids.contiguous(), positions, key_mask, keys, values, length,
+                                      self.params, self.n_head, self.eps)
+        cache.advance(1)
+        return logits
+
+
+class _NotFusable(Exception):
+    pass
+
+
+def decode_step_params(model) -> list[torch.Tensor]:
+    """The model's tensors in custom_ops/decode_step.cpp's order (a matrix's int8 scale after it)."""
+    from gpt2ipu.model.lowp import LowpEmbedding, LowpLinear
+
+    def vector(tensor) -> list[torch.Tensor]:
+        if tensor is None or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            raise _NotFusable
+        return [tensor.detach()]
+
+    def matrix(module, bias: bool = True) -> list[torch.Tensor]:
+        if isinstance(module, LowpLinear):
+            found = [module.weight] + ([] if module.scale is None else [module.scale])
+        elif isinstance(module, (torch.nn.Linear, DecodeLinear)):
+            found = vector(module.weight)
+        else:
+            raise _NotFusable
+        if not all(t.is_contiguous() for t in found):
+            raise _NotFusable
+        if bias:
+            return [t.detach() for t in found] + vector(module.bias)
+        if module.bias is not None:
+            raise _NotFusable
+        return [t.detach() for t in found]
+
+    if isinstance(model.wte, LowpEmbedding):
+        wte = [model.wte.weight] + ([] if model.wte.scale is None else [model.wte.scale])
+    elif isinstance(model.wte, torch.nn.Embedding):
+        wte = vector(model.wte.weight)
+    else:
+        raise _NotFusable
+    params = wte + vector(model.wpe.weight) + vector(model.ln_f.weight) + vector(model.ln_f.bias)
+    params += matrix(model.lm_head, bias=False)
+    for block in model.h:
+        params += vector(block.ln_1.weight) + vector(block.ln_1.bias)
+        params += matrix(block.attn.c_attn) + matrix(block.attn.c_proj)
+        params += vector(block.ln_2.weight) + vector(block.ln_2.bias)
+        params += matrix(block.mlp.c_fc) + matrix(block.mlp.c_proj)
+    if {t.dtype for t in params[:1]} - {torch.float32, torch.bfloat16, torch.int8}:
+        raise _NotFusable
+    return params

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2ipu.errors import UserError
+from gpt2ipu.generate.decode import FusedDecoder
+from gpt2ipu.model.lowp import weights_format
 
 
 @dataclass
@@ -106,6 +108,25 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+def prefill(model, ids: torch.Tensor, cache, mask: torch.Tensor | None, fused) -> torch.Tensor:
+    """Final hidden states of the prompt ids [B, T], filling `cache`.
+
+    With int8 weights and the fused decoder (CPU), the prompt goes in pieces of at most 16
+    rows (batch x positions), which the compiled int8 op multiplies as stored; a longer call
+    would widen every int8 matrix to fp32 first (measured: 218 ms for a 32-token prompt on
+    GPT-2 small, against ~5 ms per decode step; docs/measurements.md). The pieces also round the
+    prompt's activations as decoding does (gpt2ipu/model/lowp.py).
+    """
+    if fused is None or weights_format(model) != "int8":
+        return model.hidden_states(ids, cache=cache, attention_mask=mask)
+    width = max(1, FusedDecoder.MAX_ROWS // ids.shape[0])
+    for start in range(0, ids.shape[1], width):
+        stop = min(ids.shape[1], start + width)
+        hidden = model.hidden_states(ids[:, start:stop], cache=cache,
+                                     attention_mask=None if mask is None else mask[:, :stop])
+    return hidden
+
+
 @torch.inference_mode()
 def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, pad_id: int = 0,
              seeds: Sequence[int] | None = None, vocab_limit: int | None = None,
@@ -140,9 +161,11 @@ def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
     stopped = [False] * batch
     times: list[float] = []
 
+    # One compiled call per step after the prompt, where it applies (CPU; gpt2ipu/generate/decode.py).
+    fused = FusedDecoder.for_model(model) if device.type == "cpu" and batch <= FusedDecoder.MAX_ROWS else None
     start = time.perf_counter()
     cache = model.new_cache()
-    hidden = model.hidden_states(ids, cache=cache, attention_mask=mask)
+    hidden = prefill(model, ids, cache, mask, fused)
     logits = model.lm_head(hidden[:, -1]).float()
     for step in range(config.max_new_tokens):
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -170,6 +193,9 @@ def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+        if ids.shape[1] <= window and fused is not None:
+            logits = fused.step(next_ids, cache, mask)
+            continue
         if ids.shape[1] <= window:
             hidden = model.hidden_states(next_ids[:, None], cache=cache, attention_mask=mask)
         else:

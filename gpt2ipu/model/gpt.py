@@ -65,17 +65,38 @@ class KVCache:
         """Positions held (the past of the next step)."""
         return self.lengths[-1]
 
+    def room(self, extra: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's key and value storage [B, H, capacity, D], grown so `extra` more positions fit.
+
+        For a fused decode step that writes its keys and values itself; `advance` then counts them.
+        """
+        for layer in range(len(self.keys)):
+            if self.keys[layer] is None:
+                raise ValueError("KVCache.room: the cache is empty; run the prompt through the model first")
+            self._grow(layer, self.lengths[layer] + extra)
+        return list(self.keys), list(self.values)
+
+    def advance(self, positions: int) -> None:
+        """Count `positions` new positions written into `room()`'s storage in every layer."""
+        self.lengths = [length + positions for length in self.lengths]
+
+    def _grow(self, layer: int, needed: int) -> None:
+        start, room = self.lengths[layer], self.keys[layer]
+        if needed <= room.shape[2]:
+            return
+        capacity = max(needed, 2 * start)
+        for store in (self.keys, self.values):
+            grown = room.new_empty((*room.shape[:2], capacity, room.shape[3]))
+            if start:
+                grown[:, :, :start] = store[layer][:, :, :start]
+            store[layer] = grown
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add this step's k, v [B, H, T, D] to `layer`; returns all its keys and values so far, [B, H, past + T, D]."""
         start, T = self.lengths[layer], k.shape[2]
-        room = self.keys[layer]
-        if room is None or start + T > room.shape[2]:
-            capacity = max(start + T, 2 * start)
-            for store in (self.keys, self.values):
-                grown = k.new_empty((*k.shape[:2], capacity, k.shape[3]))
-                if start:
-                    grown[:, :, :start] = store[layer][:, :, :start]
-                store[layer] = grown
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k.new_empty(k.shape), v.new_empty(v.shape)
+        self._grow(layer, start + T)
         self.keys[layer][:, :, start:start + T] = k
         self.values[layer][:, :, start:start + T] = v
         self.lengths[layer] = start + T

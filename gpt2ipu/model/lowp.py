@@ -2,17 +2,23 @@
 
 `--weights bf16` stores every weight matrix (the four per block, the token embedding and the LM
 head, tied or not) in bf16; `--weights int8` stores them as int8 with one fp32 scale per output
-row (symmetric, absmax / 127: weight-only quantization, as PyTorch's and llama.cpp's q8_0 do it,
-per row rather than per block of 32). Everything else (LayerNorms, biases, position embeddings,
-activations, the key/value cache) stays fp32: together under 1% of GPT-2 small's weight bytes,
-and the place where rounding would cost accuracy for nothing.
+row (symmetric, absmax / 127, per row rather than llama.cpp's per block of 32). Everything else
+(LayerNorms, biases, position embeddings, the key/value cache) stays fp32: together under 1% of
+GPT-2 small's weight bytes, and the place where rounding would cost accuracy for nothing.
+
+Activations: bf16 weights multiply fp32 activations exactly (the sums are fp32's over the
+rounded weights). int8 weights, when decoding (calls of at most 16 rows: every step after the
+prompt), multiply activations rounded to int8 per block of 64 values (absmax / 127, llama.cpp's
+q8_0 x q8_0 scheme with blocks of 64): that is what lets AVX512-VNNI's int8 dot products keep up
+with the memory (custom_ops/matvec.h), and the same rounding is applied without the compiled ops
+(gpt2ipu/ops/reference.py), so the numbers do not depend on the machine. Calls of more rows (a
+prompt, an evaluation window) multiply the fp32 activations by the widened weights.
 
 Why: batch-1 decoding reads every weight once per token, so its speed is the memory's bandwidth
 divided by the weights' bytes; 2 or 1 byte per weight instead of 4 is the only way past the fp32
-limit. The compiled decode ops (custom_ops/decode_linear.cpp: `decode_linear_bf16`,
-`decode_linear_int8`) widen the weights to fp32 inside the matrix-vector loop; without them, and
-for calls of many rows (a prompt, an evaluation window), the weights are widened to fp32 for the
-call and F.linear does the product: the same values, up to the order of the sums.
+limit. Decoding goes through the compiled ops (custom_ops/decode_step.cpp for a whole step,
+decode_linear.cpp per matrix); without them, and for calls of many rows, the weights are widened
+to fp32 for the call and F.linear does the product.
 
 Loading: from the fp32 checkpoint itself (no second file). Tensors are read one at a time from
 model.safetensors and rounded as they arrive (the token embedding in blocks of rows), so the
@@ -46,6 +52,7 @@ from gpt2ipu.model.hf import (
     load_hf_dir,
 )
 from gpt2ipu.ops import load_ops, ops_reason
+from gpt2ipu.ops.reference import quantize_activations
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 DECODE_MAX_ROWS = 16          # custom_ops/decode_linear.cpp's kMaxRows
@@ -78,9 +85,11 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor
 class LowpLinear(nn.Module):
     """y = x W^T + b with W stored bf16, or int8 with a per-row scale; x, b and y fp32.
 
-    Few rows on CPU (decoding): the compiled op, which widens W inside its loop. Otherwise (a
-    prompt, an evaluation window, no compiled ops, CUDA): W widened to fp32 for this call, then
-    F.linear. Holds no fp32 copy of W between calls.
+    Few rows on CPU (decoding): the compiled op, which reads W as stored. Otherwise (a prompt,
+    an evaluation window, no compiled ops, CUDA): W widened to fp32 for this call, then
+    F.linear. Holds no fp32 copy of W between calls. With int8 weights a call of at most 16
+    rows also rounds x to int8 per block of 64 (as the compiled op does, with or without it;
+    see the module's docstring); a call of more rows multiplies the fp32 x.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
@@ -99,7 +108,8 @@ class LowpLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and rows.shape[0] <= DECODE_MAX_ROWS
+        decoding = rows.shape[0] <= DECODE_MAX_ROWS
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and decoding
                 and not (torch.is_grad_enabled() and x.requires_grad)):
             ops = load_ops()
             if ops is not None:
@@ -108,6 +118,8 @@ class LowpLinear(nn.Module):
                 else:
                     out = ops.decode_linear_int8(rows, self.weight, self.scale, self.bias)
                 return out.view(*x.shape[:-1], self.out_features)
+        if self.scale is not None and decoding:   # as the compiled int8 op rounds x: the same numbers without it
+            x = quantize_activations(x).to(x.dtype)
         return F.linear(x, dequantize(self.weight, self.scale).to(x.dtype), self.bias)
 
 
