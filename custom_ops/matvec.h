@@ -249,11 +249,24 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline float dot_vnni(con
 }
 #endif
 
+// Prefetch, into L2, the cache lines kPrefetchBytes past the row about to be read. The hardware
+// prefetcher alone kept about 20 GB/s per core in flight here, against 27 for a plain sum;
+// asking 16 KB ahead took one core to 23-33 GB/s and two to 58-62 (GPT-2's int8 LM head,
+// docs/measurements.md). A prefetch past the end of the matrix is harmless: it never faults.
+constexpr int64_t kPrefetchBytes = 16 * 1024;
+inline void prefetch_ahead(const void* row, int64_t bytes) {
+  const char* ahead = static_cast<const char*>(row) + kPrefetchBytes;
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(ahead + offset, 0, 2);
+}
+
 // The portable loops over a range of rows, built once per instruction set (simd.h).
 #define GPT2IPU_PLAIN_ROWS(W)                                                                            \
   GPT2IPU_SIMD_CLONES static void rows_plain(const W* weight, const PreparedX& x, float* y, int64_t stride, \
                                              int64_t begin, int64_t end) {                                \
-    for (int64_t r = begin; r < end; ++r) y[r * stride] = dot_plain(weight + r * x.in, x);               \
+    for (int64_t r = begin; r < end; ++r) {                                                              \
+      prefetch_ahead(weight + r * x.in, x.in * int64_t(sizeof(W)));                                     \
+      y[r * stride] = dot_plain(weight + r * x.in, x);                                                   \
+    }                                                                                                    \
   }
 GPT2IPU_PLAIN_ROWS(float)
 GPT2IPU_PLAIN_ROWS(uint16_t)
@@ -264,15 +277,21 @@ GPT2IPU_PLAIN_ROWS(int8_t)
 template <typename W>
 void dot_rows(const W* weight, const PreparedX& x, float* y, int64_t stride, int64_t begin, int64_t end) {
 #if GPT2IPU_X86
-  const int64_t in = x.in;
+  const int64_t in = x.in, row_bytes = in * int64_t(sizeof(W));
   if constexpr (std::is_same_v<W, int8_t>) {
     if (isa().vnni) {
-      for (int64_t r = begin; r < end; ++r) y[r * stride] = dot_vnni(weight + r * in, x);
+      for (int64_t r = begin; r < end; ++r) {
+        prefetch_ahead(weight + r * in, row_bytes);
+        y[r * stride] = dot_vnni(weight + r * in, x);
+      }
       return;
     }
   } else {
     if (isa().avx512) {
-      for (int64_t r = begin; r < end; ++r) y[r * stride] = dot_avx512(weight + r * in, x);
+      for (int64_t r = begin; r < end; ++r) {
+        prefetch_ahead(weight + r * in, row_bytes);
+        y[r * stride] = dot_avx512(weight + r * in, x);
+      }
       return;
     }
   }

@@ -28,6 +28,7 @@ loaded whole and then rounded.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -85,18 +86,26 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor
 class LowpLinear(nn.Module):
     """y = x W^T + b with W stored bf16, or int8 with a per-row scale; x, b and y fp32.
 
-    Few rows on CPU (decoding): the compiled op, which reads W as stored. Otherwise (a prompt,
-    an evaluation window, no compiled ops, CUDA): W widened to fp32 for this call, then
-    F.linear. Holds no fp32 copy of W between calls. With int8 weights a call of at most 16
-    rows also rounds x to int8 per block of 64 (as the compiled op does, with or without it;
-    see the module's docstring); a call of more rows multiplies the fp32 x.
+    Few rows on CPU (decoding): the compiled op, which reads W as stored; with int8 weights a
+    call of at most 16 rows also rounds x to int8 per block of 64 (as the compiled op does, with
+    or without it; see the module's docstring). More rows (a prompt, an evaluation window):
+      * on a CPU with bf16 matrix instructions (AVX512-BF16, AMX), a bf16 matrix product: x
+        rounded to bf16, W as stored (int8 values are exact in bf16; the row scale is applied
+        to the fp32 output), the product's bf16 output widened back. About 3x the fp32 product's
+        FLOP/s here (docs/measurements.md), and no fp32 copy of W. Not for the LM head
+        (`logits=True`): logits rounded to bf16 (about 0.1 at a logit of 30) would move the
+        log-probabilities evaluation reports, so the head stays fp32 as below;
+      * otherwise, or on CUDA: W widened to fp32 for this call, then F.linear.
+    Holds no fp32 copy of W between calls.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                 logits: bool = False):
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.logits = logits
 
     @property
     def in_features(self) -> int:
@@ -109,8 +118,8 @@ class LowpLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         decoding = rows.shape[0] <= DECODE_MAX_ROWS
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and decoding
-                and not (torch.is_grad_enabled() and x.requires_grad)):
+        on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+        if on_cpu and decoding and not (torch.is_grad_enabled() and x.requires_grad):
             ops = load_ops()
             if ops is not None:
                 if self.scale is None:
@@ -120,7 +129,18 @@ class LowpLinear(nn.Module):
                 return out.view(*x.shape[:-1], self.out_features)
         if self.scale is not None and decoding:   # as the compiled int8 op rounds x: the same numbers without it
             x = quantize_activations(x).to(x.dtype)
+        elif on_cpu and not self.logits and bf16_matmul_native():
+            out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float()
+            if self.scale is not None:
+                out = out * self.scale
+            return out if self.bias is None else out + self.bias
         return F.linear(x, dequantize(self.weight, self.scale).to(x.dtype), self.bias)
+
+
+def bf16_matmul_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16), which oneDNN uses."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class LowpEmbedding(nn.Module):
@@ -158,15 +178,16 @@ def kernel_report(weights: str) -> str:
     return f"{path}; CPU flags: {shown}"
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def load_lowp(folder: str | os.PathLike, weights: str) -> GPT:
@@ -200,7 +221,7 @@ def load_lowp(folder: str | os.PathLike, weights: str) -> GPT:
     for name, read in _tensor_readers(single):
         _assign(model, name, read, weights)
     if config.tie_word_embeddings:
-        model.lm_head = LowpLinear(model.wte.weight, model.wte.scale, None)
+        model.lm_head = LowpLinear(model.wte.weight, model.wte.scale, None, logits=True)
     check_no_meta(model)
     return model.eval().requires_grad_(False)
 
@@ -224,9 +245,10 @@ def to_lowp(model: GPT, weights: str) -> GPT:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not (tied and child is model.lm_head):
                 bias = None if child.bias is None else child.bias.detach()
-                setattr(parent, name, LowpLinear(*quantize_rows(child.weight.detach(), weights), bias))
+                setattr(parent, name, LowpLinear(*quantize_rows(child.weight.detach(), weights), bias,
+                                                 logits=child is model.lm_head))
     if tied:
-        model.lm_head = LowpLinear(model.wte.weight, model.wte.scale, None)
+        model.lm_head = LowpLinear(model.wte.weight, model.wte.scale, None, logits=True)
     return model.eval().requires_grad_(False)
 
 
@@ -246,7 +268,8 @@ def _make_lowp_modules(model: GPT, weights: str) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 bias = None if child.bias is None else torch.empty_like(child.bias)
-                setattr(parent, name, LowpLinear(*placeholder(*child.weight.shape), bias))
+                head = child is model.lm_head
+                setattr(parent, name, LowpLinear(*placeholder(*child.weight.shape), bias, logits=head))
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
