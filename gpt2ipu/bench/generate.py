@@ -17,7 +17,7 @@ transformers side stays at --precision, fp32 by default), so the tokens may diff
 low precision means `--weights`. Every run also times, in the same rounds, a plain read of as
 many bytes as GPT-2's fp32 weights (torch.sum over a buffer that size): memory bandwidth /
 fp32 weight bytes is the fp32 bandwidth limit in tokens/s, the most any fp32 decoding can reach
-here, reported with ours / limit. `--memory` adds the peak resident memory (ru_maxrss) of a
+here, reported with ours / limit. `--memory` adds the peak resident memory (VmHWM) of a
 `gpt2ipu generate` run with these weights and with fp32, each in its own process.
 """
 
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 MEMORY_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from gpt2ipu.generate.batch import load_for_generation
 from gpt2ipu.generate.sampling import SamplingConfig, generate
 torch.manual_seed(0)
@@ -150,12 +150,17 @@ folder, weights, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(s
 model, _, _ = load_for_generation(folder, "cpu", "fp32", weights=weights)
 ids = torch.randint(0, 50257, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
 generate(model, [ids], SamplingConfig(max_new_tokens=new, greedy=True))
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_KB", [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0])
 """
 
 
 def peak_memory(folder, args) -> dict:
-    """Peak resident memory (MB) of loading `folder` and decoding, in a fresh process per weight format."""
+    """Peak resident memory (MB) of loading `folder` and decoding, in a fresh process per weight format.
+
+    The peak is the child's VmHWM (/proc/self/status), not getrusage's ru_maxrss: Linux keeps
+    ru_maxrss across fork and exec, so a child of this process (which holds two models) would
+    report this process's size.
+    """
     import subprocess
     import sys
 

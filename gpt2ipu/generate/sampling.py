@@ -164,7 +164,7 @@ def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
     # One compiled call per step after the prompt, where it applies (CPU; gpt2ipu/generate/decode.py).
     fused = FusedDecoder.for_model(model) if device.type == "cpu" and batch <= FusedDecoder.MAX_ROWS else None
     start = time.perf_counter()
-    cache = model.new_cache()
+    cache = model.new_cache(capacity=min(window, ids.shape[1] + config.max_new_tokens))   # allocated once
     hidden = prefill(model, ids, cache, mask, fused)
     logits = model.lm_head(hidden[:, -1]).float()
     for step in range(config.max_new_tokens):

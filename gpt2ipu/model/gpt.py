@@ -55,10 +55,13 @@ class KVCache:
     layer's cache at every generated token (measured: docs/design-measurements.md).
     """
 
-    def __init__(self, n_layer: int):
+    def __init__(self, n_layer: int, capacity: int = 0):
+        """capacity: positions to make room for at the first append (a decoder that knows its
+        prompt and output lengths allocates once, instead of doubling)."""
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
         self.lengths = [0] * n_layer
+        self.capacity = capacity
 
     @property
     def length(self) -> int:
@@ -95,7 +98,8 @@ class KVCache:
         """Add this step's k, v [B, H, T, D] to `layer`; returns all its keys and values so far, [B, H, past + T, D]."""
         start, T = self.lengths[layer], k.shape[2]
         if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = k.new_empty(k.shape), v.new_empty(v.shape)
+            room = (*k.shape[:2], max(T, self.capacity), k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_empty(room), v.new_empty(room)
         self._grow(layer, start + T)
         self.keys[layer][:, :, start:start + T] = k
         self.values[layer][:, :, start:start + T] = v
@@ -232,8 +236,12 @@ class GPT(nn.Module):
         if config.n_embd % config.n_head:
             raise UserError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        # The embeddings come uninitialised (`_weight`): init_weights or a checkpoint fills them.
+        # nn.Embedding's own normal_ init would be wasted work, and on the meta device it imports
+        # torch._dynamo and sympy (about 70 MB resident, 0.35 s) for nothing.
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd,
+                                _weight=torch.empty(config.n_positions, config.n_embd))
         self.drop = nn.Dropout(config.embd_pdrop) if config.embd_pdrop else nn.Identity()
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -250,9 +258,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if exclude_positions else n
 
-    def new_cache(self) -> KVCache:
-        """An empty key/value cache for `hidden_states`/`logits(..., cache=)` (decoding)."""
-        return KVCache(len(self.h))
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty key/value cache for `hidden_states`/`logits(..., cache=)` (decoding), with room
+        for `capacity` positions once the first call fills it (it grows past that as needed)."""
+        return KVCache(len(self.h), capacity)
 
     def hidden_states(
         self,

@@ -57,7 +57,7 @@ from gpt2ipu.ops.reference import quantize_activations
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 DECODE_MAX_ROWS = 16          # custom_ops/decode_linear.cpp's kMaxRows
-EMBEDDING_ROWS_PER_READ = 4096  # 12 MB of fp32 GPT-2 embedding rows at a time
+EMBEDDING_ROWS_PER_READ = 2048  # 6 MB of fp32 GPT-2 embedding rows at a time
 
 
 def check_weights(weights: str, precision: str = "fp32") -> None:
@@ -68,13 +68,17 @@ def check_weights(weights: str, precision: str = "fp32") -> None:
                         f"combine with --precision {precision} (the whole model in {precision}): drop one of them")
 
 
-def quantize_rows(weight: torch.Tensor, weights: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(stored weight, per-row scale or None) of an fp32 [out, in] matrix in format `weights`."""
+def quantize_rows(weight: torch.Tensor, weights: str, *,
+                  overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(stored weight, per-row scale or None) of an fp32 [out, in] matrix in format `weights`.
+
+    overwrite: `weight` (fp32) may be used as scratch, so rounding holds no second fp32 copy (the loader's)."""
     weight = weight.float()
     if weights == "bf16":
         return weight.to(torch.bfloat16).contiguous(), None
     scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    quantized = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    scratch = weight if overwrite else weight.clone()
+    quantized = scratch.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return quantized.contiguous(), scale
 
 
@@ -267,7 +271,8 @@ def _make_lowp_modules(model: GPT, weights: str) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                bias = None if child.bias is None else torch.empty_like(child.bias)
+                bias = None if child.bias is None else torch.empty(child.bias.shape, device="meta")  # not empty_like:
+                # on meta tensors it imports sympy (35 MB resident)
                 head = child is model.lm_head
                 setattr(parent, name, LowpLinear(*placeholder(*child.weight.shape), bias, logits=head))
 
@@ -313,13 +318,18 @@ def _assign(model: GPT, name: str, read, weights: str) -> None:
         module._parameters[attr] = nn.Parameter(read(), requires_grad=False)
         return
     if isinstance(module, LowpEmbedding) or name == "lm_head.weight":
-        rows = module.weight.shape[0]
-        parts = [quantize_rows(read(slice(start, start + EMBEDDING_ROWS_PER_READ)), weights)
-                 for start in range(0, rows, EMBEDDING_ROWS_PER_READ)]
-        module.weight = torch.cat([p[0] for p in parts])
-        module.scale = None if weights == "bf16" else torch.cat([p[1] for p in parts])
+        # Rounded block by block into the final tensors (not a list of blocks then joined, which
+        # held the matrix twice: 37 MB more at the peak of an int8 GPT-2 small load).
+        rows, cols = module.weight.shape
+        module.weight = torch.empty(rows, cols, dtype=torch.bfloat16 if weights == "bf16" else torch.int8)
+        module.scale = None if weights == "bf16" else torch.empty(rows)
+        for start in range(0, rows, EMBEDDING_ROWS_PER_READ):
+            block, scale = quantize_rows(read(slice(start, start + EMBEDDING_ROWS_PER_READ)), weights, overwrite=True)
+            module.weight[start:start + len(block)] = block
+            if scale is not None:
+                module.scale[start:start + len(block)] = scale
         return
-    module.weight, module.scale = quantize_rows(read(), weights)
+    module.weight, module.scale = quantize_rows(read(), weights, overwrite=True)
 
 
 def lowp_bytes(model: nn.Module) -> int:
