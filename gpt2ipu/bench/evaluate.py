@@ -37,6 +37,7 @@ from gpt2ipu.bench.lm_eval_baseline import lm_eval_available
 from gpt2ipu.evaluate.conventions import HELLASWAG as HELLASWAG_CONVENTIONS
 from gpt2ipu.evaluate.conventions import LAMBADA as LAMBADA_CONVENTIONS
 from gpt2ipu.log import package_logger
+from gpt2ipu.model.lowp import WEIGHT_FORMATS
 
 log = package_logger(__name__)
 
@@ -66,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hellaswag-items", type=int, default=16, help="HellaSwag items in the lm_eval comparison")
     parser.add_argument("--lm-eval-tasks", default="lambada,wikitext,hellaswag",
                         help="comma-separated tasks of the lm_eval comparison: lambada, wikitext, hellaswag")
+    parser.add_argument("--weights", default="fp32", choices=WEIGHT_FORMATS,
+                        help="ours' matrices: fp32, bf16, or int8 with a scale per row (gpt2ipu/model/lowp.py); "
+                             "not fp32: no lm_eval baseline (it would score the fp32 weights)")
+    parser.add_argument("--compute-limit", action="store_true",
+                        help="also ours' LAMBADA passages and --wiki-articles WikiText articles (lm_eval convention) "
+                             "as a fraction of the compute limit: tokens/s x forward FLOPs per token / measured "
+                             "matmul peak")
     parser.add_argument("--lm-eval-batch-size", type=int, default=1,
                         help="lm-eval's batch size (1, its default; its rolling windows are batched the same way)")
 
@@ -108,6 +116,11 @@ def run(args: argparse.Namespace) -> dict:
     texts = (read_lambada(data) if data else sample_lambada_texts(args.samples))[:args.samples]
     torch.manual_seed(0)
     model = GPT(config_for(args.preset, 1024)).to(device).eval().requires_grad_(False)
+    n_params = model.num_parameters()   # of the fp32 model (low-precision matrices are buffers)
+    if args.weights != "fp32":
+        from gpt2ipu.model.lowp import to_lowp
+
+        model = to_lowp(model, args.weights)
     tokenizer = load_tokenizer()
     window = model.config.n_positions
 
@@ -137,7 +150,9 @@ def run(args: argparse.Namespace) -> dict:
     baselines = {name: n / seconds[name] for name in seconds if name != "ours"}
     extra = {}
     if "lm_eval" in chosen:
-        if device.type != "cpu":
+        if args.weights != "fp32":
+            extra["lm_eval_note"] = f"no lm_eval baseline with --weights {args.weights}: it would score fp32 weights"
+        elif device.type != "cpu":
             extra["lm_eval_note"] = "the lm_eval comparison runs on the CPU only"
         elif not lm_eval_available():
             extra["lm_eval_note"] = ("lm-evaluation-harness is not installed (pip install -e '.[compare]'): "
@@ -148,15 +163,58 @@ def run(args: argparse.Namespace) -> dict:
                 baselines["lm_eval"] = extra["lm_eval"]["lambada"]["baselines"]["lm_eval"]
     if "lm_eval_note" in extra:
         log.info(f"bench evaluate: {extra['lm_eval_note']}")
+    if args.compute_limit:
+        extra["compute_limit"] = compute_limit(model, n_params, tokenizer, texts, args)
     return report(
         n / seconds["ours"],
         "passages/s (all conventions; lm_eval: lambada_openai only)",
         baselines,
         preset=args.preset, samples=n, data=str(data) if data else "generated sample",
-        batch_size=args.batch_size, device=str(device), precision="fp32", threads=torch.get_num_threads(),
+        batch_size=args.batch_size, device=str(device), precision="fp32", weights=args.weights,
+        threads=torch.get_num_threads(),
         repeats=args.repeats, results_identical=identical, forward_sequences=ours["forward_sequences"],
         accuracy={c: ours[c]["accuracy"] for c in LAMBADA_CONVENTIONS}, **extra,
     )
+
+
+def compute_limit(model, n_params: int, tokenizer, texts, args: argparse.Namespace) -> dict:
+    """Ours on the LAMBADA passages and the WikiText articles (lm_eval convention) against the compute
+    limit: tokens/s x forward FLOPs per token (train/throughput.py's count, forward only, with T the
+    mean length of the forward passes) / this machine's measured matmul peak.
+
+    The count is the model's (MFU's convention): LAMBADA scoring runs the LM head on the target
+    positions only, so its figure counts head FLOPs that were not executed. Low-precision weights
+    are reported against the fp32 peak (the limit they are meant to pass) and the bf16 one.
+    """
+    from gpt2ipu.evaluate.lambada import score_lambada
+    from gpt2ipu.evaluate.wiki import document_requests, score_wikitext_lm_eval
+    from gpt2ipu.train.throughput import forward_flops_per_token, measured_matmul_flops
+
+    config = model.config
+    _, pages = wiki_pages(args)
+    lambada_tokens = [min(len(tokenizer.encode(t)), config.n_positions) for t in texts]
+    wiki_tokens, wiki_windows, _ = document_requests(tokenizer, pages, config.n_positions)
+    window_lengths = [len(window) - 1 for window, _ in wiki_windows]   # inputs of each forward pass
+    work = {"lambada": (sum(lambada_tokens), sum(lambada_tokens) / len(lambada_tokens),
+                        lambda: score_lambada(model, tokenizer, texts, batch_size=args.batch_size)),
+            "wikitext": (sum(map(len, wiki_tokens)), sum(window_lengths) / len(window_lengths),
+                         lambda: score_wikitext_lm_eval(model, tokenizer, "\n".join(pages),
+                                                        batch_size=args.batch_size))}
+    seconds = interleaved_median_seconds({task: run for task, (_, _, run) in work.items()}, args.repeats)
+    peaks = {"fp32": measured_matmul_flops("cpu", torch.float32)}
+    if args.weights != "fp32":
+        peaks["bf16"] = measured_matmul_flops("cpu", torch.bfloat16)
+    figures = {"matmul_peak_gflops": {name: peak / 1e9 for name, peak in peaks.items()},
+               "peak_from": "best of 5 2048x2048 matmuls in this process (train/throughput.py)"}
+    for task, (tokens, mean_length, _) in work.items():
+        flops = forward_flops_per_token(n_params, config.n_layer, config.n_embd, round(mean_length))
+        rate = tokens / seconds[task]
+        figures[task] = {"tokens": tokens, "mean_forward_length": mean_length, "tokens_per_s": rate,
+                         "forward_gflops_per_token": flops / 1e9,
+                         **{f"fraction_of_{name}_peak": rate * flops / peak for name, peak in peaks.items()}}
+    figures["wikitext"]["articles"] = len(pages)
+    figures["lambada"]["passages"] = len(texts)
+    return figures
 
 
 def wiki_pages(args: argparse.Namespace) -> tuple[str, list[str]]:

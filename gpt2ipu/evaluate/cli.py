@@ -8,6 +8,7 @@ import json
 from gpt2ipu.devices import PRECISIONS
 from gpt2ipu.evaluate import conventions
 from gpt2ipu.evaluate.data import DEFAULT_SOURCES, EVAL_SETS, SAMPLE_SEED
+from gpt2ipu.model.lowp import WEIGHT_FORMATS
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights' dtype")
+    parser.add_argument("--weights", default="fp32", choices=WEIGHT_FORMATS,
+                                help="CPU: the matrices stored fp32, bf16, or int8 with a scale per row "
+                             "(gpt2ipu/model/lowp.py); bf16 products where the CPU has AVX512-BF16 or AMX")
     parser.add_argument("--vocab-dir", default=None,
                         help="GPT-2 vocab folder, for a model folder without its own vocab.json + merges.txt")
     parser.add_argument("--bpe-tokenizer", default=None,
@@ -102,13 +106,14 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_wiki(args.model_dir, args.data, args.out, conventions=_names(args.conventions),
                                documents=args.documents, stride=args.stride, window=args.window,
                                batch_size=args.batch_size, device=args.device, precision=args.precision,
+                               weights=args.weights,
                                vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer,
                                log_samples=args.log_samples)
     elif args.task == "hellaswag":
         from gpt2ipu.evaluate.hellaswag import evaluate_hellaswag
 
         result = evaluate_hellaswag(args.model_dir, args.data, args.out, batch_size=args.batch_size,
-                                    device=args.device, precision=args.precision,
+                                    device=args.device, precision=args.precision, weights=args.weights,
                                     conventions=_names(args.conventions), limit=args.limit,
                                     vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer,
                                     log_samples=args.log_samples)
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         from gpt2ipu.evaluate.lambada import evaluate_lambada
 
         result = evaluate_lambada(args.model_dir, args.data, args.out, batch_size=args.batch_size,
-                                  device=args.device, precision=args.precision,
+                                  device=args.device, precision=args.precision, weights=args.weights,
                                   conventions=_names(args.conventions), limit=args.limit,
                                   vocab_dir=args.vocab_dir, bpe_tokenizer=args.bpe_tokenizer,
                                   log_samples=args.log_samples)

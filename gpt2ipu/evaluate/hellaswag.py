@@ -190,7 +190,7 @@ def evaluate_hellaswag(model_dir: str | os.PathLike, data: str | os.PathLike, ou
                        batch_size: int = 8, device: str = "auto", precision: str = "fp32",
                        conventions: Sequence[str] = CONVENTIONS, limit: int | None = None,
                        vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
-                       log_samples: str | os.PathLike | None = None) -> dict[str, Any]:
+                       log_samples: str | os.PathLike | None = None, weights: str = "fp32") -> dict[str, Any]:
     """Evaluate `model_dir` (a folder or a hub id) on the HellaSwag file `data`; write the results
     JSON `out` (and the per-item JSON lines `log_samples`) atomically."""
     from gpt2ipu.evaluate.results import evaluate_items
@@ -199,4 +199,5 @@ def evaluate_hellaswag(model_dir: str | os.PathLike, data: str | os.PathLike, ou
     data_path = data_file(data, HELLASWAG_NAME)
     return evaluate_items("hellaswag", model_dir, data_path, read_hellaswag(data_path)[:limit], score_hellaswag, out,
                           batch_size=batch_size, device=device, precision=precision, conventions=conventions,
-                          limit=limit, vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer, log_samples=log_samples)
+                          limit=limit, vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer, log_samples=log_samples,
+                          weights=weights)

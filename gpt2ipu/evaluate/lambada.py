@@ -144,7 +144,7 @@ def evaluate_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out:
                      batch_size: int = 8, device: str = "auto", precision: str = "fp32",
                      conventions: Sequence[str] = CONVENTIONS, limit: int | None = None,
                      vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
-                     log_samples: str | os.PathLike | None = None) -> dict[str, Any]:
+                     log_samples: str | os.PathLike | None = None, weights: str = "fp32") -> dict[str, Any]:
     """Evaluate `model_dir` (a folder or a hub id) on the LAMBADA file `data`; write the results
     JSON `out` (and the per-passage JSON lines `log_samples`) atomically."""
     from gpt2ipu.evaluate.results import evaluate_items
@@ -153,4 +153,5 @@ def evaluate_lambada(model_dir: str | os.PathLike, data: str | os.PathLike, out:
     data_path = data_file(data, LAMBADA_NAME)
     return evaluate_items("lambada", model_dir, data_path, read_lambada(data_path)[:limit], score_lambada, out,
                           batch_size=batch_size, device=device, precision=precision, conventions=conventions,
-                          limit=limit, vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer, log_samples=log_samples)
+                          limit=limit, vocab_dir=vocab_dir, bpe_tokenizer=bpe_tokenizer, log_samples=log_samples,
+                          weights=weights)

@@ -37,7 +37,8 @@ def write_samples(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]])
 def evaluate_items(task: str, model_dir: str | os.PathLike, data_path: str | os.PathLike, items: Sequence[Any],
                    score: Callable[..., dict[str, Any]], out: str | os.PathLike, *, batch_size: int, device: str,
                    precision: str, conventions: Sequence[str], limit: int | None, vocab_dir: str | None,
-                   bpe_tokenizer: str | None, log_samples: str | os.PathLike | None) -> dict[str, Any]:
+                   bpe_tokenizer: str | None, log_samples: str | os.PathLike | None,
+                   weights: str = "fp32") -> dict[str, Any]:
     """What every task's `evaluate_<task>` does around its scoring: load the model (a folder or a hub
     id), score `items` with `score(model, tokenizer, items, conventions=, batch_size=, log_samples=)`,
     write the results JSON `out` (stage `evaluate_<task>`) and the per-sample log, both atomically."""
@@ -45,10 +46,10 @@ def evaluate_items(task: str, model_dir: str | os.PathLike, data_path: str | os.
 
     start = time.perf_counter()
     model_path = resolve_model_dir(model_dir)
-    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer)
+    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer, weights)
     samples: list | None = [] if log_samples else None
     figures = score(model, tokenizer, items, conventions=conventions, batch_size=batch_size, log_samples=samples)
-    params = {"batch_size": batch_size, "device": str(device_used), "precision": precision,
+    params = {"batch_size": batch_size, "device": str(device_used), "precision": precision, "weights": weights,
               "conventions": list(conventions), "limit": limit, "tokenizer": tokenizer.name}
     result = {"task": task, "model_dir": str(model_dir), "data": str(data_path), "samples": len(items),
               **figures, "seconds": round(time.perf_counter() - start, 3)}

@@ -260,7 +260,8 @@ def evaluate_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: st
                   conventions: Sequence[str] = CONVENTIONS, documents: str = "articles",
                   stride: int | None = None, window: int | None = None, batch_size: int = 8, device: str = "auto",
                   precision: str = "fp32", vocab_dir: str | None = None, bpe_tokenizer: str | None = None,
-                  dataset_name: str | None = None, log_samples: str | os.PathLike | None = None) -> dict[str, Any]:
+                  dataset_name: str | None = None, log_samples: str | os.PathLike | None = None,
+                  weights: str = "fp32") -> dict[str, Any]:
     """Evaluate `model_dir` (a folder or a hub id) on the WikiText file `data` in each convention;
     write the results JSON `out` (and the per-document JSON lines `log_samples`) atomically."""
     from gpt2ipu.evaluate.results import write_results, write_samples
@@ -271,7 +272,7 @@ def evaluate_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: st
     data_path = data_file(data, WIKITEXT_NAME)
     text = read_wikitext(data_path)
     model_path = resolve_model_dir(model_dir)
-    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer)
+    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer, weights)
     samples = [] if log_samples else None
     figures = {}
     if "lm_eval" in conventions:
@@ -282,7 +283,7 @@ def evaluate_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: st
                                                batch_size=batch_size, log_samples=samples))
     params = {"conventions": list(conventions), "documents": documents, "stride": figures.get("stride", stride),
               "window": figures.get("window", window), "batch_size": batch_size, "device": str(device_used),
-              "precision": precision, "tokenizer": tokenizer.name}
+              "precision": precision, "weights": weights, "tokenizer": tokenizer.name}
     result = {"task": "wikitext", "dataset": dataset_name or Path(data_path).parent.name,
               "model_dir": str(model_dir), "data": str(data_path), "conventions": list(conventions), **figures,
               "seconds": round(time.perf_counter() - start, 3)}

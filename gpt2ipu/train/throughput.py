@@ -51,6 +51,11 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
     return 6 * n_params + 12 * n_layer * n_embd * seq_len
 
 
+def forward_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """Inference FLOPs per token (forward only): a third of `flops_per_token`, 2 N + 4 L C T."""
+    return flops_per_token(n_params, n_layer, n_embd, seq_len) / 3
+
+
 def stated_peak(device_name: str, precision: str) -> float | None:
     """The stated dense peak of a GPU by its exact CUDA name, in bf16/fp16; None otherwise."""
     return STATED_PEAKS.get(device_name) if precision in ("bf16", "fp16") else None

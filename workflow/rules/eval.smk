@@ -56,6 +56,7 @@ rule evaluate_lambada_any:
         batch_size=EVAL["batch_size"],
         device=EVAL["device"],
         precision=EVAL["precision"],
+        weights=EVAL["weights"],
         vocab_dir=config["tokenize"]["vocab_dir"],
     threads: EVAL["threads"]
     log:
@@ -86,6 +87,7 @@ rule evaluate_wiki_any:
         batch_size=EVAL["batch_size"],
         device=EVAL["device"],
         precision=EVAL["precision"],
+        weights=EVAL["weights"],
         vocab_dir=config["tokenize"]["vocab_dir"],
     threads: EVAL["threads"]
     log:
@@ -113,6 +115,7 @@ rule evaluate_hellaswag_any:
         batch_size=EVAL["batch_size"],
         device=EVAL["device"],
         precision=EVAL["precision"],
+        weights=EVAL["weights"],
         vocab_dir=config["tokenize"]["vocab_dir"],
     threads: EVAL["threads"]
     log:

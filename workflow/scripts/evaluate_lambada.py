@@ -5,5 +5,6 @@ run_stage(snakemake, evaluate_lambada, model_dir=snakemake.input.model, data=sna
           out=snakemake.output.results, log_samples=snakemake.output.samples,
           conventions=snakemake.params.conventions, batch_size=snakemake.params.batch_size,
           device=snakemake.params.device,
-          precision=snakemake.params.precision, vocab_dir=snakemake.params.vocab_dir,
+          precision=snakemake.params.precision, weights=snakemake.params.weights,
+          vocab_dir=snakemake.params.vocab_dir,
           bpe_tokenizer=bpe_tokenizer(snakemake), torch_threads=True)

@@ -6,5 +6,6 @@ run_stage(snakemake, evaluate_wiki, model_dir=snakemake.input.model, data=snakem
           conventions=snakemake.params.conventions, documents=snakemake.params.documents,
           stride=snakemake.params.stride, window=snakemake.params.window,
           batch_size=snakemake.params.batch_size, device=snakemake.params.device,
-          precision=snakemake.params.precision, vocab_dir=snakemake.params.vocab_dir,
+          precision=snakemake.params.precision, weights=snakemake.params.weights,
+          vocab_dir=snakemake.params.vocab_dir,
           bpe_tokenizer=bpe_tokenizer(snakemake), torch_threads=True)
