@@ -7,9 +7,9 @@ batch 1, a 32-token prompt, 128 new tokens, greedy, with a key/value cache and n
 the tokens must be identical. Timings are medians over `--repeats` runs taken in turns, so load
 from other processes falls on both alike.
 
-Ours on CPU runs its linear layers through the compiled decode op (custom_ops/decode_linear.cpp),
-built into a temporary folder unless --ops-dir or $GPT2IPU_OPS_DIR names a build;
-`--no-ops` measures the pure PyTorch path instead (the fallback without a compiler).
+Ours on CPU decodes each step after the prompt through the compiled `decode_step` op
+(custom_ops/decode_step.cpp), built into a temporary folder unless --ops-dir or $GPT2IPU_OPS_DIR
+names a build; `--no-ops` measures the pure PyTorch path instead (the fallback without a compiler).
 
 `--weights bf16|int8` stores ours' weight matrices in that format (gpt2ipu/model/lowp.py; the
 transformers side stays at --precision, fp32 by default), so the tokens may differ from fp32's
