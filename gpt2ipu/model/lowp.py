@@ -98,9 +98,11 @@ class LowpLinear(nn.Module):
         to the fp32 output), the product's bf16 output widened back. About 3x the fp32 product's
         FLOP/s here (docs/measurements.md), and no fp32 copy of W. Not for the LM head
         (`logits=True`): logits rounded to bf16 (about 0.1 at a logit of 30) would move the
-        log-probabilities evaluation reports, so the head stays fp32 as below;
+        log-probabilities evaluation reports, so the head stays fp32: its widened copy is kept
+        between such calls (evaluation scores a window's logits in blocks of rows, and widening
+        the 38.6M-weight head for each block cost more than the block's product), which is 154
+        MB more for GPT-2 small while evaluating; decoding never makes this call;
       * otherwise, or on CUDA: W widened to fp32 for this call, then F.linear.
-    Holds no fp32 copy of W between calls.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -110,6 +112,7 @@ class LowpLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.logits = logits
+        self._widened: torch.Tensor | None = None   # the LM head's fp32 copy for many-row calls
 
     @property
     def in_features(self) -> int:
@@ -138,6 +141,10 @@ class LowpLinear(nn.Module):
             if self.scale is not None:
                 out = out * self.scale
             return out if self.bias is None else out + self.bias
+        elif self.logits and not decoding:
+            if self._widened is None or self._widened.device != self.weight.device:
+                self._widened = dequantize(self.weight, self.scale)
+            return F.linear(x, self._widened.to(x.dtype), self.bias)
         return F.linear(x, dequantize(self.weight, self.scale).to(x.dtype), self.bias)
 
 
