@@ -394,3 +394,46 @@ def test_the_megatron_wikitext_scorer_is_named_for_its_convention():
 
     assert not hasattr(wiki, "score_wikitext")   # it covered only the Megatron convention
     assert callable(wiki.score_wikitext_megatron) and callable(wiki.score_wikitext_lm_eval)
+
+
+# ----------------------------------------------------------------------------------------------
+# Low-precision weights (gpt2ipu/model/lowp.py) in evaluation, and the compute-limit figures
+
+
+def test_evaluate_with_int8_weights_records_them_and_stays_near_fp32(tmp_path, model_dir, lambada_texts):
+    data = tmp_path / "lambada.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in lambada_texts))
+    results = {}
+    for weights in ("fp32", "int8"):
+        out = tmp_path / f"{weights}.json"
+        assert cli_main(["evaluate", "lambada", "--model-dir", str(model_dir), "--data", str(data), "--out", str(out),
+                         "--device", "cpu", "--conventions", "last_token", "--weights", weights]) == 0
+        results[weights] = json.loads(out.read_text())
+    assert results["int8"]["provenance"]["params"]["weights"] == "int8"
+    fp32, int8 = results["fp32"]["last_token"], results["int8"]["last_token"]
+    assert fp32["nll"] != int8["nll"]   # rounded weights: not the same numbers ...
+    assert int8["nll"] == pytest.approx(fp32["nll"], rel=0.02)   # ... but close
+
+
+def test_compute_limit_counts_what_each_task_runs(model, tokenizer, wiki_text):
+    import argparse
+
+    from gpt2ipu.bench.evaluate import compute_limit
+
+    config = model.config
+    texts = evaldata.sample_lambada_texts(4, seed=5)
+    args = argparse.Namespace(wiki_data=None, wiki_articles=1, batch_size=4, repeats=1, weights="fp32")
+    n_params = model.num_parameters()
+    figures = compute_limit(model, n_params, tokenizer, texts, args)
+    attention = 4 * config.n_layer * config.n_embd
+    lambada, wiki = figures["lambada"], figures["wikitext"]
+    head = config.vocab_size * config.n_embd   # left out for LAMBADA, which runs it on the targets only
+    assert lambada["forward_gflops_per_token"] * 1e9 == pytest.approx(
+        2 * (n_params - head) + attention * round(lambada["mean_forward_length"]))
+    assert wiki["forward_gflops_per_token"] * 1e9 == pytest.approx(
+        2 * n_params + attention * round(wiki["mean_forward_length"]))
+    assert lambada["passages"] == 4   # passages longer than the context are scored on its last window
+    assert lambada["tokens"] == sum(min(len(tokenizer.encode(t)), config.n_positions) for t in texts)
+    for task in (lambada, wiki):
+        assert task["tokens_per_s"] > 0 and 0 < task["fraction_of_fp32_peak"] == pytest.approx(
+            task["tokens_per_s"] * task["forward_gflops_per_token"] / figures["matmul_peak_gflops"]["fp32"])
