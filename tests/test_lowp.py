@@ -165,3 +165,19 @@ def test_quality_bounds_on_real_gpt2(monkeypatch, shared_file):
     articles = "".join(split_articles(read_wikitext(shared_file("wikitext-2-wiki.test.tokens")))[:2])
     passages = read_lambada(shared_file("lambada_test.jsonl"))[:100]
     check_bounds(compare_weights(folder, articles, passages, REPO_PROMPTS.read_text(encoding="utf-8").splitlines()))
+
+
+def test_decoded_perplexity_is_the_teacher_forced_one(model_dir, compiled, built_ops_dir, monkeypatch):
+    import math
+
+    from gpt2ipu.bench.weights_quality import decoded_perplexity
+
+    monkeypatch.setenv(ops.OPS_DIR_ENV, str(built_ops_dir[0]))
+    model = load_model(model_dir)   # fp32: one step at a time must give the one-pass figure
+    ids = PROMPTS[1] + PROMPTS[0] + PROMPTS[1]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model.logits(torch.tensor([ids]))[0].double(), dim=-1)
+    expected = math.exp(-sum(log_probs[t - 1, ids[t]].item() for t in range(1, len(ids))) / (len(ids) - 1))
+    assert decoded_perplexity(model, ids) == pytest.approx(expected, rel=1e-5)
+    int8 = decoded_perplexity(load_model(model_dir, "cpu", "fp32", "int8"), ids)
+    assert int8 != expected and int8 == pytest.approx(expected, rel=0.05)
