@@ -1,7 +1,9 @@
-"""Fast decoding on CPU: the model's linear layers routed to the compiled decode op, or re-laid out.
+"""Fast decoding on CPU: whole decode steps through the compiled `decode_step` op (`FusedDecoder`),
+and the model's linear layers routed to the compiled decode op or re-laid out (`use_decode_layout`)
+for the calls the fused step does not take.
 
 Decoding multiplies one token's vector by every weight matrix, a matrix-vector product whose speed
-is set by how fast the weights stream from memory (measured rates: docs/design-measurements.md).
+is set by how fast the weights stream from memory (measured rates: docs/measurements.md).
 """
 
 from __future__ import annotations
