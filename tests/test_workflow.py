@@ -160,9 +160,13 @@ def kill_when(proc: subprocess.Popen, condition, sig=signal.SIGKILL, timeout: fl
 
 
 def start(workdir: Path, *args) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a shell that starts the test run in the background
+    # (`.ci/run &`, nohup) ignores SIGINT, the ignoring is inherited, and snakemake would then sleep
+    # through the Ctrl-C that test_killed_in_the_middle_of_a_stage... sends.
     return subprocess.Popen([*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_killed_in_the_middle_of_a_stage_rerun_redoes_only_that_stage_onwards(tmp_path):
