@@ -162,6 +162,27 @@ def test_wikitext_batched_equals_one_window_at_a_time(model, tokenizer, wiki_tex
 # ----------------------------------------------------------------------------------------------
 # LAMBADA
 
+@pytest.mark.parametrize("vocab", [50, 64, 200])
+def test_head_logits_in_the_padded_buffer_are_the_plain_head_s(vocab):
+    # 50: no whole multiple of 64 (one small product); 64: no remainder; 200: both products.
+    from gpt2ipu.evaluate.scoring import HeadLogits
+    from gpt2ipu.model import GPT, GPTConfig
+    from gpt2ipu.model.lowp import to_lowp
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    model.requires_grad_(False)   # as evaluation's models are: the buffer path has no autograd
+    head = HeadLogits(model)
+    for rows in (7, 3):   # a smaller call after a larger one reuses the buffer
+        hidden = torch.randn(rows, 32)
+        logits = head(hidden)
+        assert logits.shape == (rows, vocab)
+        torch.testing.assert_close(logits, model.lm_head(hidden), rtol=0, atol=1e-5)
+    lowp = to_lowp(model, "int8")
+    hidden = torch.randn(20, 32)
+    torch.testing.assert_close(HeadLogits(lowp)(hidden), lowp.lm_head(hidden), rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def lambada_texts(model, tokenizer) -> list[str]:
     samples = evaldata.sample_lambada_texts(12, seed=5)

@@ -103,6 +103,7 @@ def plain_lambada(model, tokenizer, texts, window: int) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from gpt2ipu.allocator import keep_freed_memory
     from gpt2ipu.data.tokenizer import load_tokenizer
     from gpt2ipu.devices import resolve_device
     from gpt2ipu.evaluate.data import read_lambada, sample_lambada_texts
@@ -121,6 +122,7 @@ def run(args: argparse.Namespace) -> dict:
         from gpt2ipu.model.lowp import to_lowp
 
         model = to_lowp(model, args.weights)
+    keep_freed_memory()   # as `gpt2ipu evaluate` does (evaluate/results.py); lm_eval's scoring runs under it too
     tokenizer = load_tokenizer()
     window = model.config.n_positions
 

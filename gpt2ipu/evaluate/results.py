@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from gpt2ipu.allocator import keep_freed_memory
 from gpt2ipu.fsutil import write_text_atomic
 from gpt2ipu.provenance import provenance_record
 
@@ -34,6 +35,20 @@ def write_samples(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]])
     write_text_atomic(path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
 
 
+def load_for_scoring(model_path, device: str, precision: str, vocab_dir: str | None, bpe_tokenizer: str | None,
+                     weights: str):
+    """(model, tokenizer, device) as `load_pretrained` gives them, and this process's malloc set to keep
+    the memory it frees (gpt2ipu/allocator.py), after the load (which may want the opposite,
+    gpt2ipu/model/lowp.py). Scoring allocates and frees the same large activations every batch
+    (a WikiText batch: 100 MB per MLP output); from fresh mappings each time, their page faults
+    took 6% of GPT-2 small's WikiText time (docs/measurements.md)."""
+    from gpt2ipu.pretrained import load_pretrained
+
+    loaded = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer, weights)
+    keep_freed_memory()
+    return loaded
+
+
 def evaluate_items(task: str, model_dir: str | os.PathLike, data_path: str | os.PathLike, items: Sequence[Any],
                    score: Callable[..., dict[str, Any]], out: str | os.PathLike, *, batch_size: int, device: str,
                    precision: str, conventions: Sequence[str], limit: int | None, vocab_dir: str | None,
@@ -42,11 +57,11 @@ def evaluate_items(task: str, model_dir: str | os.PathLike, data_path: str | os.
     """What every task's `evaluate_<task>` does around its scoring: load the model (a folder or a hub
     id), score `items` with `score(model, tokenizer, items, conventions=, batch_size=, log_samples=)`,
     write the results JSON `out` (stage `evaluate_<task>`) and the per-sample log, both atomically."""
-    from gpt2ipu.pretrained import load_pretrained, resolve_model_dir
+    from gpt2ipu.pretrained import resolve_model_dir
 
     start = time.perf_counter()
     model_path = resolve_model_dir(model_dir)
-    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer, weights)
+    model, tokenizer, device_used = load_for_scoring(model_path, device, precision, vocab_dir, bpe_tokenizer, weights)
     samples: list | None = [] if log_samples else None
     figures = score(model, tokenizer, items, conventions=conventions, batch_size=batch_size, log_samples=samples)
     params = {"batch_size": batch_size, "device": str(device_used), "precision": precision, "weights": weights,

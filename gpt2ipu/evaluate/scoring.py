@@ -25,8 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-# Rows of logits made at once: 256 x 50257 in float32 is about 50 MB.
-LOGIT_ROWS = 256
+from gpt2ipu.model.lowp import LowpLinear
+
+# Rows of logits made at once: 512 x 50304 in float32 is about 100 MB, one buffer reused.
+LOGIT_ROWS = 512
+# On CPU the fp32 product hidden @ W^T of GPT-2's 50257-row head ran at 0.6-0.7 of the matmul peak,
+# and at the peak when the output's row stride and column count were multiples of 64
+# (docs/measurements.md). So the logits go into a buffer whose rows are padded to a multiple of
+# HEAD_COLUMN_MULTIPLE: the head's first multiple-of-64 rows in one product, the rest in a second,
+# small one; only the real columns are read. No padded copy of the weights is made.
+HEAD_COLUMN_MULTIPLE = 64
 # Vocabulary columns whose exponentials are summed in float32 before the float64 sum: a float32
 # sum of 4096 terms in [0, 1] rounds by far less than 1e-6 of it.
 LSE_BLOCK = 4096
@@ -81,6 +89,31 @@ def log_sum_exp_(logits: torch.Tensor) -> torch.Tensor:
     return top.squeeze(-1).double() + torch.stack(block_sums, -1).double().sum(-1).log()
 
 
+class HeadLogits:
+    """The LM head over blocks of rows (see HEAD_COLUMN_MULTIPLE). On CPU a call's logits live in
+    one reused buffer: they are valid until the next call."""
+
+    def __init__(self, model):
+        self.head = model.lm_head
+        self.weight = self.head.fp32_weight() if isinstance(self.head, LowpLinear) else self.head.weight
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:   # rows [N, C] -> logits [N, V]
+        plain = rows.device.type != "cpu" or rows.dtype != self.weight.dtype or self.head.bias is not None
+        if plain or (torch.is_grad_enabled() and self.weight.requires_grad):   # out= has no autograd
+            return self.head(rows)
+        vocab = self.weight.shape[0]
+        whole = vocab // HEAD_COLUMN_MULTIPLE * HEAD_COLUMN_MULTIPLE
+        if self.buffer is None or len(self.buffer) < len(rows):
+            self.buffer = torch.empty(len(rows), whole + (HEAD_COLUMN_MULTIPLE if whole < vocab else 0))
+        logits = self.buffer[:len(rows), :vocab]
+        if whole:
+            torch.mm(rows, self.weight[:whole].t(), out=logits[:, :whole])
+        if whole < vocab:
+            torch.mm(rows, self.weight[whole:].t(), out=logits[:, whole:])
+        return logits
+
+
 def _score_batch(model, requests, device) -> list[Scores]:
     # Every token but the last is fed (the last predicts nothing); the targets are all the tokens.
     width = max(len(tokens) for tokens, _ in requests)
@@ -100,8 +133,9 @@ def _score_batch(model, requests, device) -> list[Scores]:
     predictors = hidden[rows_t, cols_t - 1]
     targets = ids[rows_t, cols_t]
     nll_parts, correct_parts = [], []
+    head = HeadLogits(model)
     for start in range(0, len(targets), LOGIT_ROWS):
-        logits = model.lm_head(predictors[start:start + LOGIT_ROWS])
+        logits = head(predictors[start:start + LOGIT_ROWS])
         wanted = targets[start:start + LOGIT_ROWS]
         correct_parts.append(logits.argmax(-1) == wanted)
         nll_parts.append(target_nll_(logits, wanted))   # overwrites the logits
@@ -187,8 +221,9 @@ def _score_packed(model, groups, device) -> list[list[Scores]]:
     targets_t = torch.as_tensor(targets, device=device)
     nll = torch.empty(len(targets), dtype=torch.float64, device=device)
     correct = torch.empty(len(targets), dtype=torch.bool, device=device)
+    head = HeadLogits(model)
     for start in range(0, len(rows), LOGIT_ROWS):
-        logits = model.lm_head(predictors[start:start + LOGIT_ROWS])
+        logits = head(predictors[start:start + LOGIT_ROWS])
         wanted = ((predictor_t >= start) & (predictor_t < start + LOGIT_ROWS)).nonzero().squeeze(-1)
         local = predictor_t[wanted] - start
         correct[wanted] = logits.argmax(-1)[local] == targets_t[wanted]

@@ -264,15 +264,15 @@ def evaluate_wiki(model_dir: str | os.PathLike, data: str | os.PathLike, out: st
                   weights: str = "fp32") -> dict[str, Any]:
     """Evaluate `model_dir` (a folder or a hub id) on the WikiText file `data` in each convention;
     write the results JSON `out` (and the per-document JSON lines `log_samples`) atomically."""
-    from gpt2ipu.evaluate.results import write_results, write_samples
-    from gpt2ipu.pretrained import load_pretrained, resolve_model_dir
+    from gpt2ipu.evaluate.results import load_for_scoring, write_results, write_samples
+    from gpt2ipu.pretrained import resolve_model_dir
 
     start = time.perf_counter()
     check_conventions(conventions, documents)
     data_path = data_file(data, WIKITEXT_NAME)
     text = read_wikitext(data_path)
     model_path = resolve_model_dir(model_dir)
-    model, tokenizer, device_used = load_pretrained(model_path, device, precision, vocab_dir, bpe_tokenizer, weights)
+    model, tokenizer, device_used = load_for_scoring(model_path, device, precision, vocab_dir, bpe_tokenizer, weights)
     samples = [] if log_samples else None
     figures = {}
     if "lm_eval" in conventions:

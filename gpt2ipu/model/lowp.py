@@ -142,10 +142,14 @@ class LowpLinear(nn.Module):
                 out = out * self.scale
             return out if self.bias is None else out + self.bias
         elif self.logits and not decoding:
-            if self._widened is None or self._widened.device != self.weight.device:
-                self._widened = dequantize(self.weight, self.scale)
-            return F.linear(x, self._widened.to(x.dtype), self.bias)
+            return F.linear(x, self.fp32_weight().to(x.dtype), self.bias)
         return F.linear(x, dequantize(self.weight, self.scale).to(x.dtype), self.bias)
+
+    def fp32_weight(self) -> torch.Tensor:
+        """W widened to fp32, kept between calls (the LM head's many-row calls; see the class doc)."""
+        if self._widened is None or self._widened.device != self.weight.device:
+            self._widened = dequantize(self.weight, self.scale)
+        return self._widened
 
 
 def bf16_matmul_native() -> bool:
