@@ -312,6 +312,36 @@ def test_gradient_accumulation_equals_one_big_batch():
 # The optimizer step inside backward (StepInBackward): tests/test_optim.py.
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fused_linear_gives_the_plain_layers_numbers_and_gradients(gelu, monkeypatch):
+    from gpt2ipu.model import fused
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 256)
+    x = torch.randn(3, 40, 64) * 2
+
+    def plain(x):
+        y = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        return torch.nn.functional.gelu(y, approximate="tanh") if gelu else y
+
+    calls = []
+    real_op = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(fused, "_onednn_linear_pointwise", lambda *a: calls.append(1) or real_op(*a))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.linear(x, layer, gelu=gelu), plain(x), rtol=1e-5, atol=1e-5)
+    # On a torch whose oneDNN op fails the probe the plain calls run; this one must take the op.
+    assert calls == ([1] if fused.onednn_linear_works() else [])
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert fused.linear(x, layer, gelu=gelu).dtype == torch.bfloat16   # autocast's choice stands
+    x.requires_grad_(True)
+    ours = fused.linear(x, layer, gelu=gelu)
+    ours.square().sum().backward()
+    grad_ours, x.grad = x.grad, None
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(grad_ours, x.grad)
+    assert len(calls) <= 1   # gradients need autograd: the plain calls
+
+
 def test_bf16_attention_linears_keep_no_weight_copy_and_match_autocast():
     from gpt2ipu.model.memory import recast_linear
 

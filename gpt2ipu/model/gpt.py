@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2ipu.errors import UserError
+from gpt2ipu.model import fused
 from gpt2ipu.model.loss import IGNORE_INDEX, chunked_lm_loss
-from gpt2ipu.model.memory import FeatureMajorMLP, TiedEmbedding, TiedGrad, gelu_new, recast_linear
+from gpt2ipu.model.memory import FeatureMajorMLP, TiedEmbedding, TiedGrad, recast_linear
 from gpt2ipu.sizes import model_size
 
 
@@ -194,7 +195,7 @@ class MLP(nn.Module):
         if self.recompute_gelu and torch.is_grad_enabled():
             y = FeatureMajorMLP.apply(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
         else:
-            y = self.c_proj(gelu_new(self.c_fc(x)))   # [B, T, 4C] -> [B, T, C]
+            y = fused.linear(fused.linear(x, self.c_fc, gelu=True), self.c_proj)   # [B, T, 4C] -> [B, T, C]
         return self.dropout(y)   # [B, T, C]
 
 

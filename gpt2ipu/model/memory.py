@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2ipu.model import fused
+from gpt2ipu.model.fused import gelu_new
+
 
 class TiedGrad:
     """One [V, d] gradient buffer shared by the LM head and the token embedding of a tied weight.
@@ -47,17 +50,13 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
-def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's GELU: the tanh approximation (Hugging Face's "gelu_new")."""
-    return F.gelu(x, approximate="tanh")
-
-
 def recast_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """`linear(x)`; when training under autocast, without keeping a low-precision weight copy (see RecastLinear)."""
+    """`linear(x)`; when training under autocast, without keeping a low-precision weight copy (see
+    RecastLinear); otherwise through fused.linear (oneDNN where it applies)."""
     device = x.device.type
     if torch.is_grad_enabled() and torch.is_autocast_enabled(device):
         return RecastLinear.apply(x, linear.weight, linear.bias)
-    return linear(x)
+    return fused.linear(x, linear)
 
 
 class RecastLinear(torch.autograd.Function):
