@@ -436,25 +436,42 @@ def test_evaluate_with_int8_weights_records_them_and_stays_near_fp32(tmp_path, m
     assert int8["nll"] == pytest.approx(fp32["nll"], rel=0.02)   # ... but close
 
 
-def test_compute_limit_counts_what_each_task_runs(model, tokenizer, wiki_text):
+def test_compute_limit_counts_what_each_task_runs(model, tokenizer, tmp_path):
     import argparse
 
     from gpt2ipu.bench.evaluate import compute_limit
+    from gpt2ipu.evaluate.wiki import split_articles
 
     config = model.config
-    texts = evaldata.sample_lambada_texts(4, seed=5)
-    args = argparse.Namespace(wiki_data=None, wiki_articles=1, batch_size=4, repeats=1, weights="fp32")
+    texts = [t for t in evaldata.sample_lambada_texts(60, seed=5) if len(tokenizer.encode(t)) <= config.n_positions][:4]
+    assert len(texts) == 4
+    wiki_file = tmp_path / "wiki.test.tokens"
+    wiki_file.write_text(evaldata.sample_wikitext(1))
+    args = argparse.Namespace(wiki_data=wiki_file, wiki_articles=1, batch_size=4, repeats=1, weights="fp32")
     n_params = model.num_parameters()
     figures = compute_limit(model, n_params, tokenizer, texts, args)
-    attention = 4 * config.n_layer * config.n_embd
     lambada, wiki = figures["lambada"], figures["wikitext"]
-    head = config.vocab_size * config.n_embd   # left out for LAMBADA, which runs it on the targets only
-    assert lambada["forward_gflops_per_token"] * 1e9 == pytest.approx(
-        2 * (n_params - head) + attention * round(lambada["mean_forward_length"]))
-    assert wiki["forward_gflops_per_token"] * 1e9 == pytest.approx(
-        2 * n_params + attention * round(wiki["mean_forward_length"]))
-    assert lambada["passages"] == 4   # passages longer than the context are scored on its last window
-    assert lambada["tokens"] == sum(min(len(tokenizer.encode(t)), config.n_positions) for t in texts)
+    head = config.vocab_size * config.n_embd
+
+    def body(length):   # forward FLOPs of one sequence of `length` fed positions, head left out
+        return length * (2 * (n_params - head) + 4 * config.n_layer * config.n_embd * length)
+
+    # LAMBADA: every convention's sequence is the whole passage when it fits (one forward pass
+    # each); n tokens feed n - 1 positions, and the head runs on the last word's tokens only.
+    lengths = [min(len(tokenizer.encode(t)), config.n_positions) for t in texts]
+    assert lambada["passages"] == 4 and lambada["tokens"] == sum(lengths)
+    assert lambada["forward_sequences"] == 4 and lambada["forward_positions"] == sum(lengths) - 4
+    assert 4 <= lambada["head_rows"] < sum(lengths) / 4
+    assert lambada["forward_gflops"] * 1e9 == pytest.approx(
+        sum(body(n - 1) for n in lengths) + lambada["head_rows"] * 2 * head)
+    # WikiText: windows of n_positions + 1 tokens over one article; every token is scored once.
+    article = [tokenizer.eos_id] + tokenizer.encode(wikitext_detokenize(split_articles(wiki_file.read_text())[0]))
+    fed = len(article) - 1
+    whole, rest = divmod(fed, config.n_positions)
+    assert wiki["tokens"] == wiki["head_rows"] == fed and wiki["forward_sequences"] == whole + (rest > 0)
+    full_last = [config.n_positions] if whole and rest else [rest] if rest else []
+    assert wiki["forward_gflops"] * 1e9 == pytest.approx(
+        whole * body(config.n_positions) + sum(body(n) for n in full_last) + fed * 2 * head)
     for task in (lambada, wiki):
         assert task["tokens_per_s"] > 0 and 0 < task["fraction_of_fp32_peak"] == pytest.approx(
-            task["tokens_per_s"] * task["forward_gflops_per_token"] / figures["matmul_peak_gflops"]["fp32"])
+            task["forward_gflops"] / task["seconds"] / figures["matmul_peak_gflops"]["fp32"])

@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not fp32: no lm_eval baseline (it would score the fp32 weights)")
     parser.add_argument("--compute-limit", action="store_true",
                         help="also ours' LAMBADA passages and --wiki-articles WikiText articles (lm_eval convention) "
-                             "as a fraction of the compute limit: tokens/s x forward FLOPs per token / measured "
-                             "matmul peak")
+                             "as a fraction of the compute limit: the FLOPs their forward passes execute per second "
+                             "/ the measured matmul peak")
     parser.add_argument("--lm-eval-batch-size", type=int, default=1,
                         help="lm-eval's batch size (1, its default; its rolling windows are batched the same way)")
 
@@ -181,44 +181,50 @@ def run(args: argparse.Namespace) -> dict:
 
 def compute_limit(model, n_params: int, tokenizer, texts, args: argparse.Namespace) -> dict:
     """Ours on the LAMBADA passages and the WikiText articles (lm_eval convention) against the compute
-    limit: tokens/s x forward FLOPs per token (train/throughput.py's count, forward only, with T the
-    mean length of the forward passes) / this machine's measured matmul peak.
+    limit: the FLOPs each task's forward passes execute (train/throughput.py's `scoring_flops`:
+    every fed position through the body, with T each sequence's own length, and the LM head on the
+    positions whose logits are computed) per second / this machine's measured matmul peak.
 
-    LAMBADA scoring runs the LM head on the target positions only (a few per passage), so its count
-    leaves the head out (N less the V x C head matrix): a lower bound of the FLOPs executed, within
-    about 1%; counted in, the figure would pass 1 with FLOPs that never ran. WikiText scores every
-    position: the full count. Low-precision weights are reported against the fp32 peak (the limit
-    they are meant to pass) and the bf16 one.
+    Fed positions, not task tokens: a WikiText window of 1024 feeds 1023 positions of which the
+    last window of an article scores only its new tokens, and a LAMBADA passage of n tokens feeds
+    n - 1 and runs the head on its last word's few. Padding in a batch is not counted (wasted work
+    is not work). Low-precision weights are reported against the fp32 peak (the limit they are
+    meant to pass) and the bf16 one.
     """
-    from gpt2ipu.evaluate.lambada import score_lambada
+    from gpt2ipu.evaluate.lambada import lambada_requests, score_lambada
     from gpt2ipu.evaluate.wiki import document_requests, score_wikitext_lm_eval
-    from gpt2ipu.train.throughput import forward_flops_per_token, measured_matmul_flops
+    from gpt2ipu.train.throughput import measured_matmul_flops, scoring_flops
 
     config = model.config
     _, pages = wiki_pages(args)
-    lambada_tokens = [min(len(tokenizer.encode(t)), config.n_positions) for t in texts]
+    _, lambada_firsts = lambada_requests(tokenizer, texts, LAMBADA_CONVENTIONS, config.n_positions)
     wiki_tokens, wiki_windows, _ = document_requests(tokenizer, pages, config.n_positions)
-    window_lengths = [len(window) - 1 for window, _ in wiki_windows]   # inputs of each forward pass
-    work = {"lambada": (sum(lambada_tokens), sum(lambada_tokens) / len(lambada_tokens),
-                        lambda: score_lambada(model, tokenizer, texts, batch_size=args.batch_size)),
-            "wikitext": (sum(map(len, wiki_tokens)), sum(window_lengths) / len(window_lengths),
-                         lambda: score_wikitext_lm_eval(model, tokenizer, "\n".join(pages),
-                                                        batch_size=args.batch_size))}
-    seconds = interleaved_median_seconds({task: run for task, (_, _, run) in work.items()}, args.repeats)
+    requests = {"lambada": list(lambada_firsts.items()), "wikitext": wiki_windows}
+    task_tokens = {"lambada": sum(min(len(tokenizer.encode(t)), config.n_positions) for t in texts),
+                   "wikitext": sum(map(len, wiki_tokens))}
+    runs = {"lambada": lambda: score_lambada(model, tokenizer, texts, batch_size=args.batch_size),
+            "wikitext": lambda: score_wikitext_lm_eval(model, tokenizer, "\n".join(pages), batch_size=args.batch_size)}
+    seconds = interleaved_median_seconds(runs, args.repeats)
     peaks = {"fp32": measured_matmul_flops("cpu", torch.float32)}
     if args.weights != "fp32":
         peaks["bf16"] = measured_matmul_flops("cpu", torch.bfloat16)
     figures = {"matmul_peak_gflops": {name: peak / 1e9 for name, peak in peaks.items()},
-               "peak_from": "best of 5 2048x2048 matmuls in this process (train/throughput.py)"}
-    counted = {"lambada": n_params - config.vocab_size * config.n_embd, "wikitext": n_params}
-    for task, (tokens, mean_length, _) in work.items():
-        flops = forward_flops_per_token(counted[task], config.n_layer, config.n_embd, round(mean_length))
-        rate = tokens / seconds[task]
-        figures[task] = {"tokens": tokens, "mean_forward_length": mean_length, "tokens_per_s": rate,
-                         "forward_gflops_per_token": flops / 1e9,
-                         **{f"fraction_of_{name}_peak": rate * flops / peak for name, peak in peaks.items()}}
-    figures["wikitext"]["articles"] = len(pages)
-    figures["lambada"].update(passages=len(texts), lm_head="not counted: it runs on the target positions only")
+               "peak_from": "best of 5 2048x2048 matmuls in this process (train/throughput.py)",
+               "flops_from": "train/throughput.py scoring_flops: fed positions through the body, the LM head on "
+                             "the scored positions; padding not counted"}
+    for task, task_requests in requests.items():
+        fed = [len(tokens) - 1 for tokens, _ in task_requests]   # the last token predicts nothing
+        head_rows = sum(len(tokens) - first for tokens, first in task_requests)
+        flops = scoring_flops(fed, head_rows, n_params=n_params, n_layer=config.n_layer, n_embd=config.n_embd,
+                              vocab_size=config.vocab_size)
+        figures[task] = {"tokens": task_tokens[task], "tokens_per_s": task_tokens[task] / seconds[task],
+                         "forward_sequences": len(fed), "forward_positions": sum(fed),
+                         "forward_positions_per_s": sum(fed) / seconds[task], "head_rows": head_rows,
+                         "mean_forward_length": sum(fed) / len(fed), "forward_gflops": flops / 1e9,
+                         "seconds": seconds[task],
+                         **{f"fraction_of_{name}_peak": flops / seconds[task] / peak for name, peak in peaks.items()}}
+    figures["wikitext"].update(articles=len(pages), tokens_are="scored tokens (every token of every article)")
+    figures["lambada"].update(passages=len(texts), tokens_are="passage tokens (as fed to the model)")
     return figures
 
 

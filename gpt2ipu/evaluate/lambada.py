@@ -103,14 +103,11 @@ def sample_record(tokenizer, convention: str, index: int, context: list[int], ta
             "greedy": greedy, "tokens_scored": len(target)}
 
 
-def score_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequence[str] = CONVENTIONS,
-                  batch_size: int = 8, log_samples: list | None = None) -> dict[str, dict[str, Any]]:
-    """{convention: figures} for the passages `texts` (see the module doc); `log_samples`, when
-    given, gets one record per passage and convention."""
-    check_conventions(conventions)
-    window = model.config.n_positions
-    examples = {c: [] for c in conventions}   # convention -> [(context, target, sequence, first target index)]
-    first_of: dict[tuple[int, ...], int] = {}  # distinct sequence -> its earliest target index
+def lambada_requests(tokenizer, texts: Sequence[str], conventions: Sequence[str], window: int):
+    """({convention: [(context, target, sequence, first target index)]}, {distinct sequence: its
+    earliest target index}): what score_lambada scores, one forward pass per distinct sequence."""
+    examples = {c: [] for c in conventions}
+    first_of: dict[tuple[int, ...], int] = {}
     for text in texts:
         for convention in conventions:
             context, target = split_example(tokenizer, text, convention)
@@ -120,6 +117,15 @@ def score_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequen
             first = len(sequence) - len(target)
             examples[convention].append((context, target, sequence, first))
             first_of[sequence] = min(first, first_of.get(sequence, first))
+    return examples, first_of
+
+
+def score_lambada(model, tokenizer, texts: Sequence[str], *, conventions: Sequence[str] = CONVENTIONS,
+                  batch_size: int = 8, log_samples: list | None = None) -> dict[str, dict[str, Any]]:
+    """{convention: figures} for the passages `texts` (see the module doc); `log_samples`, when
+    given, gets one record per passage and convention."""
+    check_conventions(conventions)
+    examples, first_of = lambada_requests(tokenizer, texts, conventions, model.config.n_positions)
     sequences = list(first_of)
     scores = score_requests(model, [(s, first_of[s]) for s in sequences], batch_size=batch_size,
                             desc="lambada")

@@ -22,6 +22,7 @@ run's precision, measured on the device (`measured_matmul_flops`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,16 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
 def forward_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
     """Inference FLOPs per token (forward only): a third of `flops_per_token`, 2 N + 4 L C T."""
     return flops_per_token(n_params, n_layer, n_embd, seq_len) / 3
+
+
+def scoring_flops(fed_lengths: Sequence[int], head_rows: int, *, n_params: int, n_layer: int, n_embd: int,
+                  vocab_size: int) -> float:
+    """FLOPs of scoring forward passes (evaluation): each sequence of `fed_lengths` through the
+    body at `forward_flops_per_token` with T its own length, and the LM head (2 V C) on the
+    `head_rows` positions whose logits are computed (the scored ones; evaluation skips the rest)."""
+    head = vocab_size * n_embd
+    body = sum(length * forward_flops_per_token(n_params - head, n_layer, n_embd, length) for length in fed_lengths)
+    return body + head_rows * 2 * head
 
 
 def stated_peak(device_name: str, precision: str) -> float | None:
