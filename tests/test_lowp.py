@@ -35,6 +35,17 @@ def no_ops(monkeypatch):
     monkeypatch.setattr(lowp, "ops_reason", lambda *a, **k: "switched off by the test")
 
 
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_widening_in_blocks_of_rows_gives_the_whole_matrix_s_product(weights, monkeypatch):
+    torch.manual_seed(0)
+    stored, scale = quantize_rows(torch.randn(23, 16), weights)
+    bias, x = torch.randn(23), torch.randn(2, 3, 16)
+    expected = F.linear(x, dequantize(stored, scale), bias)
+    monkeypatch.setattr(lowp, "WIDEN_ROWS", 5)   # 23 rows: four whole blocks and a part
+    torch.testing.assert_close(lowp.widened_linear(x, stored, scale, bias), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lowp.widened_linear(x, stored, scale, None), expected - bias, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_rounding_is_within_half_a_step_per_row():
     weight = torch.randn(37, 50) * torch.logspace(-3, 1, 37)[:, None]   # rows of very different sizes
     weight[5] = 0.0                                                     # an all-zero row stays finite

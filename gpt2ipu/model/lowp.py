@@ -58,6 +58,7 @@ from gpt2ipu.ops.reference import quantize_activations
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 DECODE_MAX_ROWS = 16          # custom_ops/decode_linear.cpp's kMaxRows
 EMBEDDING_ROWS_PER_READ = 2048  # 6 MB of fp32 GPT-2 embedding rows at a time
+WIDEN_ROWS = 4096             # output rows widened to fp32 at a time without the compiled ops (12 MB for C = 768)
 
 
 def check_weights(weights: str, precision: str = "fp32") -> None:
@@ -102,7 +103,8 @@ class LowpLinear(nn.Module):
         between such calls (evaluation scores a window's logits in blocks of rows, and widening
         the 38.6M-weight head for each block cost more than the block's product), which is 154
         MB more for GPT-2 small while evaluating; decoding never makes this call;
-      * otherwise, or on CUDA: W widened to fp32 for this call, then F.linear.
+      * otherwise, or on CUDA: W widened to fp32 for this call, a block of rows at a time, then
+        F.linear (`widened_linear`).
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -143,13 +145,28 @@ class LowpLinear(nn.Module):
             return out if self.bias is None else out + self.bias
         elif self.logits and not decoding:
             return F.linear(x, self.fp32_weight().to(x.dtype), self.bias)
-        return F.linear(x, dequantize(self.weight, self.scale).to(x.dtype), self.bias)
+        return widened_linear(x, self.weight, self.scale, self.bias)
 
     def fp32_weight(self) -> torch.Tensor:
         """W widened to fp32, kept between calls (the LM head's many-row calls; see the class doc)."""
         if self._widened is None or self._widened.device != self.weight.device:
             self._widened = dequantize(self.weight, self.scale)
         return self._widened
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b with W widened to x's dtype WIDEN_ROWS output rows at a time: widening the whole
+    LM head at once (decoding without the compiled ops) held 2 x 154 MB of fp32 for GPT-2 small,
+    more than the int8 model itself; a block holds 12 MB."""
+    if weight.shape[0] <= WIDEN_ROWS:
+        return F.linear(x, dequantize(weight, scale).to(x.dtype), bias)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for start in range(0, weight.shape[0], WIDEN_ROWS):
+        rows = slice(start, start + WIDEN_ROWS)
+        block = dequantize(weight[rows], None if scale is None else scale[rows]).to(x.dtype)
+        out[..., rows] = F.linear(x, block, None if bias is None else bias[rows])
+    return out
 
 
 def bf16_matmul_native() -> bool:
