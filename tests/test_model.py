@@ -132,6 +132,26 @@ def test_bad_checkpoint_folders_give_user_errors(tmp_path):
         load_hf_dir(tmp_path)
 
 
+def test_loaded_weights_are_read_into_memory_not_mapped_from_the_file(tmp_path):
+    # A memory-mapped checkpoint keeps every page it touched resident for as long as one tensor
+    # maps it (hf.tensor_readers); a model read into its own memory does not see the file change.
+    torch.manual_seed(0)
+    model = GPT(config_for("gpt2-test", 32))
+    folder = save_hf_dir(model, tmp_path / "ckpt")
+    loaded = load_hf_dir(folder)
+    path = folder / "model.safetensors"
+    data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as f:   # in place: a mapped file's untouched pages would show the new bytes
+        f.seek(data_start)
+        f.write(bytes(path.stat().st_size - data_start))
+    for (name, ours), theirs in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    with open(path, "r+b") as f:   # a file cut short inside a tensor is named as truncated
+        f.truncate(path.stat().st_size - 4)
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_hf_dir(folder)
+
+
 def test_save_is_atomic_and_replaces(tmp_path):
     out = tmp_path / "ckpt"
     save_hf_dir(tiny_model(seed=0), out)

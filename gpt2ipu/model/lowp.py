@@ -29,8 +29,6 @@ loaded whole and then rounded.
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +49,7 @@ from gpt2ipu.model.hf import (
     check_saved_architecture,
     config_from_hf,
     load_hf_dir,
+    tensor_readers,
 )
 from gpt2ipu.ops import load_ops, ops_reason
 from gpt2ipu.ops.reference import quantize_activations
@@ -305,38 +304,18 @@ def _make_lowp_modules(model: GPT, weights: str) -> None:
                 setattr(parent, name, LowpLinear(*placeholder(*child.weight.shape), bias, logits=head))
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
 def _tensor_readers(path: Path) -> Iterator[tuple[str, object]]:
-    """(our name, read(rows=None) -> fp32 tensor in our layout) per tensor of a safetensors file.
+    """(our name, read(rows=None) -> fp32 tensor in our layout) per weight of a safetensors file,
+    read with plain file reads (hf.tensor_readers says why not the memory map)."""
+    for file_name, read_stored in tensor_readers(path):
+        name = our_name(file_name)
+        if name.endswith(BUFFER_SUFFIXES):
+            continue
 
-    Read with plain file reads, not safetensors' memory map: every page of a mapped file that is
-    touched counts in the process's resident memory until it is unmapped, so mapping the
-    checkpoint would hold all its fp32 bytes resident, which is what rounding at load avoids.
-    """
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-        base = 8 + header_size
-        for file_name, entry in header.items():
-            name = our_name(file_name)
-            if file_name == "__metadata__" or name.endswith(BUFFER_SUFFIXES):
-                continue
-            dtype, shape = SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"]
-            if dtype is None:
-                raise UserError(f"{path}: tensor {file_name} has dtype {entry['dtype']}; only float weights load")
-
-            def read(rows: slice | None = None, start=base + entry["data_offsets"][0], dtype=dtype, shape=shape,
-                     name=name) -> torch.Tensor:
-                first, stop = (0, shape[0]) if rows is None else (rows.start, min(rows.stop, shape[0]))
-                row_bytes = math.prod(shape[1:]) * dtype.itemsize
-                tensor = torch.empty([stop - first, *shape[1:]], dtype=dtype)
-                f.seek(start + first * row_bytes)
-                f.readinto(tensor.view(torch.uint8).numpy() if tensor.numel() else bytearray())
-                tensor = tensor.float()
-                return tensor.t().contiguous() if rows is None and name.endswith(CONV1D_SUFFIXES) else tensor
-            yield name, read
+        def read(rows: slice | None = None, read_stored=read_stored, name=name) -> torch.Tensor:
+            tensor = read_stored(rows).float()
+            return tensor.t().contiguous() if rows is None and name.endswith(CONV1D_SUFFIXES) else tensor
+        yield name, read
 
 
 def _assign(model: GPT, name: str, read, weights: str) -> None:
