@@ -192,3 +192,25 @@ def test_decoded_perplexity_is_the_teacher_forced_one(model_dir, compiled, built
     assert decoded_perplexity(model, ids) == pytest.approx(expected, rel=1e-5)
     int8 = decoded_perplexity(load_model(model_dir, "cpu", "fp32", "int8"), ids)
     assert int8 != expected and int8 == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.slow
+def test_generate_memory_reports_the_peak_and_the_part_above_the_runtime(tmp_path):
+    import argparse
+
+    from gpt2ipu.bench.generate import peak_memory
+    from gpt2ipu.model import GPT, config_for
+    from gpt2ipu.model.hf import save_hf_dir
+
+    torch.manual_seed(0)
+    folder = save_hf_dir(GPT(config_for("gpt2-test", 256)), tmp_path / "model")
+    args = argparse.Namespace(weights="int8", prompt_tokens=8, new_tokens=4)
+    memory = peak_memory(folder, args)
+    peaks, runtimes, above = memory["peak_rss_mb"], memory["runtime_rss_mb"], memory["above_runtime_mb"]
+    assert set(peaks) == set(runtimes) == {"fp32", "int8"}
+    for weights in peaks:
+        assert 50 < runtimes[weights] < peaks[weights]   # torch alone is tens of MB at least
+        assert above[weights] == pytest.approx(peaks[weights] - runtimes[weights])
+    assert memory["above_runtime_ratio_to_fp32"]["int8"] == pytest.approx(above["int8"] / above["fp32"])
+    assert memory["ratio_to_fp32"]["int8"] == pytest.approx(peaks["int8"] / peaks["fp32"])
+
