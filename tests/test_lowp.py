@@ -46,6 +46,31 @@ def test_widening_in_blocks_of_rows_gives_the_whole_matrix_s_product(weights, mo
     torch.testing.assert_close(lowp.widened_linear(x, stored, scale, None), expected - bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bf16_layers_with_many_rows_fuse_bias_and_gelu_into_one_bf16_product(gelu, monkeypatch):
+    from gpt2ipu.model import fused
+
+    torch.manual_seed(0)
+    stored, _ = quantize_rows(torch.randn(96, 64) * 0.1, "bf16")
+    bias, x = torch.randn(96), torch.randn(2, 40, 64)   # 80 rows: not a decoding call
+    layer = LowpLinear(stored, None, bias)
+    calls = []
+    real_op = fused._onednn_linear_pointwise
+    monkeypatch.setattr(fused, "_onednn_linear_pointwise", lambda *a: calls.append(a[0].dtype) or real_op(*a))
+    # The reference: x rounded to bf16 times W, summed in fp32, rounded once more at the output.
+    exact = F.linear(x.to(torch.bfloat16).float(), stored.float(), bias)
+    exact = F.gelu(exact, approximate="tanh") if gelu else exact
+    with torch.inference_mode():
+        ours = layer.forward_gelu(x) if gelu else layer(x)
+        monkeypatch.setattr(fused, "onednn_bf16_linear_works", lambda: False)
+        without_op = fused.bf16_linear(x, stored, bias, gelu=gelu)
+    assert ours.dtype == without_op.dtype == torch.float32
+    for result in (ours, without_op):
+        torch.testing.assert_close(result, exact, rtol=8e-3, atol=8e-3)   # a bf16 output: 2^-8 relative
+    if lowp.bf16_matmul_native():
+        assert calls == [torch.bfloat16]   # the fused op took it, in bf16 (the probe passes on such CPUs)
+
+
 def test_int8_rounding_is_within_half_a_step_per_row():
     weight = torch.randn(37, 50) * torch.logspace(-3, 1, 37)[:, None]   # rows of very different sizes
     weight[5] = 0.0                                                     # an all-zero row stays finite

@@ -40,6 +40,7 @@ from torch import nn
 
 from gpt2ipu.allocator import return_freed_memory
 from gpt2ipu.errors import UserError
+from gpt2ipu.model import fused
 from gpt2ipu.model.gpt import GPT
 from gpt2ipu.model.hf import (
     BUFFER_SUFFIXES,
@@ -95,8 +96,9 @@ class LowpLinear(nn.Module):
     or without it; see the module's docstring). More rows (a prompt, an evaluation window):
       * on a CPU with bf16 matrix instructions (AVX512-BF16, AMX), a bf16 matrix product: x
         rounded to bf16, W as stored (int8 values are exact in bf16; the row scale is applied
-        to the fp32 output), the product's bf16 output widened back. About 3x the fp32 product's
-        FLOP/s here (docs/measurements.md), and no fp32 copy of W. Not for the LM head
+        to the fp32 output), the product's bf16 output widened back; bf16 W through oneDNN's
+        fused linear (model/fused.py: bias, and GELU by `forward_gelu`, on the fp32 sums). About
+        3x the fp32 product's FLOP/s here (docs/measurements.md), and no fp32 copy of W. Not for the LM head
         (`logits=True`): logits rounded to bf16 (about 0.1 at a logit of 30) would move the
         log-probabilities evaluation reports, so the head stays fp32: its widened copy is kept
         between such calls (evaluation scores a window's logits in blocks of rows, and widening
@@ -138,6 +140,8 @@ class LowpLinear(nn.Module):
         if self.scale is not None and decoding:   # as the compiled int8 op rounds x: the same numbers without it
             x = quantize_activations(x).to(x.dtype)
         elif on_cpu and not self.logits and bf16_matmul_native():
+            if self.scale is None:
+                return fused.bf16_linear(x, self.weight, self.bias)
             out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float()
             if self.scale is not None:
                 out = out * self.scale
@@ -145,6 +149,14 @@ class LowpLinear(nn.Module):
         elif self.logits and not decoding:
             return F.linear(x, self.fp32_weight().to(x.dtype), self.bias)
         return widened_linear(x, self.weight, self.scale, self.bias)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """GPT-2's GELU of `self(x)`; fused into the product for bf16 weights where `forward` runs
+        a bf16 product of many rows (fused.bf16_linear)."""
+        if (self.scale is None and not self.logits and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.reshape(-1, x.shape[-1]).shape[0] > DECODE_MAX_ROWS and bf16_matmul_native()):
+            return fused.bf16_linear(x, self.weight, self.bias, gelu=True)
+        return fused.gelu_new(self(x))
 
     def fp32_weight(self) -> torch.Tensor:
         """W widened to fp32, kept between calls (the LM head's many-row calls; see the class doc)."""
