@@ -77,8 +77,7 @@ def onednn_linear_works() -> bool:
     """Whether this torch has oneDNN's fused linear and it gives F.linear's (+ GELU's) numbers."""
     if not torch.backends.mkldnn.is_available():
         return False
-    generator = torch.Generator().manual_seed(0)
-    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((3, 5, 16), (24, 16), (24,)))
+    x, weight, bias = _probe_inputs()
     try:
         with torch.no_grad():
             plain = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -96,8 +95,7 @@ def onednn_bf16_linear_works() -> bool:
     bf16 product's numbers (to bf16 rounding) with bias and GELU."""
     if not torch.backends.mkldnn.is_available():
         return False
-    generator = torch.Generator().manual_seed(0)
-    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((3, 5, 16), (24, 16), (24,)))
+    x, weight, bias = _probe_inputs()
     x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
     try:
         with torch.no_grad():
@@ -107,3 +105,10 @@ def onednn_bf16_linear_works() -> bool:
     expected = gelu_new(F.linear(x.float(), weight.float(), bias))
     return (fused.dtype == torch.bfloat16 and fused.shape == expected.shape
             and torch.allclose(fused.float(), expected, rtol=1e-2, atol=1e-2))
+
+
+def _probe_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [3, 5, 16], W [24, 16], b [24] for the probes: small, seeded, and three-dimensional x as
+    the model passes it."""
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(*shape, generator=generator) for shape in ((3, 5, 16), (24, 16), (24,)))
