@@ -145,13 +145,15 @@ MEMORY_SCRIPT = """
 import sys, torch
 from gpt2ipu.generate.batch import load_for_generation
 from gpt2ipu.generate.sampling import SamplingConfig, generate
-print("RUNTIME_KB", [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS:")][0])
+def status_kb(key):
+    return [line.split()[1] for line in open("/proc/self/status") if line.startswith(key + ":")][0]
+print("RUNTIME_KB", status_kb("VmRSS"))
 torch.manual_seed(0)
 folder, weights, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 model, _, _ = load_for_generation(folder, "cpu", "fp32", weights=weights)
 ids = torch.randint(0, 50257, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
 generate(model, [ids], SamplingConfig(max_new_tokens=new, greedy=True))
-print("PEAK_KB", [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0])
+print("PEAK_KB", status_kb("VmHWM"))
 """
 
 

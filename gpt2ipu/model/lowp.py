@@ -126,9 +126,18 @@ class LowpLinear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, gelu=False)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """GPT-2's GELU of `self(x)`; fused into the product where `forward` runs a bf16 product of
+        many rows with bf16 W (fused.bf16_linear)."""
+        return self._linear(x, gelu=True)
+
+    def _linear(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         decoding = rows.shape[0] <= DECODE_MAX_ROWS
         on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+        finish = fused.gelu_new if gelu else _unchanged
         if on_cpu and decoding and not (torch.is_grad_enabled() and x.requires_grad):
             ops = load_ops()
             if ops is not None:
@@ -136,33 +145,28 @@ class LowpLinear(nn.Module):
                     out = ops.decode_linear_bf16(rows, self.weight, self.bias)
                 else:
                     out = ops.decode_linear_int8(rows, self.weight, self.scale, self.bias)
-                return out.view(*x.shape[:-1], self.out_features)
+                return finish(out.view(*x.shape[:-1], self.out_features))
         if self.scale is not None and decoding:   # as the compiled int8 op rounds x: the same numbers without it
             x = quantize_activations(x).to(x.dtype)
         elif on_cpu and not self.logits and bf16_matmul_native():
-            if self.scale is None:
-                return fused.bf16_linear(x, self.weight, self.bias)
-            out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float()
-            if self.scale is not None:
-                out = out * self.scale
-            return out if self.bias is None else out + self.bias
+            if self.scale is None:   # GELU fused for many rows; a decoding call keeps it a pass of its own
+                return finish(fused.bf16_linear(x, self.weight, self.bias)) if decoding else \
+                    fused.bf16_linear(x, self.weight, self.bias, gelu=gelu)
+            out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float() * self.scale
+            return finish(out if self.bias is None else out + self.bias)
         elif self.logits and not decoding:
-            return F.linear(x, self.fp32_weight().to(x.dtype), self.bias)
-        return widened_linear(x, self.weight, self.scale, self.bias)
-
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """GPT-2's GELU of `self(x)`; fused into the product for bf16 weights where `forward` runs
-        a bf16 product of many rows (fused.bf16_linear)."""
-        if (self.scale is None and not self.logits and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.reshape(-1, x.shape[-1]).shape[0] > DECODE_MAX_ROWS and bf16_matmul_native()):
-            return fused.bf16_linear(x, self.weight, self.bias, gelu=True)
-        return fused.gelu_new(self(x))
+            return finish(F.linear(x, self.fp32_weight().to(x.dtype), self.bias))
+        return finish(widened_linear(x, self.weight, self.scale, self.bias))
 
     def fp32_weight(self) -> torch.Tensor:
         """W widened to fp32, kept between calls (the LM head's many-row calls; see the class doc)."""
         if self._widened is None or self._widened.device != self.weight.device:
             self._widened = dequantize(self.weight, self.scale)
         return self._widened
+
+
+def _unchanged(y: torch.Tensor) -> torch.Tensor:
+    return y
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
